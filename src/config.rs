@@ -1,0 +1,446 @@
+//! `config.toml` → validated [`Config`]. Two stages, as the style guide asks: the raw serde
+//! types mirror the file (`deny_unknown_fields`, every key optional with a documented
+//! default), and [`Config::from_raw`] turns them into a validated value with `Duration`s and
+//! no "must be Some at runtime" fields. Every bad key is reported, naming the key and the
+//! file, before a port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A fully validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub sync: SyncConfig,
+    pub commands: CommandsConfig,
+    pub changes: ChangesConfig,
+    pub limits: LimitsConfig,
+    pub retention: RetentionConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Allows a plaintext listener on a non-loopback address (behind a TLS proxy).
+    pub insecure_plaintext: bool,
+    pub log_format: LogFormat,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Upper bound for a poll's `timeout`; announced to daemons as `poll_timeout_max`.
+    pub poll_timeout_max: Duration,
+    /// How long a handed-out command stays leased before it is handed out again.
+    pub lease_duration: Duration,
+    /// A daemon counts as online while a poll is waiting or for this long after its last
+    /// sync request.
+    pub online_grace: Duration,
+    /// Most commands handed out by one poll.
+    pub max_commands_per_poll: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandsConfig {
+    /// Writes not delivered by then expire (state `expired`).
+    pub command_ttl: Duration,
+    /// Commands queued or delivered but not completed, per daemon; more → `queue_full`.
+    pub queue_limit: u64,
+    /// Default `Prefer: wait=N` for mirrored calls.
+    pub wait_default: Duration,
+    /// Largest accepted `Prefer: wait=N` / `?wait=`.
+    pub wait_max: Duration,
+    /// Largest response body kept as the offline copy of a GET.
+    pub get_cache_max_body: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangesConfig {
+    /// Interval of SSE keep-alive comments.
+    pub sse_keepalive: Duration,
+    /// Largest `limit` of one `/changes` batch.
+    pub batch_max: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_body_bytes: usize,
+    pub max_updates_per_poll: usize,
+    pub max_results_per_post: usize,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// How often the background sweep runs.
+    pub interval: Duration,
+    /// Newest change-log entries kept per daemon.
+    pub changes_max_entries: u64,
+    /// Change-log entries older than this (by the relay's receipt time) are dropped.
+    pub changes_max_age: Duration,
+    /// Completed, failed and expired commands are forgotten after this.
+    pub results_max_age: Duration,
+    /// Offline copies of GET responses older than this are dropped.
+    pub get_cache_max_age: Duration,
+}
+
+/// Reasons a configuration is rejected; every message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub sync: RawSync,
+    #[serde(default)]
+    pub commands: RawCommands,
+    #[serde(default)]
+    pub changes: RawChanges,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub retention: RawRetention,
+    /// Read by `syncrelay agent`; accepted here so one file can serve both.
+    #[serde(default)]
+    pub agent: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub insecure_plaintext: Option<bool>,
+    pub log_format: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    pub poll_timeout_max: Option<String>,
+    pub lease_duration: Option<String>,
+    pub online_grace: Option<String>,
+    pub max_commands_per_poll: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommands {
+    pub command_ttl: Option<String>,
+    pub queue_limit: Option<u64>,
+    pub wait_default: Option<String>,
+    pub wait_max: Option<String>,
+    pub get_cache_max_body: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChanges {
+    pub sse_keepalive: Option<String>,
+    pub batch_max: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body_bytes: Option<usize>,
+    pub max_updates_per_poll: Option<usize>,
+    pub max_results_per_post: Option<usize>,
+    pub header_read_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub interval: Option<String>,
+    pub changes_max_entries: Option<u64>,
+    pub changes_max_age: Option<String>,
+    pub results_max_age: Option<String>,
+    pub get_cache_max_age: Option<String>,
+}
+
+/// Collects problems so that every bad key is reported at once.
+struct Checker {
+    problems: Vec<String>,
+}
+
+impl Checker {
+    fn duration(&mut self, key: &str, raw: &Option<String>, default: &str) -> Duration {
+        let text = raw.as_deref().unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(err) => {
+                self.problems.push(format!(
+                    "{key} = {text:?} is not a duration like \"30s\" ({err})"
+                ));
+                humantime::parse_duration(default).expect("defaults parse")
+            }
+        }
+    }
+
+    fn positive<T: PartialOrd + Default + Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<T>,
+        default: T,
+    ) -> T {
+        let value = raw.unwrap_or(default);
+        if value <= T::default() {
+            self.problems.push(format!("{key} must be greater than 0"));
+            return default;
+        }
+        value
+    }
+
+    fn require(&mut self, ok: bool, message: impl Into<String>) {
+        if !ok {
+            self.problems.push(message.into());
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.message().to_owned()
+                + &err
+                    .span()
+                    .map(|span| format!(" (at byte {})", span.start))
+                    .unwrap_or_default(),
+        })?;
+        Self::from_raw(raw).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// The built-in defaults, exactly the values the shipped `config.toml` documents.
+    pub fn defaults() -> Config {
+        Self::from_raw(RawConfig::default()).expect("defaults are valid")
+    }
+
+    pub fn from_raw(raw: RawConfig) -> Result<Config, Vec<String>> {
+        let mut check = Checker {
+            problems: Vec::new(),
+        };
+        let listen_text = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                check.problems.push(format!(
+                    "server.listen = {listen_text:?} is not an address like \"127.0.0.1:8080\""
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+        let log_format = match raw.server.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                check.problems.push(format!(
+                    "server.log_format = {other:?} must be \"text\" or \"json\""
+                ));
+                LogFormat::Text
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            data_dir: raw
+                .server
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            insecure_plaintext: raw.server.insecure_plaintext.unwrap_or(false),
+            log_format,
+            shutdown_grace: check.duration(
+                "server.shutdown_grace",
+                &raw.server.shutdown_grace,
+                "10s",
+            ),
+        };
+        let sync = SyncConfig {
+            poll_timeout_max: check.duration(
+                "sync.poll_timeout_max",
+                &raw.sync.poll_timeout_max,
+                "60s",
+            ),
+            lease_duration: check.duration("sync.lease_duration", &raw.sync.lease_duration, "60s"),
+            online_grace: check.duration("sync.online_grace", &raw.sync.online_grace, "15s"),
+            max_commands_per_poll: check.positive(
+                "sync.max_commands_per_poll",
+                raw.sync.max_commands_per_poll,
+                64,
+            ),
+        };
+        check.require(
+            sync.poll_timeout_max >= Duration::from_secs(1),
+            "sync.poll_timeout_max must be at least 1s",
+        );
+        check.require(
+            sync.lease_duration >= Duration::from_secs(1),
+            "sync.lease_duration must be at least 1s",
+        );
+        let commands = CommandsConfig {
+            command_ttl: check.duration("commands.command_ttl", &raw.commands.command_ttl, "24h"),
+            queue_limit: check.positive("commands.queue_limit", raw.commands.queue_limit, 10_000),
+            wait_default: check.duration(
+                "commands.wait_default",
+                &raw.commands.wait_default,
+                "30s",
+            ),
+            wait_max: check.duration("commands.wait_max", &raw.commands.wait_max, "120s"),
+            get_cache_max_body: raw.commands.get_cache_max_body.unwrap_or(1 << 20),
+        };
+        check.require(
+            commands.wait_default <= commands.wait_max,
+            "commands.wait_default must not exceed commands.wait_max",
+        );
+        check.require(
+            commands.command_ttl >= Duration::from_secs(1),
+            "commands.command_ttl must be at least 1s",
+        );
+        let changes = ChangesConfig {
+            sse_keepalive: check.duration(
+                "changes.sse_keepalive",
+                &raw.changes.sse_keepalive,
+                "15s",
+            ),
+            batch_max: check.positive("changes.batch_max", raw.changes.batch_max, 1000),
+        };
+        check.require(
+            changes.sse_keepalive >= Duration::from_millis(100),
+            "changes.sse_keepalive must be at least 100ms",
+        );
+        let limits = LimitsConfig {
+            max_body_bytes: check.positive(
+                "limits.max_body_bytes",
+                raw.limits.max_body_bytes,
+                16 << 20,
+            ),
+            max_updates_per_poll: check.positive(
+                "limits.max_updates_per_poll",
+                raw.limits.max_updates_per_poll,
+                1000,
+            ),
+            max_results_per_post: check.positive(
+                "limits.max_results_per_post",
+                raw.limits.max_results_per_post,
+                1000,
+            ),
+            header_read_timeout: check.duration(
+                "limits.header_read_timeout",
+                &raw.limits.header_read_timeout,
+                "10s",
+            ),
+        };
+        let retention = RetentionConfig {
+            interval: check.duration("retention.interval", &raw.retention.interval, "60s"),
+            changes_max_entries: check.positive(
+                "retention.changes_max_entries",
+                raw.retention.changes_max_entries,
+                100_000,
+            ),
+            changes_max_age: check.duration(
+                "retention.changes_max_age",
+                &raw.retention.changes_max_age,
+                "7days",
+            ),
+            results_max_age: check.duration(
+                "retention.results_max_age",
+                &raw.retention.results_max_age,
+                "24h",
+            ),
+            get_cache_max_age: check.duration(
+                "retention.get_cache_max_age",
+                &raw.retention.get_cache_max_age,
+                "7days",
+            ),
+        };
+        check.require(
+            retention.interval >= Duration::from_millis(10),
+            "retention.interval must be at least 10ms",
+        );
+        if check.problems.is_empty() {
+            Ok(Config {
+                server,
+                sync,
+                commands,
+                changes,
+                limits,
+                retention,
+            })
+        } else {
+            Err(check.problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_equals_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let shipped = Config::from_file(&path).expect("shipped config.toml is valid");
+        let defaults = Config::defaults();
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[sync]\npoll_timeout_mx = \"5s\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("poll_timeout_mx"), "{err}");
+        assert!(err.contains("x.toml"), "{err}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported() {
+        let text = "[server]\nlisten = \"nowhere\"\n[sync]\nlease_duration = \"soon\"\n";
+        let err = Config::from_toml(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+        assert!(err.contains("sync.lease_duration"), "{err}");
+    }
+}

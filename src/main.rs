@@ -1,0 +1,248 @@
+//! The `syncrelay` binary: parses the command line, loads the config, starts tracing and
+//! hands over to the library (`relay::run` for `serve`, `admin` for the operator commands).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use syncrelay::config::{Config, LogFormat};
+use syncrelay::store::Store;
+use syncrelay::{admin, relay};
+
+#[derive(Parser)]
+#[command(
+    name = "syncrelay",
+    version,
+    about = "A durable relay for daemons behind NAT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve {
+        /// Config file (default: ./config.toml when present, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding server.listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory, overriding server.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Manage API keys on a running relay.
+    Keys {
+        #[command(flatten)]
+        target: RelayTarget,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Show the daemons of a running relay.
+    Status {
+        #[command(flatten)]
+        target: RelayTarget,
+    },
+    /// Work with the config file.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Args)]
+struct RelayTarget {
+    /// Config file naming the relay's address and data dir.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Relay URL (default: http:// + server.listen).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Data dir holding admin.key (default: server.data_dir).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key; its token is printed alone on the last line.
+    Create {
+        #[arg(long, value_parser = ["daemon", "client", "admin"])]
+        role: String,
+        /// The daemon id a daemon key acts as.
+        #[arg(long)]
+        daemon: Option<String>,
+        /// Daemon ids a client key may reach, comma-separated, or "*".
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List keys (never their tokens).
+    List,
+    /// Revoke a key at once.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate a config file and report every problem.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("syncrelay: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let mut config = load_config(config.as_deref())?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(data_dir) = data_dir {
+                config.server.data_dir = data_dir;
+            }
+            init_tracing(config.server.log_format);
+            serve(config).await
+        }
+        Command::Keys { target, action } => {
+            let client = admin_client(&target)?;
+            match action {
+                KeysAction::Create {
+                    role,
+                    daemon,
+                    scope,
+                    label,
+                } => {
+                    let scope = scope.map(|s| s.split(',').map(|p| p.trim().to_owned()).collect());
+                    let key = client
+                        .create_key(&role, daemon.as_deref(), scope, label.as_deref())
+                        .await?;
+                    let target = key.daemon.clone().unwrap_or_else(|| key.scope.join(","));
+                    println!("created {} key {} ({target})", key.role, key.key_id);
+                    println!("{}", key.token.unwrap_or_default());
+                }
+                KeysAction::List => print!("{}", admin::format_keys(&client.list_keys().await?)),
+                KeysAction::Revoke { key_id } => {
+                    client.revoke_key(&key_id).await?;
+                    println!("revoked {key_id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Status { target } => {
+            let client = admin_client(&target)?;
+            print!("{}", admin::format_daemons(&client.daemons().await?));
+            Ok(())
+        }
+        Command::Config {
+            action: ConfigAction::Check { config },
+        } => {
+            let path = config.unwrap_or_else(|| PathBuf::from("config.toml"));
+            Config::from_file(&path)?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+    }
+}
+
+/// `--config`, else `./config.toml` when present, else the built-in defaults.
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::from_file(path)?),
+        None if Path::new("config.toml").exists() => {
+            Ok(Config::from_file(Path::new("config.toml"))?)
+        }
+        None => Ok(Config::defaults()),
+    }
+}
+
+fn admin_client(target: &RelayTarget) -> anyhow::Result<admin::AdminClient> {
+    let config = load_config(target.config.as_deref())?;
+    let data_dir = target.data_dir.clone().unwrap_or(config.server.data_dir);
+    let url = target.url.clone().unwrap_or_else(|| {
+        let mut addr = config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
+    Ok(admin::AdminClient::new(
+        &url,
+        admin::admin_token(&data_dir)?,
+    ))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    if !listen.ip().is_loopback() && !config.server.insecure_plaintext {
+        anyhow::bail!(
+            "refusing plaintext HTTP on the non-loopback address {listen}: serve on loopback, \
+             or set server.insecure_plaintext = true behind a TLS-terminating proxy"
+        );
+    }
+    let data_dir = config.server.data_dir.clone();
+    let store = Arc::new(
+        Store::open(&data_dir)
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+    );
+    if let Some(path) = relay::auth::ensure_admin_key(&store, &data_dir).await? {
+        tracing::info!(path = %path.display(), "first start: created an admin key");
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, data_dir = %data_dir.display(), "relay listening");
+    // Scripts and tests read the bound address (port 0 picks one) from this line.
+    println!("syncrelay listening on http://{local}");
+    std::io::stdout().flush()?;
+    relay::run(listener, config, store, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,255 @@
+//! Wire types of the sync protocol (daemon → relay) and of the client API's JSON bodies,
+//! field for field as `DESIGN.md` names them. These are the contract daemons and clients
+//! are written against: unknown fields are ignored, optional fields are `Option`s, and
+//! free-form payloads (`data`, `params`, `result`) stay raw JSON so the relay never
+//! rewrites what it carries.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// `POST /sync/connect` request.
+#[derive(Debug, Deserialize)]
+pub struct ConnectRequest {
+    pub daemon_id: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectResponse {
+    pub connection_id: String,
+    /// Seconds.
+    pub poll_timeout_max: u64,
+    pub last_update_seq: u64,
+    pub relay_version: &'static str,
+}
+
+/// One daemon-side event in a poll's `updates`.
+#[derive(Debug, Deserialize)]
+pub struct Update {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+}
+
+/// `POST /sync/poll` request.
+#[derive(Debug, Deserialize)]
+pub struct PollRequest {
+    pub daemon_id: String,
+    #[serde(default)]
+    pub connection_id: Option<String>,
+    #[serde(default)]
+    pub updates: Vec<Update>,
+    #[serde(default)]
+    pub wait_for_commands: bool,
+    /// Seconds; clamped to `poll_timeout_max`.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// A command as handed to a daemon.
+#[derive(Debug, Serialize)]
+pub struct WireCommand<'a> {
+    pub id: &'a str,
+    pub method: &'a str,
+    pub params: &'a RawValue,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PollResponse<'a> {
+    pub commands: Vec<WireCommand<'a>>,
+    pub last_update_seq: u64,
+}
+
+/// `POST /sync/results` request. Entries stay raw so one bad entry can be reported by
+/// index instead of failing the batch's parse.
+#[derive(Debug, Deserialize)]
+pub struct ResultsRequest {
+    pub daemon_id: String,
+    pub results: Vec<Box<RawValue>>,
+}
+
+/// One entry of `results`: a whole result, or (with `chunk`) a piece of a streamed one.
+#[derive(Debug, Deserialize)]
+pub struct ResultEntry {
+    pub command_id: String,
+    #[serde(default)]
+    pub result: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub error: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub chunk: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResultsResponse {
+    pub accepted: Vec<String>,
+    pub unknown: Vec<String>,
+}
+
+/// Params of an `http` command, as the relay builds them from a mirrored call.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HttpParams {
+    pub method: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub query: String,
+    #[serde(default)]
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub body: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+/// Result of an `http` command, as the daemon (or agent) posts it.
+#[derive(Debug, Deserialize)]
+pub struct HttpResult {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub body: serde_json::Value,
+    #[serde(default)]
+    pub body_base64: Option<String>,
+}
+
+/// `POST /api/v1/daemons/{id}/commands` request.
+#[derive(Debug, Deserialize)]
+pub struct NamedCommandRequest {
+    pub method: String,
+    #[serde(default)]
+    pub params: Option<Box<RawValue>>,
+}
+
+/// `<daemon>` in listings.
+#[derive(Debug, Serialize)]
+pub struct DaemonView {
+    pub daemon_id: String,
+    pub online: bool,
+    pub last_seen: Option<String>,
+    pub version: Option<String>,
+    pub capabilities: Vec<String>,
+    pub queued: u64,
+    pub last_seq: u64,
+}
+
+/// One change-log entry as clients see it.
+#[derive(Debug, Serialize)]
+pub struct ChangeView<'a> {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub timestamp: String,
+    pub data: &'a RawValue,
+}
+
+/// `GET /api/v1/commands/{id}`.
+#[derive(Debug, Serialize)]
+pub struct CommandView {
+    pub id: String,
+    pub daemon_id: String,
+    pub method: String,
+    pub state: &'static str,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Box<RawValue>>,
+    /// How often the command was handed to the daemon.
+    pub deliveries: u32,
+}
+
+/// `POST /admin/keys` request.
+#[derive(Debug, Deserialize)]
+pub struct CreateKeyRequest {
+    pub role: String,
+    #[serde(default)]
+    pub daemon: Option<String>,
+    #[serde(default)]
+    pub scope: Option<Vec<String>>,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<String>,
+    #[serde(default)]
+    pub scope: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub created_at: String,
+    /// Only in the answer to a create: the bearer token, shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Whether `id` is a valid daemon id: `[A-Za-z0-9._-]{1,64}`, and not `.` or `..`, which
+/// would be path segments rather than names in a URL.
+pub fn valid_daemon_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Milliseconds since the Unix epoch → RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
+/// RFC 3339 text (any offset) → milliseconds since the Unix epoch; `None` when invalid or
+/// before 1970.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_ids() {
+        for good in ["abc123", "a", "laptop.home", "x_y-z", &"a".repeat(64)] {
+            assert!(valid_daemon_id(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"a".repeat(65), "a\0b"] {
+            assert!(!valid_daemon_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn times_round_trip() {
+        let ms = 1_764_000_000_123;
+        assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        assert_eq!(
+            parse_rfc3339("2025-01-01T01:00:00+01:00"),
+            Some(1_735_689_600_000)
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}

@@ -1,0 +1,100 @@
+//! The relay server: [`run`] serves HTTP/1.1 and HTTP/2 (prior-knowledge h2c) on a
+//! listener the caller bound, until the caller's shutdown future resolves; then it stops
+//! accepting, answers waiting polls and streams, drains connections under a grace timeout
+//! and closes the store last.
+//!
+//! Modules: `server` (accept loop, connections), `router` (routes → handlers), `auth`,
+//! `sync` (daemon side), `mirror` and `client` (client API), `changes` (change log and
+//! SSE), `admin_api`, `hub` (in-memory wake-ups), `http` (errors, bodies).
+
+mod admin_api;
+pub mod auth;
+mod changes;
+mod client;
+pub mod http;
+mod hub;
+mod mirror;
+mod router;
+mod server;
+mod sync;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::{now_ms, RetentionPolicy, Store};
+use http::ApiError;
+use hub::{DaemonSignals, Hub};
+
+pub type Response = ::http::Response<http::Body>;
+
+/// What every handler shares.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub hub: Arc<Hub>,
+    /// Cancelled when shutdown begins: waiting polls and streams answer at once.
+    pub shutdown: CancellationToken,
+}
+
+impl App {
+    /// The signals of a daemon the store knows; 404 otherwise.
+    fn signals(&self, daemon_id: &str) -> Result<Arc<DaemonSignals>, ApiError> {
+        self.hub
+            .daemon(&self.store, daemon_id)?
+            .ok_or_else(|| ApiError::not_found(format!("no daemon {daemon_id}")))
+    }
+}
+
+/// Serves the relay on `listener` until `shutdown` resolves, then closes `store`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    store: Arc<Store>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let app = Arc::new(App {
+        config,
+        store: store.clone(),
+        hub: Arc::new(Hub::default()),
+        shutdown: CancellationToken::new(),
+    });
+    let retention = tokio::spawn(retention_loop(app.clone()));
+    server::serve(listener, app.clone(), shutdown).await;
+    retention.abort();
+    let _ = retention.await;
+    tokio::task::spawn_blocking(move || store.close()).await??;
+    tracing::info!("store closed");
+    Ok(())
+}
+
+/// Runs the retention sweep every `retention.interval`, off the request path.
+async fn retention_loop(app: Arc<App>) {
+    let retention = &app.config.retention;
+    let policy = RetentionPolicy {
+        changes_max_entries: retention.changes_max_entries,
+        changes_max_age_ms: retention.changes_max_age.as_millis() as u64,
+        results_max_age_ms: retention.results_max_age.as_millis() as u64,
+        responses_max_age_ms: retention.get_cache_max_age.as_millis() as u64,
+    };
+    let mut ticks = tokio::time::interval(retention.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let store = app.store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep(&policy, now_ms())).await {
+            Ok(Ok(stats)) if stats != Default::default() => {
+                tracing::debug!(?stats, "retention sweep");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "retention sweep failed"),
+            Err(err) => tracing::warn!(error = %err, "retention sweep panicked"),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Client API routes that the relay answers itself: the daemon listing, one daemon's
+//! status, and a command's state (`GET /api/v1/commands/{id}?wait=`).
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::time::Instant;
+
+use super::auth::Principal;
+use super::http::{json, query_value, ApiError};
+use super::mirror::command_view;
+use super::{App, Response};
+use crate::protocol::{rfc3339, DaemonView};
+use crate::store::DaemonRecord;
+
+pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
+    DaemonView {
+        online: app
+            .hub
+            .online(&record.daemon_id, app.config.sync.online_grace),
+        last_seen: record.last_seen_ms.map(rfc3339),
+        daemon_id: record.daemon_id,
+        version: record.version,
+        capabilities: record.capabilities,
+        queued: record.queued,
+        last_seq: record.last_change_seq,
+    }
+}
+
+/// `GET /api/v1/daemons` (client keys: their scope) and `GET /admin/daemons` (all).
+pub fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiError> {
+    let daemons: Vec<DaemonView> = app
+        .store
+        .daemons()?
+        .into_iter()
+        .filter(|d| principal.role == crate::store::Role::Admin || principal.can_see(&d.daemon_id))
+        .map(|d| daemon_view(app, d))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "daemons": daemons }),
+    ))
+}
+
+/// `GET /api/v1/daemons/{id}`.
+pub fn get_daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
+    let record = app
+        .store
+        .daemon(daemon_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no daemon {daemon_id}")))?;
+    Ok(json(StatusCode::OK, &daemon_view(app, record)))
+}
+
+/// `GET /api/v1/commands/{id}?wait=N`: waits up to N seconds for a final state.
+pub async fn get_command(
+    app: &App,
+    principal: &Principal,
+    command_id: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let wait = wait_param(query, app.config.commands.wait_max)?;
+    let not_found = || ApiError::not_found(format!("no command {command_id}"));
+    let mut watch = app.hub.watch_command(command_id);
+    let deadline = Instant::now() + wait;
+    loop {
+        let command = app.store.command(command_id)?.ok_or_else(not_found)?;
+        if !principal.can_see(&command.daemon_id) {
+            return Err(not_found());
+        }
+        if command.state.is_final() || Instant::now() >= deadline {
+            return Ok(json(StatusCode::OK, &command_view(&command)));
+        }
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = app.shutdown.cancelled() => return Ok(json(StatusCode::OK, &command_view(&command))),
+        }
+    }
+}
+
+/// `?wait=N` in seconds, clamped to `max`; absent means no waiting.
+pub fn wait_param(query: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
+    match query_value(query, "wait") {
+        None => Ok(Duration::ZERO),
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(max.as_secs_f64())))
+            .ok_or_else(|| ApiError::bad_request("wait must be a number of seconds ≥ 0")),
+    }
+}

@@ -1,0 +1,504 @@
+//! The mirrored client API: `ANY /api/v1/daemons/{id}/{path…}` becomes an `http` command
+//! and `POST /api/v1/daemons/{id}/commands` a named one. Both share one flow: reads are
+//! never queued for an offline daemon (the last cached 2xx GET is served instead), writes
+//! are committed to disk before anything is answered, the caller waits up to
+//! `Prefer: wait=N` for the result and otherwise gets `202 Accepted` with a `Location`.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE, LOCATION};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::auth::Principal;
+use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
+use super::{App, Response};
+use crate::protocol::{rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest};
+use crate::store::{now_ms, CommandRecord, CommandState, NewCommand};
+
+/// Headers that describe one hop, not the message: never forwarded in either direction.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Request headers the relay consumes itself: the relay key, its preferences, its own
+/// controls. Forwarding `Authorization` would hand the client's relay key to the daemon.
+const RELAY_REQUEST_HEADERS: &[&str] = &["authorization", "prefer", "idempotency-key", "expect"];
+
+const IF_OFFLINE: &str = "x-syncrelay-if-offline";
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// How a completed command's result becomes the client's response.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ResultKind {
+    /// The result is `{status, headers, body}` to replay as the response.
+    Http,
+    /// The result is JSON handed back as a 200 body.
+    Named,
+}
+
+struct CommandSpec {
+    method: String,
+    params_json: String,
+    write: bool,
+    /// For GET and HEAD: the path+query under which the offline copy is kept.
+    cache_key: Option<String>,
+    head: bool,
+    kind: ResultKind,
+}
+
+/// `ANY /api/v1/daemons/{id}/{rest}`.
+pub async fn mirrored(
+    app: &App,
+    principal: &Principal,
+    daemon_id: &str,
+    rest: &str,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = HttpParams {
+        method: parts.method.as_str().to_owned(),
+        path: format!("/api/v1/{rest}"),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: forwarded_headers(&parts.headers)?,
+        body: Value::Null,
+        body_base64: None,
+    };
+    let params = with_body(params, &parts.headers, body);
+    let read = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let spec = CommandSpec {
+        method: "http".to_owned(),
+        cache_key: matches!(parts.method, Method::GET | Method::HEAD).then(|| cache_key(&params)),
+        head: parts.method == Method::HEAD,
+        params_json: serde_json::to_string(&params).expect("params serialise"),
+        write: !read,
+        kind: ResultKind::Http,
+    };
+    dispatch(app, principal, daemon_id, spec, &parts.headers).await
+}
+
+/// `POST /api/v1/daemons/{id}/commands`.
+pub async fn named(
+    app: &App,
+    principal: &Principal,
+    daemon_id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let request: NamedCommandRequest = parse_json(body)?;
+    if request.method.is_empty() || request.method.len() > 128 {
+        return Err(ApiError::bad_request("method must be 1 to 128 characters"));
+    }
+    let spec = CommandSpec {
+        method: request.method,
+        params_json: request
+            .params
+            .map_or_else(|| "{}".to_owned(), |p| p.get().to_owned()),
+        write: true,
+        cache_key: None,
+        head: false,
+        kind: ResultKind::Named,
+    };
+    dispatch(app, principal, daemon_id, spec, headers).await
+}
+
+async fn dispatch(
+    app: &App,
+    principal: &Principal,
+    daemon_id: &str,
+    spec: CommandSpec,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let signals = app.signals(daemon_id)?;
+    let prefs = Preferences::from_headers(headers, app);
+    let online = signals.online(app.config.sync.online_grace);
+    if !online && !spec.write {
+        return offline_copy(app, daemon_id, &spec)
+            .ok_or_else(|| ApiError::daemon_offline(daemon_id));
+    }
+    if !online && header_is(headers, IF_OFFLINE, "fail") {
+        return Err(ApiError::daemon_offline(daemon_id));
+    }
+    let idempotency = if spec.write {
+        idempotency_key(headers)?.map(|key| (principal.key_id.clone(), key))
+    } else {
+        None
+    };
+    let ttl = if spec.write {
+        app.config.commands.command_ttl
+    } else {
+        // A read nobody waits for any more is not worth delivering.
+        prefs.wait + Duration::from_secs(1)
+    };
+    let outcome = app.store.enqueue(
+        NewCommand {
+            daemon_id: daemon_id.to_owned(),
+            method: spec.method.clone(),
+            params_json: spec.params_json.clone(),
+            stream: false,
+            ttl_ms: ttl.as_millis() as u64,
+            idempotency,
+            queue_limit: app.config.commands.queue_limit,
+        },
+        now_ms(),
+    )?;
+    if spec.write {
+        app.store.commit().await?;
+    }
+    if outcome.created {
+        signals.bump_queue();
+    }
+    let command_id = outcome.command.id.clone();
+    if prefs.respond_async {
+        return Ok(accepted(&outcome.command));
+    }
+    let mut watch = app.hub.watch_command(&command_id);
+    let deadline = Instant::now() + prefs.wait;
+    let last = loop {
+        let command = app
+            .store
+            .command(&command_id)?
+            .ok_or_else(|| ApiError::not_found("the command is gone"))?;
+        if command.state.is_final() || Instant::now() >= deadline {
+            break command;
+        }
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = app.shutdown.cancelled() => break command,
+        }
+    };
+    match last.state {
+        CommandState::Completed => Ok(completed_response(&last, &spec)),
+        CommandState::Failed => Err(daemon_error(&last)),
+        _ if spec.write => Ok(accepted(&last)),
+        _ => offline_copy(app, daemon_id, &spec).ok_or_else(|| {
+            ApiError::timeout(format!(
+                "daemon {daemon_id} did not answer within {} s",
+                prefs.wait.as_secs()
+            ))
+        }),
+    }
+}
+
+/// `Prefer` (RFC 7240): `wait=N` and `respond-async`; unknown preferences are ignored.
+struct Preferences {
+    wait: Duration,
+    respond_async: bool,
+}
+
+impl Preferences {
+    fn from_headers(headers: &HeaderMap, app: &App) -> Preferences {
+        let mut prefs = Preferences {
+            wait: app.config.commands.wait_default,
+            respond_async: false,
+        };
+        let tokens = headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim);
+        for token in tokens {
+            if token.eq_ignore_ascii_case("respond-async") {
+                prefs.respond_async = true;
+            } else if let Some(value) = token.strip_prefix("wait=") {
+                if let Ok(seconds) = value.trim().parse::<u64>() {
+                    prefs.wait = Duration::from_secs(seconds).min(app.config.commands.wait_max);
+                }
+            }
+        }
+        prefs
+    }
+}
+
+fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+            ))
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// The end-to-end request headers, as the `headers` object of an `http` command.
+fn forwarded_headers(headers: &HeaderMap) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let dropped = connection_listed(headers);
+    let mut out = serde_json::Map::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if HOP_BY_HOP.contains(&name)
+            || RELAY_REQUEST_HEADERS.contains(&name)
+            || name.starts_with("x-syncrelay-")
+            || dropped.iter().any(|d| d == name)
+        {
+            continue;
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request(format!("header {name} is not visible ASCII")))?;
+        match out.get_mut(name) {
+            Some(Value::String(existing)) => {
+                existing.push_str(", ");
+                existing.push_str(value);
+            }
+            _ => {
+                out.insert(name.to_owned(), Value::String(value.to_owned()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Header names listed in `Connection`, which are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// JSON stays JSON, text stays text, anything else travels as base64.
+fn with_body(mut params: HttpParams, headers: &HeaderMap, body: Bytes) -> HttpParams {
+    if body.is_empty() {
+        return params;
+    }
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    if is_json {
+        if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+            params.body = value;
+            return params;
+        }
+    }
+    match std::str::from_utf8(&body) {
+        Ok(text) => params.body = Value::String(text.to_owned()),
+        Err(_) => {
+            params.body_base64 = Some(base64::engine::general_purpose::STANDARD.encode(&body))
+        }
+    }
+    params
+}
+
+/// Key of the offline copy: the daemon-side path and query.
+pub fn cache_key(params: &HttpParams) -> String {
+    if params.query.is_empty() {
+        params.path.clone()
+    } else {
+        format!("{}?{}", params.path, params.query)
+    }
+}
+
+/// A daemon's `http` result as response parts.
+pub struct Rendered {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+pub fn render_http_result(result: &HttpResult) -> Result<Rendered, String> {
+    let status = StatusCode::from_u16(result.status)
+        .map_err(|_| format!("invalid status {}", result.status))?;
+    let mut headers = Vec::new();
+    for (name, value) in &result.headers {
+        let lower = name.to_ascii_lowercase();
+        if HOP_BY_HOP.contains(&lower.as_str()) || lower == SOURCE.as_str() {
+            continue;
+        }
+        let values: Vec<&str> = match value {
+            Value::String(text) => vec![text.as_str()],
+            Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+            _ => continue,
+        };
+        for text in values {
+            if HeaderName::from_bytes(lower.as_bytes()).is_ok()
+                && HeaderValue::from_str(text).is_ok()
+            {
+                headers.push((lower.clone(), text.to_owned()));
+            }
+        }
+    }
+    let body = if let Some(encoded) = &result.body_base64 {
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|err| format!("body_base64: {err}"))?
+    } else {
+        match &result.body {
+            Value::Null => Vec::new(),
+            Value::String(text) => text.as_bytes().to_vec(),
+            other => {
+                if !headers.iter().any(|(name, _)| name == "content-type") {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                serde_json::to_vec(other).expect("JSON values serialise")
+            }
+        }
+    };
+    Ok(Rendered {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn build(rendered: Rendered, source: Source, head: bool) -> Response {
+    let body = if head { Vec::new() } else { rendered.body };
+    let mut response = Response::new(full(body));
+    *response.status_mut() = rendered.status;
+    let map = response.headers_mut();
+    for (name, value) in rendered.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map.insert(SOURCE, source.header());
+    response
+}
+
+fn completed_response(command: &CommandRecord, spec: &CommandSpec) -> Response {
+    let result_json = command.result_json.as_deref().unwrap_or("null");
+    match spec.kind {
+        ResultKind::Named => {
+            let mut response = Response::new(full(result_json.to_owned()));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert(SOURCE, Source::Daemon.header());
+            response
+        }
+        ResultKind::Http => match serde_json::from_str::<HttpResult>(result_json)
+            .map_err(|err| err.to_string())
+            .and_then(|result| render_http_result(&result))
+        {
+            Ok(rendered) => build(rendered, Source::Daemon, spec.head),
+            Err(reason) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("the daemon's result is not an http result: {reason}"),
+            )
+            .into_response(),
+        },
+    }
+}
+
+/// A failed command as the client sees it: 504 when the daemon side timed out, else 502,
+/// with the daemon's own code and message.
+fn daemon_error(command: &CommandRecord) -> ApiError {
+    let error: Value = command
+        .error_json
+        .as_deref()
+        .and_then(|e| serde_json::from_str(e).ok())
+        .unwrap_or(Value::Null);
+    let code = error
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or("daemon_error")
+        .to_owned();
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| error.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "the daemon could not execute the command".to_owned());
+    let status = if code == "timeout" {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let mut err = ApiError::new(status, &code, message);
+    if let Some(details) = error.get("details") {
+        err = err.with_details(details.clone());
+    }
+    err
+}
+
+fn offline_copy(app: &App, daemon_id: &str, spec: &CommandSpec) -> Option<Response> {
+    let key = spec.cache_key.as_ref()?;
+    let cached = match app.store.response(daemon_id, key) {
+        Ok(found) => found?,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read an offline copy");
+            return None;
+        }
+    };
+    let age_secs = now_ms().saturating_sub(cached.stored_at_ms) / 1000;
+    let mut response = build(
+        Rendered {
+            status: StatusCode::from_u16(cached.status).ok()?,
+            headers: cached.headers,
+            body: cached.body,
+        },
+        Source::Cache,
+        spec.head,
+    );
+    response
+        .headers_mut()
+        .insert(AGE, HeaderValue::from(age_secs));
+    Some(response)
+}
+
+/// `202 Accepted` with the command's state and where to follow it.
+fn accepted(command: &CommandRecord) -> Response {
+    let mut response = json(StatusCode::ACCEPTED, &command_view(command));
+    let location = format!("/api/v1/commands/{}", command.id);
+    response.headers_mut().insert(
+        LOCATION,
+        HeaderValue::from_str(&location).expect("ids are header-safe"),
+    );
+    response
+}
+
+pub fn command_view(command: &CommandRecord) -> CommandView {
+    let raw = |text: &Option<String>| {
+        text.as_ref()
+            .and_then(|t| serde_json::value::RawValue::from_string(t.clone()).ok())
+    };
+    CommandView {
+        id: command.id.clone(),
+        daemon_id: command.daemon_id.clone(),
+        method: command.method.clone(),
+        state: command.state.as_str(),
+        created_at: rfc3339(command.created_at_ms),
+        result: raw(&command.result_json),
+        error: raw(&command.error_json),
+        deliveries: command.deliveries,
+    }
+}

@@ -1,0 +1,306 @@
+//! The sync protocol, the daemon's side of the relay: `/sync/connect`, `/sync/poll` and
+//! `/sync/results`. Updates and results are committed to disk before the 200 that
+//! acknowledges them; a waiting poll wakes the moment a command is queued.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use rand::RngCore;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::auth::Principal;
+use super::http::{json, parse_json, ApiError};
+use super::{App, Response};
+use crate::protocol::{
+    parse_rfc3339, valid_daemon_id, ConnectRequest, ConnectResponse, HttpParams, HttpResult,
+    PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, WireCommand,
+};
+use crate::store::{now_ms, CachedResponse, CompleteOutcome, NewChange};
+
+/// Answers `POST /sync/connect`.
+pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
+    let request: ConnectRequest = parse_json(body)?;
+    check_daemon(principal, &request.daemon_id)?;
+    let mut bytes = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let connection_id = format!("conn-{}", hex::encode(bytes));
+    let record = app.store.connect_daemon(
+        &request.daemon_id,
+        request.version,
+        request.capabilities,
+        &connection_id,
+        now_ms(),
+    )?;
+    app.store.commit().await?;
+    let signals = app.signals(&request.daemon_id)?;
+    signals.seen();
+    signals.connection.send_replace(Some(connection_id.clone()));
+    signals.bump_queue();
+    tracing::info!(daemon_id = %request.daemon_id, %connection_id, "daemon connected");
+    Ok(json(
+        StatusCode::OK,
+        &ConnectResponse {
+            connection_id,
+            poll_timeout_max: app.config.sync.poll_timeout_max.as_secs(),
+            last_update_seq: record.last_update_seq,
+            relay_version: env!("CARGO_PKG_VERSION"),
+        },
+    ))
+}
+
+/// Answers `POST /sync/poll`: stores updates, then hands out commands, waiting for one
+/// when asked to.
+pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
+    let request: PollRequest = parse_json(body)?;
+    let daemon_id = request.daemon_id.as_str();
+    check_daemon(principal, daemon_id)?;
+    let limits = &app.config.limits;
+    if request.updates.len() > limits.max_updates_per_poll {
+        return Err(ApiError::payload_too_large(format!(
+            "{} updates in one poll; at most {} are accepted",
+            request.updates.len(),
+            limits.max_updates_per_poll
+        )));
+    }
+    let timeout = poll_timeout(request.timeout, app.config.sync.poll_timeout_max)?;
+    let updates = validate_updates(&request)?;
+    let signals = app.signals(daemon_id)?;
+    signals.seen();
+    let mut connection_rx = signals.connection.subscribe();
+    let my_connection = match &request.connection_id {
+        Some(id) if connection_rx.borrow_and_update().as_deref() != Some(id.as_str()) => {
+            return Err(ApiError::superseded());
+        }
+        Some(id) => Some(id.clone()),
+        None => connection_rx.borrow_and_update().clone(),
+    };
+
+    let now = now_ms();
+    let last_update_seq = if updates.is_empty() {
+        app.store.touch_daemon(daemon_id, now)?;
+        app.store
+            .daemon(daemon_id)?
+            .map_or(0, |d| d.last_update_seq)
+    } else {
+        let outcome = app.store.append_changes(daemon_id, updates, now)?;
+        app.store.commit().await?;
+        signals.publish_changes(outcome.last_change_seq);
+        outcome.last_update_seq
+    };
+
+    let deadline = Instant::now() + timeout;
+    let lease_ms = app.config.sync.lease_duration.as_millis() as u64;
+    let max = app.config.sync.max_commands_per_poll;
+    let mut _waiting = None;
+    let batch = loop {
+        let mut queue_rx = signals.queue.subscribe();
+        let batch = app.store.lease(daemon_id, max, lease_ms, now_ms())?;
+        if !batch.commands.is_empty() || !request.wait_for_commands || Instant::now() >= deadline {
+            break batch;
+        }
+        _waiting.get_or_insert_with(|| signals.waiting_poll());
+        let lease_check = batch
+            .next_lease_expiry_ms
+            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())))
+            .unwrap_or(deadline)
+            .min(deadline);
+        tokio::select! {
+            _ = queue_rx.changed() => {}
+            _ = tokio::time::sleep_until(lease_check) => {}
+            changed = connection_rx.changed() => {
+                if changed.is_err() || *connection_rx.borrow_and_update() != my_connection {
+                    return Err(ApiError::superseded());
+                }
+            }
+            _ = app.shutdown.cancelled() => break batch,
+        }
+    };
+    signals.seen();
+    let params: Vec<Box<RawValue>> = batch
+        .commands
+        .iter()
+        .map(|c| RawValue::from_string(c.params_json.clone()).unwrap_or_else(|_| null_raw()))
+        .collect();
+    let commands = batch
+        .commands
+        .iter()
+        .zip(&params)
+        .map(|(command, params)| WireCommand {
+            id: &command.id,
+            method: &command.method,
+            params,
+            stream: command.stream,
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &PollResponse {
+            commands,
+            last_update_seq,
+        },
+    ))
+}
+
+/// Answers `POST /sync/results`: stores each result (first one wins), commits, then wakes
+/// the clients waiting for them.
+pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
+    let request: ResultsRequest = parse_json(body)?;
+    let daemon_id = request.daemon_id.as_str();
+    check_daemon(principal, daemon_id)?;
+    if request.results.len() > app.config.limits.max_results_per_post {
+        return Err(ApiError::payload_too_large(format!(
+            "{} results in one post; at most {} are accepted",
+            request.results.len(),
+            app.config.limits.max_results_per_post
+        )));
+    }
+    let mut entries = Vec::with_capacity(request.results.len());
+    for (index, raw) in request.results.iter().enumerate() {
+        let entry: ResultEntry = serde_json::from_str(raw.get())
+            .map_err(|err| ApiError::bad_request(format!("results[{index}]: {err}")))?;
+        entries.push(entry);
+    }
+    let signals = app.signals(daemon_id)?;
+    signals.seen();
+    let now = now_ms();
+    let mut response = ResultsResponse {
+        accepted: Vec::new(),
+        unknown: Vec::new(),
+    };
+    let mut finished = Vec::new();
+    for entry in entries {
+        if entry.chunk.is_some() {
+            // Stream chunks belong to cache-and-serve streaming, which this relay does not
+            // offer yet: no stream command exists to attach them to.
+            response.unknown.push(entry.command_id);
+            continue;
+        }
+        let result = entry
+            .result
+            .map(|r| r.get().to_owned())
+            .filter(|r| r != "null");
+        let error = entry
+            .error
+            .map(|e| e.get().to_owned())
+            .filter(|e| e != "null");
+        match app
+            .store
+            .complete(daemon_id, &entry.command_id, result, error, now)?
+        {
+            CompleteOutcome::Completed(command) => {
+                finished.push(command);
+                response.accepted.push(entry.command_id);
+            }
+            CompleteOutcome::Duplicate => response.accepted.push(entry.command_id),
+            CompleteOutcome::Unknown => response.unknown.push(entry.command_id),
+        }
+    }
+    if !finished.is_empty() {
+        app.store.commit().await?;
+    }
+    for command in &finished {
+        app.hub.command_finished(&command.id);
+        remember_get(app, command);
+    }
+    Ok(json(StatusCode::OK, &response))
+}
+
+/// Keeps the 2xx answer of a mirrored GET as the copy served while the daemon is offline.
+fn remember_get(app: &App, command: &crate::store::CommandRecord) {
+    if command.method != "http" {
+        return;
+    }
+    let Ok(params) = serde_json::from_str::<HttpParams>(&command.params_json) else {
+        return;
+    };
+    if params.method != "GET" {
+        return;
+    }
+    let Some(Ok(result)) = command
+        .result_json
+        .as_deref()
+        .map(serde_json::from_str::<HttpResult>)
+    else {
+        return;
+    };
+    if !(200..300).contains(&result.status) {
+        return;
+    }
+    let Ok(rendered) = super::mirror::render_http_result(&result) else {
+        return;
+    };
+    if rendered.body.len() > app.config.commands.get_cache_max_body {
+        return;
+    }
+    let cached = CachedResponse {
+        status: result.status,
+        headers: rendered.headers,
+        body: rendered.body,
+        stored_at_ms: now_ms(),
+    };
+    if let Err(err) = app.store.put_response(
+        &command.daemon_id,
+        &super::mirror::cache_key(&params),
+        &cached,
+    ) {
+        tracing::warn!(error = %err, "could not keep the offline copy of a GET");
+    }
+}
+
+fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {
+    if !valid_daemon_id(daemon_id) {
+        return Err(ApiError::bad_request(
+            "daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    principal.require_daemon(daemon_id)
+}
+
+fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Duration, ApiError> {
+    match requested {
+        None => Ok(max.min(Duration::from_secs(30))),
+        Some(seconds) if seconds.is_finite() && seconds >= 0.0 => {
+            Ok(Duration::from_secs_f64(seconds.min(max.as_secs_f64())))
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "timeout must be a number of seconds ≥ 0",
+        )),
+    }
+}
+
+fn validate_updates(request: &PollRequest) -> Result<Vec<NewChange>, ApiError> {
+    request
+        .updates
+        .iter()
+        .enumerate()
+        .map(|(index, update)| {
+            if update.kind.is_empty() || update.kind.len() > 256 {
+                return Err(ApiError::bad_request(format!(
+                    "updates[{index}].type must be 1 to 256 characters"
+                )));
+            }
+            let timestamp_ms = match &update.timestamp {
+                None => None,
+                Some(text) => Some(parse_rfc3339(text).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "updates[{index}].timestamp is not an RFC 3339 time"
+                    ))
+                })?),
+            };
+            Ok(NewChange {
+                kind: update.kind.clone(),
+                timestamp_ms,
+                data_json: update
+                    .data
+                    .as_ref()
+                    .map_or_else(|| "null".to_owned(), |d| d.get().to_owned()),
+                daemon_seq: update.seq,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn null_raw() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
+}

@@ -1,0 +1,208 @@
+//! The durable store: every queued command, result, change-log entry, key and cached
+//! response lives here, in one sled database under `data_dir`. Its API speaks the domain
+//! (connect, enqueue, lease, complete, append_changes, …) and no sled type leaves this
+//! module, so another backend can be added later.
+//!
+//! Layout (see `layout`): one tree per concept, keys prefixed by daemon id and big-endian
+//! sequence numbers so that each daemon's queue and change log are ordered prefix ranges.
+//! Values are bincode behind a one-byte format version (`codec`).
+//!
+//! Durability: writes land in sled's in-memory log; [`Store::commit`] resolves once a
+//! flush that *started after the call* has reached the disk. One flusher thread serves all
+//! callers (`commit`): group commit, never `flush_async` from request tasks (sled #1308).
+//!
+//! Concurrency: mutations of one daemon's records are serialised by a striped lock held only
+//! across synchronous sled calls (never across `.await`), and multi-tree changes use sled
+//! transactions so a crash never leaves half of one.
+
+mod changes;
+mod codec;
+mod commands;
+mod commit;
+mod credentials;
+mod daemons;
+mod layout;
+mod responses;
+mod retention;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use changes::{ChangeEntry, NewChange};
+pub use commands::{
+    CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch, NewCommand,
+};
+pub use commit::CommitStats;
+pub use credentials::{KeyRecord, Role};
+pub use daemons::DaemonRecord;
+pub use responses::CachedResponse;
+pub use retention::{RetentionPolicy, SweepStats};
+
+/// Number of stripes of the per-daemon mutation lock.
+const LOCK_STRIPES: usize = 64;
+
+/// Errors of the store. `Unavailable` is the one a caller maps to 503
+/// `storage_unavailable`: nothing of the failed call was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the queue of daemon {daemon_id} is full ({limit} commands)")]
+    QueueFull { daemon_id: String, limit: u64 },
+    #[error("unknown daemon {0}")]
+    UnknownDaemon(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(err: sled::Error) -> Self {
+        match err {
+            sled::Error::Corruption { .. } => StoreError::Corrupt(err.to_string()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<sled::transaction::TransactionError<StoreError>> for StoreError {
+    fn from(err: sled::transaction::TransactionError<StoreError>) -> Self {
+        match err {
+            sled::transaction::TransactionError::Abort(inner) => inner,
+            sled::transaction::TransactionError::Storage(storage) => storage.into(),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The relay's database. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    daemons: sled::Tree,
+    commands: sled::Tree,
+    queue: sled::Tree,
+    finished: sled::Tree,
+    changes: sled::Tree,
+    idempotency: sled::Tree,
+    responses: sled::Tree,
+    credentials: sled::Tree,
+    committer: commit::GroupCommit,
+    /// Serialises read-modify-write sequences on one daemon's records; guards no data of
+    /// its own. Striped so memory does not grow with the number of daemons.
+    daemon_locks: Vec<Mutex<()>>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and starts the flusher thread.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
+        let db = sled::Config::new().path(dir.join("db")).open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(layout::FORMAT_KEY)? {
+            None => {
+                meta.insert(layout::FORMAT_KEY, &[codec::FORMAT_VERSION])?;
+                db.flush()?;
+            }
+            Some(found) if found.as_ref() == [codec::FORMAT_VERSION] => {}
+            Some(found) => {
+                return Err(StoreError::Corrupt(format!(
+                    "data format {:?} is not the supported {}",
+                    found.as_ref(),
+                    codec::FORMAT_VERSION
+                )))
+            }
+        }
+        let store = Store {
+            daemons: db.open_tree("daemons")?,
+            commands: db.open_tree("commands")?,
+            queue: db.open_tree("queue")?,
+            finished: db.open_tree("finished")?,
+            changes: db.open_tree("changes")?,
+            idempotency: db.open_tree("idempotency")?,
+            responses: db.open_tree("responses")?,
+            credentials: db.open_tree("credentials")?,
+            committer: commit::GroupCommit::start(db.clone()),
+            daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            db,
+        };
+        Ok(store)
+    }
+
+    /// Resolves once everything written before this call is on disk. Concurrent callers
+    /// share one flush.
+    pub async fn commit(&self) -> Result<()> {
+        self.committer.commit().await
+    }
+
+    /// Flush counts for metrics and benchmarks.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.committer.stats()
+    }
+
+    /// Flushes and stops the flusher thread; later commits fail with `Closed`.
+    pub fn close(&self) -> Result<()> {
+        self.committer.stop();
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn lock_daemon(&self, daemon_id: &str) -> MutexGuard<'_, ()> {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in daemon_id.bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let stripe = &self.daemon_locks[(hash % LOCK_STRIPES as u64) as usize];
+        // A panic while holding the guard leaves no torn data (sled transactions are
+        // atomic), so a poisoned lock is safe to keep using.
+        stripe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.committer.stop();
+    }
+}
+
+/// Milliseconds since the Unix epoch, the store's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn get_decoded<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {
+    match tree.get(key)? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn encoded<T: Serialize>(value: &T) -> Vec<u8> {
+    codec::encode(value)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::Store;
+
+    pub fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open store");
+        (dir, store)
+    }
+}

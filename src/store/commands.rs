@@ -1,0 +1,428 @@
+//! Commands: the durable queue from clients to a daemon and the results coming back.
+//!
+//! A command is `queued` when stored, `delivered` while leased to a daemon, and ends
+//! `completed` (a result), `failed` (an error) or `expired` (not answered before its TTL).
+//! The `queue` tree holds one entry per unfinished command, in arrival order per daemon;
+//! finishing a command removes it there and indexes it in `finished` by time, which is
+//! what retention walks.
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionResult;
+use sled::Transactional;
+
+use super::daemons::DaemonRecord;
+use super::{encoded, get_decoded, layout, Result, Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandState {
+    Queued,
+    Delivered,
+    Completed,
+    Failed,
+    Expired,
+}
+
+impl CommandState {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Delivered => "delivered",
+            CommandState::Completed => "completed",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Completed | CommandState::Failed | CommandState::Expired
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: String,
+    pub daemon_id: String,
+    pub method: String,
+    /// The params as JSON text, passed to the daemon unchanged.
+    pub params_json: String,
+    pub stream: bool,
+    pub state: CommandState,
+    pub created_at_ms: u64,
+    /// Not delivered (or not answered) by then → `expired`.
+    pub expires_at_ms: u64,
+    /// Position in the daemon's queue.
+    pub queue_seq: u64,
+    /// While `delivered`: when the lease runs out and the command goes out again.
+    pub lease_until_ms: u64,
+    pub deliveries: u32,
+    /// When it reached a final state; 0 before.
+    pub finished_at_ms: u64,
+    pub result_json: Option<String>,
+    pub error_json: Option<String>,
+    /// `(key id, Idempotency-Key)` it was created under, to drop the index entry with it.
+    pub idempotency: Option<(String, String)>,
+}
+
+/// What a client asks to queue.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub daemon_id: String,
+    pub method: String,
+    pub params_json: String,
+    pub stream: bool,
+    pub ttl_ms: u64,
+    pub idempotency: Option<(String, String)>,
+    pub queue_limit: u64,
+}
+
+#[derive(Debug)]
+pub struct EnqueueOutcome {
+    pub command: CommandRecord,
+    /// False when an `Idempotency-Key` matched an earlier command, returned instead.
+    pub created: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct LeaseBatch {
+    pub commands: Vec<CommandRecord>,
+    /// The earliest time a lease held by the daemon runs out, when one does: a waiting
+    /// poll must look again then.
+    pub next_lease_expiry_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub enum CompleteOutcome {
+    /// The result was stored; the command is now final.
+    Completed(Box<CommandRecord>),
+    /// The command already had a result; this one was ignored (first one wins).
+    Duplicate,
+    /// No such command for this daemon, or it expired.
+    Unknown,
+}
+
+fn new_command_id() -> String {
+    let mut bytes = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("cmd-{}", hex::encode(bytes))
+}
+
+impl Store {
+    /// Stores a new command at the end of its daemon's queue, or returns the command an
+    /// `Idempotency-Key` already names. Call [`Store::commit`] before acknowledging.
+    pub fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
+        let _guard = self.lock_daemon(&new.daemon_id);
+        let mut daemon: DaemonRecord = get_decoded(&self.daemons, new.daemon_id.as_bytes())?
+            .ok_or_else(|| StoreError::UnknownDaemon(new.daemon_id.clone()))?;
+        let idempotency_key = new
+            .idempotency
+            .as_ref()
+            .map(|(key_id, key)| layout::daemon_text_key(&new.daemon_id, &[key_id, key]));
+        if let Some(index_key) = &idempotency_key {
+            if let Some(command_id) = self.idempotency.get(index_key)? {
+                if let Some(command) = get_decoded(&self.commands, &command_id)? {
+                    return Ok(EnqueueOutcome {
+                        command,
+                        created: false,
+                    });
+                }
+            }
+        }
+        if daemon.queued >= new.queue_limit {
+            return Err(StoreError::QueueFull {
+                daemon_id: new.daemon_id,
+                limit: new.queue_limit,
+            });
+        }
+        daemon.next_queue_seq += 1;
+        daemon.queued += 1;
+        let command = CommandRecord {
+            id: new_command_id(),
+            daemon_id: new.daemon_id,
+            method: new.method,
+            params_json: new.params_json,
+            stream: new.stream,
+            state: CommandState::Queued,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(new.ttl_ms),
+            queue_seq: daemon.next_queue_seq,
+            lease_until_ms: 0,
+            deliveries: 0,
+            finished_at_ms: 0,
+            result_json: None,
+            error_json: None,
+            idempotency: new.idempotency,
+        };
+        let daemon_bytes = encoded(&daemon);
+        let command_bytes = encoded(&command);
+        let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+        (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
+            |(daemons, commands, queue, idempotency)| -> ConflictableTransactionResult<(), StoreError> {
+                daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
+                commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
+                queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
+                if let Some(index_key) = &idempotency_key {
+                    idempotency.insert(index_key.as_slice(), command.id.as_bytes())?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(EnqueueOutcome {
+            command,
+            created: true,
+        })
+    }
+
+    /// Leases up to `max` commands of the daemon that are queued or whose lease ran out, in
+    /// queue order, for `lease_ms`. Commands past their TTL are expired on the way.
+    pub fn lease(
+        &self,
+        daemon_id: &str,
+        max: usize,
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<LeaseBatch> {
+        let _guard = self.lock_daemon(daemon_id);
+        let mut batch = LeaseBatch::default();
+        for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            if batch.commands.len() >= max {
+                break;
+            }
+            let (queue_key, command_id) = item?;
+            let Some(mut command) = get_decoded::<CommandRecord>(&self.commands, &command_id)?
+            else {
+                // A queue entry outlived its command (purged by retention): drop it.
+                self.queue.remove(queue_key)?;
+                continue;
+            };
+            let lease_running =
+                command.state == CommandState::Delivered && command.lease_until_ms > now_ms;
+            if command.state.is_final() {
+                self.queue.remove(queue_key)?;
+            } else if lease_running {
+                batch.next_lease_expiry_ms = Some(
+                    batch
+                        .next_lease_expiry_ms
+                        .map_or(command.lease_until_ms, |t| t.min(command.lease_until_ms)),
+                );
+            } else if command.expires_at_ms <= now_ms {
+                self.finish_locked(&mut command, CommandState::Expired, None, None, now_ms)?;
+            } else {
+                command.state = CommandState::Delivered;
+                command.lease_until_ms = now_ms.saturating_add(lease_ms);
+                command.deliveries += 1;
+                self.commands.insert(&command_id, encoded(&command))?;
+                batch.commands.push(command);
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Stores the result (or error) of a command. First result wins.
+    pub fn complete(
+        &self,
+        daemon_id: &str,
+        command_id: &str,
+        result_json: Option<String>,
+        error_json: Option<String>,
+        now_ms: u64,
+    ) -> Result<CompleteOutcome> {
+        let _guard = self.lock_daemon(daemon_id);
+        let Some(mut command) =
+            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+        else {
+            return Ok(CompleteOutcome::Unknown);
+        };
+        if command.daemon_id != daemon_id {
+            return Ok(CompleteOutcome::Unknown);
+        }
+        match command.state {
+            CommandState::Completed | CommandState::Failed => Ok(CompleteOutcome::Duplicate),
+            CommandState::Expired => Ok(CompleteOutcome::Unknown),
+            CommandState::Queued | CommandState::Delivered => {
+                let state = if error_json.is_some() {
+                    CommandState::Failed
+                } else {
+                    CommandState::Completed
+                };
+                self.finish_locked(&mut command, state, result_json, error_json, now_ms)?;
+                Ok(CompleteOutcome::Completed(Box::new(command)))
+            }
+        }
+    }
+
+    pub fn command(&self, command_id: &str) -> Result<Option<CommandRecord>> {
+        get_decoded(&self.commands, command_id.as_bytes())
+    }
+
+    /// Expires the command if it is still unfinished and past its TTL. Returns the record as
+    /// it is afterwards.
+    pub fn expire_if_due(
+        &self,
+        daemon_id: &str,
+        command_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<CommandRecord>> {
+        let _guard = self.lock_daemon(daemon_id);
+        let Some(mut command) =
+            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+        else {
+            return Ok(None);
+        };
+        if !command.state.is_final() && command.expires_at_ms <= now_ms {
+            self.finish_locked(&mut command, CommandState::Expired, None, None, now_ms)?;
+        }
+        Ok(Some(command))
+    }
+
+    /// Moves a command to a final state, atomically across the command, queue, finished and
+    /// daemon records. The caller holds the daemon's lock.
+    pub(super) fn finish_locked(
+        &self,
+        command: &mut CommandRecord,
+        state: CommandState,
+        result_json: Option<String>,
+        error_json: Option<String>,
+        now_ms: u64,
+    ) -> Result<()> {
+        let daemon: Option<DaemonRecord> =
+            get_decoded(&self.daemons, command.daemon_id.as_bytes())?;
+        let daemon_bytes = daemon.map(|mut daemon| {
+            daemon.queued = daemon.queued.saturating_sub(1);
+            encoded(&daemon)
+        });
+        command.state = state;
+        command.finished_at_ms = now_ms;
+        command.result_json = result_json;
+        command.error_json = error_json;
+        let command_bytes = encoded(&*command);
+        let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+        let finished_key = layout::finished_key(now_ms, &command.id);
+        let command = &*command;
+        (&self.daemons, &self.commands, &self.queue, &self.finished).transaction(
+            |(daemons, commands, queue, finished)| -> ConflictableTransactionResult<(), StoreError> {
+                if let Some(bytes) = &daemon_bytes {
+                    daemons.insert(command.daemon_id.as_bytes(), bytes.as_slice())?;
+                }
+                commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
+                queue.remove(queue_key.as_slice())?;
+                finished.insert(finished_key.as_slice(), &[])?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    fn new_command(daemon: &str, idempotency: Option<&str>) -> NewCommand {
+        NewCommand {
+            daemon_id: daemon.into(),
+            method: "http".into(),
+            params_json: "{}".into(),
+            stream: false,
+            ttl_ms: 1_000,
+            idempotency: idempotency.map(|key| ("k1".to_owned(), key.to_owned())),
+            queue_limit: 3,
+        }
+    }
+
+    #[test]
+    fn lease_redelivers_after_expiry_and_first_result_wins() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let a = store.enqueue(new_command("d", None), 0).unwrap().command;
+        let b = store.enqueue(new_command("d", None), 0).unwrap().command;
+        let batch = store.lease("d", 10, 100, 10).unwrap();
+        assert_eq!(
+            batch.commands.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            [&a.id, &b.id]
+        );
+        // Leased: nothing more now, a wake-up due when the first lease runs out.
+        let batch = store.lease("d", 10, 100, 50).unwrap();
+        assert!(batch.commands.is_empty());
+        assert_eq!(batch.next_lease_expiry_ms, Some(110));
+        assert!(matches!(
+            store
+                .complete("d", &a.id, Some("1".into()), None, 60)
+                .unwrap(),
+            CompleteOutcome::Completed(_)
+        ));
+        assert!(matches!(
+            store
+                .complete("d", &a.id, Some("2".into()), None, 61)
+                .unwrap(),
+            CompleteOutcome::Duplicate
+        ));
+        assert!(matches!(
+            store.complete("other", &b.id, None, None, 61).unwrap(),
+            CompleteOutcome::Unknown
+        ));
+        let batch = store.lease("d", 10, 100, 111).unwrap();
+        assert_eq!(batch.commands.len(), 1);
+        assert_eq!(batch.commands[0].id, b.id);
+        assert_eq!(batch.commands[0].deliveries, 2);
+        assert_eq!(
+            store
+                .command(&a.id)
+                .unwrap()
+                .unwrap()
+                .result_json
+                .as_deref(),
+            Some("1")
+        );
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 1);
+    }
+
+    #[test]
+    fn ttl_queue_limit_and_idempotency() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let first = store.enqueue(new_command("d", Some("x")), 0).unwrap();
+        let again = store.enqueue(new_command("d", Some("x")), 5).unwrap();
+        assert!(first.created && !again.created);
+        assert_eq!(first.command.id, again.command.id);
+        store.enqueue(new_command("d", None), 0).unwrap();
+        store.enqueue(new_command("d", None), 0).unwrap();
+        assert!(matches!(
+            store.enqueue(new_command("d", None), 0),
+            Err(StoreError::QueueFull { limit: 3, .. })
+        ));
+        // Past the TTL nothing is handed out and the queue empties.
+        let batch = store.lease("d", 10, 100, 2_000).unwrap();
+        assert!(batch.commands.is_empty());
+        assert_eq!(
+            store.command(&first.command.id).unwrap().unwrap().state,
+            CommandState::Expired
+        );
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 0);
+        assert!(matches!(
+            store
+                .complete("d", &first.command.id, None, None, 2_001)
+                .unwrap(),
+            CompleteOutcome::Unknown
+        ));
+        assert!(matches!(
+            store.enqueue(new_command("nobody", None), 0),
+            Err(StoreError::UnknownDaemon(_))
+        ));
+    }
+
+    #[test]
+    fn reconnect_releases_leases() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        store.enqueue(new_command("d", None), 0).unwrap();
+        assert_eq!(store.lease("d", 10, 100, 1).unwrap().commands.len(), 1);
+        store.connect_daemon("d", None, vec![], "c2", 2).unwrap();
+        assert_eq!(store.lease("d", 10, 100, 3).unwrap().commands.len(), 1);
+    }
+}

@@ -1,0 +1,148 @@
+//! Group commit. Request tasks hand a waiter to one flusher thread; the thread takes every
+//! waiter that is queued, calls sled's blocking `Db::flush()` once and wakes them all with
+//! its outcome. A waiter is only taken after its write finished, so the flush that answers
+//! it started after the write: an acknowledgement sent after `commit` resolves is on disk.
+//!
+//! Why a thread and not `flush_async`: concurrent `flush_async` calls deadlock in sled
+//! 0.34.7 (sled #1308, #1241). The thread also keeps blocking fsyncs off the runtime.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Counters of the flusher, for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    /// Flushes performed.
+    pub flushes: u64,
+    /// Commit calls answered.
+    pub commits: u64,
+    /// Total time spent in `Db::flush`, microseconds.
+    pub flush_micros: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    flushes: AtomicU64,
+    commits: AtomicU64,
+    flush_micros: AtomicU64,
+}
+
+pub struct GroupCommit {
+    /// `None` once stopped. The lock only guards taking the sender out on stop.
+    waiters_tx: Mutex<Option<mpsc::Sender<Waiter>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl GroupCommit {
+    pub fn start(db: sled::Db) -> GroupCommit {
+        let (waiters_tx, waiters_rx) = mpsc::channel::<Waiter>();
+        let counters = Arc::new(Counters::default());
+        let thread_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("syncrelay-flush".into())
+            .spawn(move || flush_loop(&db, &waiters_rx, &thread_counters))
+            .expect("spawn the flusher thread");
+        GroupCommit {
+            waiters_tx: Mutex::new(Some(waiters_tx)),
+            thread: Mutex::new(Some(thread)),
+            counters,
+        }
+    }
+
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let guard = self.waiters_tx.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(done_tx).map_err(|_| StoreError::Closed)?;
+        }
+        match done_rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::Unavailable(message)),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    pub fn stats(&self) -> CommitStats {
+        CommitStats {
+            flushes: self.counters.flushes.load(Ordering::Relaxed),
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            flush_micros: self.counters.flush_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Answers every queued waiter and joins the thread.
+    pub fn stop(&self) {
+        self.waiters_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn flush_loop(db: &sled::Db, waiters_rx: &mpsc::Receiver<Waiter>, counters: &Counters) {
+    // `recv` fails once every sender is gone: stop() was called and the queue is drained.
+    while let Ok(first) = waiters_rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(waiters_rx.try_iter());
+        let started = Instant::now();
+        let outcome = db.flush().map(|_| ()).map_err(|err| err.to_string());
+        if let Err(message) = &outcome {
+            tracing::error!(error = %message, "flushing the store failed");
+        }
+        counters.flushes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .commits
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counters
+            .flush_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for waiter in batch {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::test_support::temp_store;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_commits_share_flushes() {
+        let (_dir, store) = temp_store();
+        let store = std::sync::Arc::new(store);
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    store.commit().await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let stats = store.commit_stats();
+        assert_eq!(stats.commits, 64 * 20);
+        assert!(stats.flushes <= stats.commits);
+        store.close().unwrap();
+        assert!(matches!(
+            store.commit().await,
+            Err(crate::store::StoreError::Closed)
+        ));
+    }
+}

@@ -1,0 +1,212 @@
+//! Retention: the sweep a background task runs to keep the data dir bounded. It trims each
+//! daemon's change log by count and age, expires commands past their TTL, forgets finished
+//! commands (and their idempotency entries) after `results_max_age`, and drops old cached
+//! GET responses. Deletions are not acknowledgements, so the sweep never commits; it works
+//! in small batches and takes a daemon's lock only to expire a command.
+
+use super::{codec, get_decoded, layout, ChangeEntry, CommandRecord, CommandState, Result, Store};
+use crate::store::responses::CachedResponse;
+
+/// Entries removed per sled batch.
+const SWEEP_BATCH: usize = 1_000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    pub changes_max_entries: u64,
+    pub changes_max_age_ms: u64,
+    pub results_max_age_ms: u64,
+    pub responses_max_age_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub changes_removed: u64,
+    pub commands_expired: u64,
+    pub commands_purged: u64,
+    pub responses_removed: u64,
+}
+
+impl Store {
+    pub fn sweep(&self, policy: &RetentionPolicy, now_ms: u64) -> Result<SweepStats> {
+        let mut stats = SweepStats::default();
+        for daemon in self.daemons()? {
+            stats.changes_removed +=
+                self.trim_changes(&daemon.daemon_id, daemon.last_change_seq, policy, now_ms)?;
+            stats.commands_expired += self.expire_queue(&daemon.daemon_id, now_ms)?;
+        }
+        stats.commands_purged =
+            self.purge_finished(now_ms.saturating_sub(policy.results_max_age_ms))?;
+        stats.responses_removed =
+            self.purge_responses(now_ms.saturating_sub(policy.responses_max_age_ms))?;
+        Ok(stats)
+    }
+
+    fn trim_changes(
+        &self,
+        daemon_id: &str,
+        last_seq: u64,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<u64> {
+        let keep_from_seq = last_seq.saturating_sub(policy.changes_max_entries) + 1;
+        let cutoff_ms = now_ms.saturating_sub(policy.changes_max_age_ms);
+        let mut removed = 0;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            let mut done = true;
+            for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
+                let (key, value) = item?;
+                let entry = ChangeEntry::from_stored(&key, &value)?;
+                if entry.seq >= keep_from_seq && entry.stored_at_ms >= cutoff_ms {
+                    break;
+                }
+                batch.remove(key);
+                in_batch += 1;
+                if in_batch == SWEEP_BATCH {
+                    done = false;
+                    break;
+                }
+            }
+            self.changes.apply_batch(batch)?;
+            removed += in_batch as u64;
+            if done {
+                return Ok(removed);
+            }
+        }
+    }
+
+    fn expire_queue(&self, daemon_id: &str, now_ms: u64) -> Result<u64> {
+        let mut due = Vec::new();
+        for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            let (_, command_id) = item?;
+            if let Some(command) = get_decoded::<CommandRecord>(&self.commands, &command_id)? {
+                let lease_running =
+                    command.state == CommandState::Delivered && command.lease_until_ms > now_ms;
+                if !command.state.is_final() && !lease_running && command.expires_at_ms <= now_ms {
+                    due.push(command.id);
+                }
+            }
+        }
+        let mut expired = 0;
+        for command_id in due {
+            if let Some(command) = self.expire_if_due(daemon_id, &command_id, now_ms)? {
+                if command.state == CommandState::Expired && command.finished_at_ms == now_ms {
+                    expired += 1;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    fn purge_finished(&self, cutoff_ms: u64) -> Result<u64> {
+        let mut purged = 0;
+        let end = cutoff_ms.to_be_bytes();
+        loop {
+            let mut index = sled::Batch::default();
+            let mut commands = sled::Batch::default();
+            let mut idempotency = sled::Batch::default();
+            let mut in_batch = 0;
+            for item in self.finished.range(..end.as_slice()) {
+                let (key, _) = item?;
+                let command_id = &key[8..];
+                if let Some(command) = get_decoded::<CommandRecord>(&self.commands, command_id)? {
+                    if let Some((key_id, idem)) = &command.idempotency {
+                        idempotency
+                            .remove(layout::daemon_text_key(&command.daemon_id, &[key_id, idem]));
+                    }
+                    commands.remove(command_id);
+                }
+                index.remove(key);
+                in_batch += 1;
+                if in_batch == SWEEP_BATCH {
+                    break;
+                }
+            }
+            if in_batch == 0 {
+                return Ok(purged);
+            }
+            // Index last: a crash in between leaves an index entry that the next sweep
+            // removes, never a command that no sweep would find.
+            self.idempotency.apply_batch(idempotency)?;
+            self.commands.apply_batch(commands)?;
+            self.finished.apply_batch(index)?;
+            purged += in_batch as u64;
+        }
+    }
+
+    fn purge_responses(&self, cutoff_ms: u64) -> Result<u64> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.responses.iter() {
+            let (key, value) = item?;
+            let response: CachedResponse = codec::decode(&value)?;
+            if response.stored_at_ms < cutoff_ms {
+                batch.remove(key);
+                removed += 1;
+            }
+        }
+        self.responses.apply_batch(batch)?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+    use crate::store::{NewChange, NewCommand};
+
+    #[test]
+    fn sweep_trims_expires_and_purges() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let updates = (0..10)
+            .map(|i| NewChange {
+                kind: "e".into(),
+                timestamp_ms: None,
+                data_json: "null".into(),
+                daemon_seq: Some(i + 1),
+            })
+            .collect();
+        store.append_changes("d", updates, 0).unwrap();
+        let command = store
+            .enqueue(
+                NewCommand {
+                    daemon_id: "d".into(),
+                    method: "m".into(),
+                    params_json: "{}".into(),
+                    stream: false,
+                    ttl_ms: 100,
+                    idempotency: Some(("k".into(), "i".into())),
+                    queue_limit: 10,
+                },
+                0,
+            )
+            .unwrap()
+            .command;
+        let policy = RetentionPolicy {
+            changes_max_entries: 4,
+            changes_max_age_ms: 2_000,
+            results_max_age_ms: 1_000,
+            responses_max_age_ms: 1_000,
+        };
+        let stats = store.sweep(&policy, 500).unwrap();
+        assert_eq!(stats.changes_removed, 6);
+        assert_eq!(stats.commands_expired, 1);
+        let left = store.changes_after("d", 0, 100).unwrap();
+        assert_eq!(
+            left.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(
+            store.command(&command.id).unwrap().unwrap().state,
+            CommandState::Expired
+        );
+        let stats = store.sweep(&policy, 5_000).unwrap();
+        assert_eq!(stats.commands_purged, 1);
+        assert_eq!(stats.changes_removed, 4, "age limit reached too");
+        assert!(store.command(&command.id).unwrap().is_none());
+        assert_eq!(store.idempotency.len(), 0);
+    }
+}

@@ -1,0 +1,370 @@
+//! Shared helpers of the end-to-end tests: a relay on `127.0.0.1:0` (in-process, or as a
+//! real child process for crash tests), keys made through the admin API, a `Daemon` that
+//! speaks the sync protocol over real HTTP, and `eventually` for awaiting conditions
+//! without fixed sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use syncrelay::config::Config;
+use syncrelay::store::Store;
+use tokio::sync::oneshot;
+
+/// Config overrides every test relay gets: quick retention so tests never wait on it.
+const BASE_CONFIG: &str = "[retention]\ninterval = \"1h\"\n";
+
+/// A relay served in-process on a loopback port, with its own data dir.
+pub struct TestRelay {
+    pub url: String,
+    pub addr: std::net::SocketAddr,
+    pub admin_token: String,
+    pub data_dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    stop_tx: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        Self::start_with("").await
+    }
+
+    /// Starts a relay whose config is the defaults plus `extra_toml`.
+    pub async fn start_with(extra_toml: &str) -> TestRelay {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(data_dir, extra_toml).await
+    }
+
+    pub async fn start_in(data_dir: tempfile::TempDir, extra_toml: &str) -> TestRelay {
+        let toml = merge_toml(BASE_CONFIG, extra_toml, data_dir.path());
+        let config = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
+        let store = Arc::new(Store::open(data_dir.path()).expect("open store"));
+        syncrelay::relay::auth::ensure_admin_key(&store, data_dir.path())
+            .await
+            .expect("admin key");
+        let admin_token = std::fs::read_to_string(data_dir.path().join("admin.key"))
+            .expect("admin.key")
+            .trim()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(syncrelay::relay::run(listener, config, store, async move {
+            let _ = stop_rx.await;
+        }));
+        TestRelay {
+            url: format!("http://{addr}"),
+            addr,
+            admin_token,
+            data_dir,
+            http: reqwest::Client::new(),
+            stop_tx: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts the relay down gracefully and returns its data dir for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop_tx.take().map(|tx| tx.send(()));
+        if let Some(task) = self.task.take() {
+            task.await.expect("relay task").expect("relay run");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.data_dir, dir)
+    }
+
+    /// Creates a key through the admin API and returns its token.
+    pub async fn key(&self, role: &str, daemon: Option<&str>, scope: Option<&[&str]>) -> String {
+        let body = json!({ "role": role, "daemon": daemon, "scope": scope });
+        let response = self
+            .http
+            .post(format!("{}/admin/keys", self.url))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "create key");
+        let body: Value = response.json().await.unwrap();
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A daemon with its own key, connected.
+    pub async fn daemon(&self, daemon_id: &str) -> Daemon {
+        let key = self.key("daemon", Some(daemon_id), None).await;
+        let mut daemon = Daemon::new(&self.url, daemon_id, &key);
+        daemon.connect().await;
+        daemon
+    }
+
+    /// A client key scoped to `scope`, as a ready client.
+    pub async fn client(&self, scope: &[&str]) -> Client {
+        let key = self.key("client", None, Some(scope)).await;
+        Client {
+            url: self.url.clone(),
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.stop_tx.take().map(|tx| tx.send(()));
+    }
+}
+
+fn merge_toml(base: &str, extra: &str, data_dir: &Path) -> String {
+    // Later tables win key by key: parse both and merge one level deep.
+    let mut merged: toml::Table = toml::from_str(base).unwrap();
+    let extra: toml::Table = toml::from_str(extra).expect("extra toml");
+    for (section, values) in extra {
+        let target = merged
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if let (Some(target), toml::Value::Table(values)) = (target.as_table_mut(), values) {
+            target.extend(values);
+        }
+    }
+    let server = merged
+        .entry("server")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    server.as_table_mut().unwrap().insert(
+        "data_dir".into(),
+        toml::Value::String(data_dir.display().to_string()),
+    );
+    toml::to_string(&merged).unwrap()
+}
+
+/// A client of the client API.
+#[derive(Clone)]
+pub struct Client {
+    pub url: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, path)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, path)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+    }
+}
+
+/// A daemon speaking the sync protocol over real HTTP.
+pub struct Daemon {
+    pub url: String,
+    pub daemon_id: String,
+    pub key: String,
+    pub connection_id: Option<String>,
+    pub last_update_seq: u64,
+    pub http: reqwest::Client,
+}
+
+impl Daemon {
+    pub fn new(url: &str, daemon_id: &str, key: &str) -> Daemon {
+        Daemon {
+            url: url.to_owned(),
+            daemon_id: daemon_id.to_owned(),
+            key: key.to_owned(),
+            connection_id: None,
+            last_update_seq: 0,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(&self, route: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{route}", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .expect("relay reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn connect(&mut self) -> Value {
+        let (status, body) = self
+            .post(
+                "/sync/connect",
+                json!({ "daemon_id": self.daemon_id, "version": "1.0.0", "capabilities": ["sessions"] }),
+            )
+            .await;
+        assert_eq!(status, 200, "connect: {body}");
+        self.connection_id = body["connection_id"].as_str().map(str::to_owned);
+        self.last_update_seq = body["last_update_seq"].as_u64().unwrap();
+        body
+    }
+
+    /// One poll; returns status and body.
+    pub async fn poll_raw(&self, updates: Value, wait: bool, timeout: f64) -> (u16, Value) {
+        self.post(
+            "/sync/poll",
+            json!({
+                "daemon_id": self.daemon_id,
+                "connection_id": self.connection_id,
+                "updates": updates,
+                "wait_for_commands": wait,
+                "timeout": timeout,
+            }),
+        )
+        .await
+    }
+
+    /// Polls (waiting up to `timeout` s) and returns the commands.
+    pub async fn poll(&self, timeout: f64) -> Vec<Value> {
+        let (status, body) = self.poll_raw(json!([]), timeout > 0.0, timeout).await;
+        assert_eq!(status, 200, "poll: {body}");
+        body["commands"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls until at least one command arrives (bounded by 10 s).
+    pub async fn next_commands(&self) -> Vec<Value> {
+        for _ in 0..10 {
+            let commands = self.poll(1.0).await;
+            if !commands.is_empty() {
+                return commands;
+            }
+        }
+        panic!("no command reached daemon {}", self.daemon_id);
+    }
+
+    pub async fn results(&self, results: Value) -> Value {
+        let (status, body) = self
+            .post(
+                "/sync/results",
+                json!({ "daemon_id": self.daemon_id, "results": results }),
+            )
+            .await;
+        assert_eq!(status, 200, "results: {body}");
+        body
+    }
+
+    /// Answers an `http` command with a JSON body.
+    pub async fn answer(&self, command_id: &str, status: u16, body: Value) -> Value {
+        self.results(json!([{
+            "command_id": command_id,
+            "result": { "status": status, "headers": { "content-type": "application/json" }, "body": body },
+        }]))
+        .await
+    }
+}
+
+/// Keeps a daemon online: a loop that polls and answers every `http` command with `answer`.
+pub fn serve_daemon<F>(daemon: Daemon, answer: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(&Value) -> Value + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let (status, body) = daemon.poll_raw(json!([]), true, 5.0).await;
+            if status != 200 {
+                return;
+            }
+            let commands = body["commands"].as_array().cloned().unwrap_or_default();
+            if commands.is_empty() {
+                continue;
+            }
+            let results: Vec<Value> = commands
+                .iter()
+                .map(|c| json!({ "command_id": c["id"], "result": answer(c) }))
+                .collect();
+            daemon.results(Value::Array(results)).await;
+        }
+    })
+}
+
+/// Awaits `check` returning true, retrying every 20 ms for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The relay binary as a child process, for crash tests.
+pub struct RelayProcess {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl RelayProcess {
+    /// Spawns `syncrelay serve` on a free loopback port over `data_dir`.
+    pub fn spawn(data_dir: &Path) -> RelayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn syncrelay");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let url = line
+            .trim()
+            .strip_prefix("syncrelay listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        RelayProcess {
+            child,
+            url,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,333 @@
+//! Crash safety with real processes: a workload of clients queueing writes and a daemon
+//! posting updates and results runs against the `syncrelay` binary, which is SIGKILLed
+//! mid-flight and restarted on the same data dir, several times. Afterwards every
+//! acknowledged command is delivered, and every acknowledged result and change-log entry
+//! is there, in order, exactly once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, RelayProcess};
+use serde_json::{json, Value};
+
+/// Kill/restart rounds in one run.
+const ROUNDS: usize = 3;
+/// Client tasks queueing writes concurrently.
+const WRITERS: usize = 4;
+/// Updates per poll.
+const BATCH: u64 = 5;
+
+/// What the relay acknowledged, as the test's clients and daemon saw it.
+#[derive(Default)]
+struct Acked {
+    /// Commands answered 202.
+    commands: BTreeSet<String>,
+    /// Results listed as accepted in a 200.
+    results: BTreeSet<String>,
+    /// Highest daemon-side update seq answered 200.
+    update_seq: u64,
+}
+
+struct Keys {
+    daemon: String,
+    client: String,
+}
+
+async fn post(
+    url: &str,
+    token: &str,
+    route: &str,
+    body: &Value,
+) -> Result<(u16, Value), reqwest::Error> {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{route}"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+async fn get(url: &str, token: &str, route: &str) -> Value {
+    let response = reqwest::Client::new()
+        .get(format!("{url}{route}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "GET {route}");
+    response.json().await.unwrap()
+}
+
+/// Queues writes until the relay stops answering.
+async fn writer(url: String, key: String, acked: Arc<Mutex<Acked>>, id: usize) {
+    let http = reqwest::Client::new();
+    for n in 0.. {
+        let sent = http
+            .post(format!("{url}/api/v1/daemons/d/jobs"))
+            .bearer_auth(&key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "writer": id, "n": n }))
+            .send()
+            .await;
+        let Ok(response) = sent else { return };
+        if response.status() != 202 {
+            return;
+        }
+        let Ok(body) = response.json::<Value>().await else {
+            return;
+        };
+        acked
+            .lock()
+            .unwrap()
+            .commands
+            .insert(body["id"].as_str().unwrap().to_owned());
+    }
+}
+
+/// The daemon: posts a batch of updates with every poll and answers every command, until
+/// the relay stops answering. It resumes from the relay's `last_update_seq` after a
+/// reconnect, as a daemon with an outbox does.
+async fn daemon_loop(url: String, key: String, acked: Arc<Mutex<Acked>>) {
+    let Ok((200, connect)) = post(&url, &key, "/sync/connect", &json!({ "daemon_id": "d" })).await
+    else {
+        return;
+    };
+    let connection_id = connect["connection_id"].clone();
+    let mut next_seq = connect["last_update_seq"].as_u64().unwrap() + 1;
+    assert!(
+        next_seq > acked.lock().unwrap().update_seq,
+        "an acknowledged update was lost"
+    );
+    loop {
+        let updates: Vec<Value> = (next_seq..next_seq + BATCH)
+            .map(|seq| json!({ "type": "tick", "seq": seq, "data": { "n": seq } }))
+            .collect();
+        let poll = json!({ "daemon_id": "d", "connection_id": connection_id, "updates": updates,
+                           "wait_for_commands": true, "timeout": 0.05 });
+        let Ok((200, body)) = post(&url, &key, "/sync/poll", &poll).await else {
+            return;
+        };
+        let stored = body["last_update_seq"].as_u64().unwrap();
+        assert_eq!(
+            stored,
+            next_seq + BATCH - 1,
+            "the relay stored the whole batch"
+        );
+        acked.lock().unwrap().update_seq = stored;
+        next_seq = stored + 1;
+        let results: Vec<Value> = body["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| json!({ "command_id": c["id"], "result": { "status": 200, "body": c["id"] } }))
+            .collect();
+        if results.is_empty() {
+            continue;
+        }
+        let request = json!({ "daemon_id": "d", "results": results });
+        let Ok((200, answer)) = post(&url, &key, "/sync/results", &request).await else {
+            return;
+        };
+        let mut acked = acked.lock().unwrap();
+        for id in answer["accepted"].as_array().unwrap() {
+            acked.results.insert(id.as_str().unwrap().to_owned());
+        }
+    }
+}
+
+/// Runs the workload until some of everything was acknowledged, then SIGKILLs the relay.
+async fn run_and_kill(relay: RelayProcess, keys: &Keys, acked: &Arc<Mutex<Acked>>) {
+    let before = {
+        let a = acked.lock().unwrap();
+        (a.commands.len(), a.results.len(), a.update_seq)
+    };
+    let mut tasks = Vec::new();
+    for id in 0..WRITERS {
+        tasks.push(tokio::spawn(writer(
+            relay.url.clone(),
+            keys.client.clone(),
+            acked.clone(),
+            id,
+        )));
+    }
+    tasks.push(tokio::spawn(daemon_loop(
+        relay.url.clone(),
+        keys.daemon.clone(),
+        acked.clone(),
+    )));
+    eventually(Duration::from_secs(30), || {
+        let a = acked.lock().unwrap();
+        let progressed = a.commands.len() > before.0 + 50
+            && a.results.len() > before.1 + 20
+            && a.update_seq > before.2 + 50;
+        async move { progressed }
+    })
+    .await;
+    // Kill while every task still has requests in flight.
+    relay.kill();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("workload tasks stop once the relay is gone")
+            .expect("no assertion failed in a workload task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::spawn(dir.path());
+    let admin = relay.admin_token();
+    let keys = Keys {
+        daemon: post(
+            &relay.url,
+            &admin,
+            "/admin/keys",
+            &json!({ "role": "daemon", "daemon": "d" }),
+        )
+        .await
+        .unwrap()
+        .1["token"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        client: post(
+            &relay.url,
+            &admin,
+            "/admin/keys",
+            &json!({ "role": "client", "scope": ["d"] }),
+        )
+        .await
+        .unwrap()
+        .1["token"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    };
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let mut relay = Some(relay);
+    for _ in 0..ROUNDS {
+        let current = relay
+            .take()
+            .unwrap_or_else(|| RelayProcess::spawn(dir.path()));
+        run_and_kill(current, &keys, &acked).await;
+    }
+
+    // Restart once more and check everything that was acknowledged.
+    let relay = RelayProcess::spawn(dir.path());
+    let acked = acked.lock().unwrap();
+    let url = relay.url.as_str();
+
+    // Change log: every acknowledged update exactly once, in daemon order, dense.
+    let mut entries = Vec::new();
+    let mut since = 0;
+    loop {
+        let batch = get(
+            url,
+            &keys.client,
+            &format!("/api/v1/daemons/d/changes?since={since}&limit=1000"),
+        )
+        .await;
+        let changes = batch["changes"].as_array().unwrap().clone();
+        if changes.is_empty() {
+            break;
+        }
+        since = batch["last_seq"].as_u64().unwrap();
+        entries.extend(changes);
+    }
+    let daemon_seqs: Vec<u64> = entries
+        .iter()
+        .map(|e| e["data"]["n"].as_u64().unwrap())
+        .collect();
+    let relay_seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(daemon_seqs.len() as u64 >= acked.update_seq);
+    assert_eq!(
+        daemon_seqs,
+        (1..=daemon_seqs.len() as u64).collect::<Vec<_>>(),
+        "each update once, in order"
+    );
+    assert_eq!(
+        relay_seqs, daemon_seqs,
+        "relay seqs are dense and follow the daemon's order"
+    );
+
+    // Results: every acknowledged one is stored, with its body.
+    for id in &acked.results {
+        let state = get(url, &keys.client, &format!("/api/v1/commands/{id}")).await;
+        assert_eq!(state["state"], "completed", "{id}");
+        assert_eq!(state["result"]["body"], json!(id));
+    }
+
+    // Commands: every acknowledged one exists; those without a result are delivered now,
+    // each once, and none that already has a result comes again.
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    for id in &acked.commands {
+        let state = get(url, &keys.client, &format!("/api/v1/commands/{id}")).await;
+        if state["state"] != "completed" {
+            assert!(
+                matches!(state["state"].as_str(), Some("queued" | "delivered")),
+                "{id}: {state}"
+            );
+            pending.insert(id.clone());
+        }
+    }
+    let (status, connect) = post(
+        url,
+        &keys.daemon,
+        "/sync/connect",
+        &json!({ "daemon_id": "d" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        connect["last_update_seq"].as_u64().unwrap(),
+        daemon_seqs.len() as u64
+    );
+    let mut delivered = BTreeSet::new();
+    loop {
+        let poll = json!({ "daemon_id": "d", "connection_id": connect["connection_id"], "wait_for_commands": false });
+        let (status, body) = post(url, &keys.daemon, "/sync/poll", &poll).await.unwrap();
+        assert_eq!(status, 200);
+        let commands = body["commands"].as_array().unwrap().clone();
+        if commands.is_empty() {
+            break;
+        }
+        let mut results = Vec::new();
+        for command in commands {
+            let id = command["id"].as_str().unwrap().to_owned();
+            assert!(
+                delivered.insert(id.clone()),
+                "{id} delivered twice after the restart"
+            );
+            assert!(
+                !acked.results.contains(&id),
+                "{id} already had an acknowledged result"
+            );
+            results.push(json!({ "command_id": id, "result": { "status": 200 } }));
+        }
+        post(
+            url,
+            &keys.daemon,
+            "/sync/results",
+            &json!({ "daemon_id": "d", "results": results }),
+        )
+        .await
+        .unwrap();
+    }
+    let missing: Vec<_> = pending.difference(&delivered).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged commands never delivered: {missing:?}"
+    );
+    assert!(
+        acked.commands.len() > 150 && acked.results.len() > 60,
+        "the workload ran"
+    );
+    relay.kill();
+}

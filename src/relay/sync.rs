@@ -77,8 +77,8 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     };
 
     let now = now_ms();
+    app.store.touch_daemon(daemon_id, now)?;
     let last_update_seq = if updates.is_empty() {
-        app.store.touch_daemon(daemon_id, now)?;
         app.store
             .daemon(daemon_id)?
             .map_or(0, |d| d.last_update_seq)

@@ -220,7 +220,7 @@ async fn sigkill_loses_nothing_acknowledged() {
 
     // Restart once more and check everything that was acknowledged.
     let relay = RelayProcess::spawn(dir.path());
-    let acked = acked.lock().unwrap();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
     let url = relay.url.as_str();
 
     // Change log: every acknowledged update exactly once, in daemon order, dense.

@@ -144,7 +144,7 @@ impl Filter {
     }
 
     fn matches(&self, entry: &ChangeEntry) -> bool {
-        if !self.event_types.is_empty() && !self.event_types.iter().any(|t| *t == entry.kind) {
+        if !self.event_types.is_empty() && !self.event_types.contains(&entry.kind) {
             return false;
         }
         if self.session_id.is_none() && self.run_id.is_none() {

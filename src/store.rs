@@ -56,6 +56,9 @@ pub enum StoreError {
     QueueFull { daemon_id: String, limit: u64 },
     #[error("unknown daemon {0}")]
     UnknownDaemon(String),
+    /// A newer connect replaced the connection a poll belongs to.
+    #[error("the connection was superseded by a newer connect")]
+    Superseded,
     #[error("the store is closed")]
     Closed,
 }

@@ -263,6 +263,47 @@ async fn new_connect_supersedes_a_waiting_poll() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The reconnect both supersedes the waiting poll and releases the lease of a command it
+/// had handed out: that command must go to the new connection, never to the superseded
+/// poll (which would lease it again, out of reach of the new connection for a whole lease).
+/// Repeated because a wrong order shows only some of the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_poll_never_takes_the_commands_released_by_the_reconnect() {
+    let relay = TestRelay::start_with(ONLINE_MEANS_WAITING).await;
+    let mut daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let command_id = queue_write(&client, "d", json!({})).await;
+    // Leased (60 s) to the first connection.
+    assert_eq!(ids(&daemon.next_commands().await), [command_id.as_str()]);
+
+    for round in 0..8 {
+        let old = Daemon {
+            url: daemon.url.clone(),
+            daemon_id: daemon.daemon_id.clone(),
+            key: daemon.key.clone(),
+            connection_id: daemon.connection_id.clone(),
+            last_update_seq: 0,
+            http: reqwest::Client::new(),
+        };
+        let waiting = tokio::spawn(async move { old.poll_raw(json!([]), true, 20.0).await });
+        until_poll_waits(&client, "d").await;
+        daemon.connect().await;
+        let (status, body) = within(QUICK, "superseded poll", waiting).await.unwrap();
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (409, &json!("superseded")),
+            "round {round}: the superseded poll answered {status} {body}"
+        );
+        let (status, body) = daemon.poll_raw(json!([]), false, 0.0).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            ids(body["commands"].as_array().unwrap()),
+            [command_id.as_str()],
+            "round {round}: the new connection gets the released command at once"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_naming_a_stale_connection_is_rejected_at_once() {
     let relay = TestRelay::start().await;

@@ -174,6 +174,7 @@ impl From<StoreError> for ApiError {
                 api
             }
             StoreError::UnknownDaemon(id) => ApiError::not_found(format!("no daemon {id}")),
+            StoreError::Superseded => ApiError::superseded(),
             other => {
                 tracing::error!(error = %other, "storage failure");
                 let mut api = ApiError::new(

@@ -95,7 +95,9 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     let mut _waiting = None;
     let batch = loop {
         let mut queue_rx = signals.queue.subscribe();
-        let batch = app.store.lease(daemon_id, max, lease_ms, now_ms())?;
+        let batch = app
+            .store
+            .lease(daemon_id, my_connection.as_deref(), max, lease_ms, now_ms())?;
         if !batch.commands.is_empty() || !request.wait_for_commands || Instant::now() >= deadline {
             break batch;
         }
@@ -105,14 +107,17 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
             .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())))
             .unwrap_or(deadline)
             .min(deadline);
+        // Connection first, so a superseded poll answers 409 at once; `lease` checks again
+        // under the daemon's lock, which closes the race this check cannot see.
         tokio::select! {
-            _ = queue_rx.changed() => {}
-            _ = tokio::time::sleep_until(lease_check) => {}
+            biased;
             changed = connection_rx.changed() => {
                 if changed.is_err() || *connection_rx.borrow_and_update() != my_connection {
                     return Err(ApiError::superseded());
                 }
             }
+            _ = queue_rx.changed() => {}
+            _ = tokio::time::sleep_until(lease_check) => {}
             _ = app.shutdown.cancelled() => break batch,
         }
     };

@@ -179,14 +179,24 @@ impl Store {
 
     /// Leases up to `max` commands of the daemon that are queued or whose lease ran out, in
     /// queue order, for `lease_ms`. Commands past their TTL are expired on the way.
+    ///
+    /// `connection_id` is the connection the poll belongs to: when a newer connect replaced
+    /// it, the answer is `Superseded` and nothing is leased. Checked under the daemon's
+    /// lock, which `connect_daemon` also takes, so an old poll can never take the commands
+    /// a reconnect has just released.
     pub fn lease(
         &self,
         daemon_id: &str,
+        connection_id: Option<&str>,
         max: usize,
         lease_ms: u64,
         now_ms: u64,
     ) -> Result<LeaseBatch> {
         let _guard = self.lock_daemon(daemon_id);
+        let daemon: Option<DaemonRecord> = get_decoded(&self.daemons, daemon_id.as_bytes())?;
+        if daemon.and_then(|d| d.connection_id).as_deref() != connection_id {
+            return Err(StoreError::Superseded);
+        }
         let mut batch = LeaseBatch::default();
         for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
             if batch.commands.len() >= max {
@@ -341,13 +351,13 @@ mod tests {
         store.ensure_daemon("d", 0).unwrap();
         let a = store.enqueue(new_command("d", None), 0).unwrap().command;
         let b = store.enqueue(new_command("d", None), 0).unwrap().command;
-        let batch = store.lease("d", 10, 100, 10).unwrap();
+        let batch = store.lease("d", None, 10, 100, 10).unwrap();
         assert_eq!(
             batch.commands.iter().map(|c| &c.id).collect::<Vec<_>>(),
             [&a.id, &b.id]
         );
         // Leased: nothing more now, a wake-up due when the first lease runs out.
-        let batch = store.lease("d", 10, 100, 50).unwrap();
+        let batch = store.lease("d", None, 10, 100, 50).unwrap();
         assert!(batch.commands.is_empty());
         assert_eq!(batch.next_lease_expiry_ms, Some(110));
         assert!(matches!(
@@ -366,7 +376,7 @@ mod tests {
             store.complete("other", &b.id, None, None, 61).unwrap(),
             CompleteOutcome::Unknown
         ));
-        let batch = store.lease("d", 10, 100, 111).unwrap();
+        let batch = store.lease("d", None, 10, 100, 111).unwrap();
         assert_eq!(batch.commands.len(), 1);
         assert_eq!(batch.commands[0].id, b.id);
         assert_eq!(batch.commands[0].deliveries, 2);
@@ -397,7 +407,7 @@ mod tests {
             Err(StoreError::QueueFull { limit: 3, .. })
         ));
         // Past the TTL nothing is handed out and the queue empties.
-        let batch = store.lease("d", 10, 100, 2_000).unwrap();
+        let batch = store.lease("d", None, 10, 100, 2_000).unwrap();
         assert!(batch.commands.is_empty());
         assert_eq!(
             store.command(&first.command.id).unwrap().unwrap().state,
@@ -421,8 +431,15 @@ mod tests {
         let (_dir, store) = temp_store();
         store.ensure_daemon("d", 0).unwrap();
         store.enqueue(new_command("d", None), 0).unwrap();
-        assert_eq!(store.lease("d", 10, 100, 1).unwrap().commands.len(), 1);
+        assert_eq!(store.lease("d", None, 10, 100, 1).unwrap().commands.len(), 1);
         store.connect_daemon("d", None, vec![], "c2", 2).unwrap();
-        assert_eq!(store.lease("d", 10, 100, 3).unwrap().commands.len(), 1);
+        assert!(matches!(
+            store.lease("d", None, 10, 100, 3),
+            Err(StoreError::Superseded)
+        ));
+        assert_eq!(
+            store.lease("d", Some("c2"), 10, 100, 3).unwrap().commands.len(),
+            1
+        );
     }
 }

@@ -11,7 +11,7 @@ use super::http::{json, query_value, ApiError};
 use super::mirror::command_view;
 use super::{App, Response};
 use crate::protocol::{rfc3339, DaemonView};
-use crate::store::DaemonRecord;
+use crate::store::{now_ms, CommandRecord, DaemonRecord};
 
 pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
     DaemonView {
@@ -60,20 +60,41 @@ pub async fn get_command(
 ) -> Result<Response, ApiError> {
     let wait = wait_param(query, app.config.commands.wait_max)?;
     let not_found = || ApiError::not_found(format!("no command {command_id}"));
+    // Scope is checked before waiting, so a foreign id cannot be used to hold a request.
+    let command = app.store.command(command_id)?.ok_or_else(not_found)?;
+    if !principal.can_see(&command.daemon_id) {
+        return Err(not_found());
+    }
+    let command = await_command(app, command_id, wait)
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(json(StatusCode::OK, &command_view(&command)))
+}
+
+/// The command once it is final, or as it is when `wait` runs out (or shutdown begins).
+/// Wakes on the completion signal, and at the command's own expiry time so that `expired`
+/// shows when due. `None` when there is no such command.
+pub async fn await_command(
+    app: &App,
+    command_id: &str,
+    wait: Duration,
+) -> Result<Option<CommandRecord>, ApiError> {
     let mut watch = app.hub.watch_command(command_id);
     let deadline = Instant::now() + wait;
     loop {
-        let command = app.store.command(command_id)?.ok_or_else(not_found)?;
-        if !principal.can_see(&command.daemon_id) {
-            return Err(not_found());
-        }
+        let now = now_ms();
+        let Some(command) = app.store.command_at(command_id, now)? else {
+            return Ok(None);
+        };
         if command.state.is_final() || Instant::now() >= deadline {
-            return Ok(json(StatusCode::OK, &command_view(&command)));
+            return Ok(Some(command));
         }
+        let due =
+            Instant::now() + Duration::from_millis(command.next_deadline_ms().saturating_sub(now));
         tokio::select! {
             _ = watch.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = app.shutdown.cancelled() => return Ok(json(StatusCode::OK, &command_view(&command))),
+            _ = tokio::time::sleep_until(deadline.min(due)) => {}
+            _ = app.shutdown.cancelled() => return Ok(Some(command)),
         }
     }
 }

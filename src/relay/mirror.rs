@@ -12,7 +12,6 @@ use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE, LOCATION};
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode};
 use serde_json::Value;
-use tokio::time::Instant;
 
 use super::auth::Principal;
 use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
@@ -166,22 +165,9 @@ async fn dispatch(
     if prefs.respond_async {
         return Ok(accepted(&outcome.command));
     }
-    let mut watch = app.hub.watch_command(&command_id);
-    let deadline = Instant::now() + prefs.wait;
-    let last = loop {
-        let command = app
-            .store
-            .command(&command_id)?
-            .ok_or_else(|| ApiError::not_found("the command is gone"))?;
-        if command.state.is_final() || Instant::now() >= deadline {
-            break command;
-        }
-        tokio::select! {
-            _ = watch.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = app.shutdown.cancelled() => break command,
-        }
-    };
+    let last = super::client::await_command(app, &command_id, prefs.wait)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the command is gone"))?;
     match last.state {
         CommandState::Completed => Ok(completed_response(&last, &spec)),
         CommandState::Failed => Err(daemon_error(&last)),

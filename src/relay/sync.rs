@@ -95,9 +95,9 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     let mut _waiting = None;
     let batch = loop {
         let mut queue_rx = signals.queue.subscribe();
-        let batch = app
-            .store
-            .lease(daemon_id, my_connection.as_deref(), max, lease_ms, now_ms())?;
+        let batch =
+            app.store
+                .lease(daemon_id, my_connection.as_deref(), max, lease_ms, now_ms())?;
         if !batch.commands.is_empty() || !request.wait_for_commands || Instant::now() >= deadline {
             break batch;
         }

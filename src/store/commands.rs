@@ -68,6 +68,24 @@ pub struct CommandRecord {
     pub idempotency: Option<(String, String)>,
 }
 
+impl CommandRecord {
+    /// Unfinished and past its TTL. A command whose lease still runs is not due yet: its
+    /// result may still come.
+    pub fn due_to_expire(&self, now_ms: u64) -> bool {
+        let lease_running = self.state == CommandState::Delivered && self.lease_until_ms > now_ms;
+        !self.state.is_final() && !lease_running && self.expires_at_ms <= now_ms
+    }
+
+    /// When a waiter should look again even without a signal: the lease's end or expiry.
+    pub fn next_deadline_ms(&self) -> u64 {
+        if self.state == CommandState::Delivered {
+            self.lease_until_ms.max(self.expires_at_ms)
+        } else {
+            self.expires_at_ms
+        }
+    }
+}
+
 /// What a client asks to queue.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
@@ -269,21 +287,23 @@ impl Store {
         get_decoded(&self.commands, command_id.as_bytes())
     }
 
-    /// Expires the command if it is still unfinished and past its TTL. Returns the record as
-    /// it is afterwards.
-    pub fn expire_if_due(
-        &self,
-        daemon_id: &str,
-        command_id: &str,
-        now_ms: u64,
-    ) -> Result<Option<CommandRecord>> {
-        let _guard = self.lock_daemon(daemon_id);
-        let Some(mut command) =
-            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
-        else {
+    /// The command as of `now_ms`: one whose TTL has passed is expired first, so readers
+    /// see `expired` the moment it is due, not only after the next poll or sweep.
+    pub fn command_at(&self, command_id: &str, now_ms: u64) -> Result<Option<CommandRecord>> {
+        match self.command(command_id)? {
+            Some(command) if command.due_to_expire(now_ms) => {}
+            other => return Ok(other),
+        }
+        let daemon_id = match self.command(command_id)? {
+            Some(command) => command.daemon_id,
+            None => return Ok(None),
+        };
+        let _guard = self.lock_daemon(&daemon_id);
+        // Read again under the lock: a result may have landed in between.
+        let Some(mut command) = self.command(command_id)? else {
             return Ok(None);
         };
-        if !command.state.is_final() && command.expires_at_ms <= now_ms {
+        if command.due_to_expire(now_ms) {
             self.finish_locked(&mut command, CommandState::Expired, None, None, now_ms)?;
         }
         Ok(Some(command))
@@ -431,14 +451,21 @@ mod tests {
         let (_dir, store) = temp_store();
         store.ensure_daemon("d", 0).unwrap();
         store.enqueue(new_command("d", None), 0).unwrap();
-        assert_eq!(store.lease("d", None, 10, 100, 1).unwrap().commands.len(), 1);
+        assert_eq!(
+            store.lease("d", None, 10, 100, 1).unwrap().commands.len(),
+            1
+        );
         store.connect_daemon("d", None, vec![], "c2", 2).unwrap();
         assert!(matches!(
             store.lease("d", None, 10, 100, 3),
             Err(StoreError::Superseded)
         ));
         assert_eq!(
-            store.lease("d", Some("c2"), 10, 100, 3).unwrap().commands.len(),
+            store
+                .lease("d", Some("c2"), 10, 100, 3)
+                .unwrap()
+                .commands
+                .len(),
             1
         );
     }

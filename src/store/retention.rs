@@ -81,16 +81,14 @@ impl Store {
         for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (_, command_id) = item?;
             if let Some(command) = get_decoded::<CommandRecord>(&self.commands, &command_id)? {
-                let lease_running =
-                    command.state == CommandState::Delivered && command.lease_until_ms > now_ms;
-                if !command.state.is_final() && !lease_running && command.expires_at_ms <= now_ms {
+                if command.due_to_expire(now_ms) {
                     due.push(command.id);
                 }
             }
         }
         let mut expired = 0;
         for command_id in due {
-            if let Some(command) = self.expire_if_due(daemon_id, &command_id, now_ms)? {
+            if let Some(command) = self.command_at(&command_id, now_ms)? {
                 if command.state == CommandState::Expired && command.finished_at_ms == now_ms {
                     expired += 1;
                 }

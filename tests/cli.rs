@@ -141,17 +141,12 @@ async fn sigterm_answers_waiting_polls_and_exits_cleanly() {
     let mut relay = RelayProcess::spawn(dir.path());
     let admin = relay.admin_token();
     let http = reqwest::Client::new();
-    let key: Value = http
-        .post(format!("{}/admin/keys", relay.url))
-        .bearer_auth(&admin)
-        .json(&json!({ "role": "daemon", "daemon": "d" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = key["token"].as_str().unwrap().to_owned();
+    let token = common::create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "daemon", "daemon": "d" }),
+    )
+    .await;
     let poll = http
         .post(format!("{}/sync/poll", relay.url))
         .bearer_auth(&token)
@@ -159,17 +154,12 @@ async fn sigterm_answers_waiting_polls_and_exits_cleanly() {
         .send();
     let poll = tokio::spawn(poll);
     // The poll is waiting once the relay reports the daemon online.
-    let client: Value = http
-        .post(format!("{}/admin/keys", relay.url))
-        .bearer_auth(&admin)
-        .json(&json!({ "role": "client", "scope": ["d"] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let client_token = client["token"].as_str().unwrap().to_owned();
+    let client_token = common::create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "client", "scope": ["d"] }),
+    )
+    .await;
     common::eventually(Duration::from_secs(10), || {
         let (http, url, token) = (http.clone(), relay.url.clone(), client_token.clone());
         async move {

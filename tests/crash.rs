@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, RelayProcess};
+use common::{create_key, eventually, RelayProcess};
 use serde_json::{json, Value};
 
 /// Kill/restart rounds in one run.
@@ -184,30 +184,18 @@ async fn sigkill_loses_nothing_acknowledged() {
     let relay = RelayProcess::spawn(dir.path());
     let admin = relay.admin_token();
     let keys = Keys {
-        daemon: post(
+        daemon: create_key(
             &relay.url,
             &admin,
-            "/admin/keys",
-            &json!({ "role": "daemon", "daemon": "d" }),
+            json!({ "role": "daemon", "daemon": "d" }),
         )
-        .await
-        .unwrap()
-        .1["token"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
-        client: post(
+        .await,
+        client: create_key(
             &relay.url,
             &admin,
-            "/admin/keys",
-            &json!({ "role": "client", "scope": ["d"] }),
+            json!({ "role": "client", "scope": ["d"] }),
         )
-        .await
-        .unwrap()
-        .1["token"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
+        .await,
     };
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut relay = Some(relay);

@@ -65,7 +65,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: String,
     pub message: String,
-    pub details: Option<serde_json::Value>,
+    pub details: Option<Box<serde_json::Value>>,
     /// Seconds, sent as `Retry-After`.
     pub retry_after: Option<u64>,
     /// Sent as `Allow` with 405.
@@ -137,14 +137,14 @@ impl ApiError {
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> ApiError {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
     pub fn into_response(self) -> Response<Body> {
         let mut error = serde_json::json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
-            error["details"] = details;
+            error["details"] = *details;
         }
         let mut response = json(self.status, &serde_json::json!({ "error": error }));
         if let Some(seconds) = self.retry_after {

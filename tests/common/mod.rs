@@ -82,17 +82,7 @@ impl TestRelay {
     /// Creates a key through the admin API and returns its token.
     pub async fn key(&self, role: &str, daemon: Option<&str>, scope: Option<&[&str]>) -> String {
         let body = json!({ "role": role, "daemon": daemon, "scope": scope });
-        let response = self
-            .http
-            .post(format!("{}/admin/keys", self.url))
-            .bearer_auth(&self.admin_token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "create key");
-        let body: Value = response.json().await.unwrap();
-        body["token"].as_str().unwrap().to_owned()
+        create_key(&self.url, &self.admin_token, body).await
     }
 
     /// A daemon with its own key, connected.
@@ -309,6 +299,21 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Creates a key through a relay's admin API (`body` as for `POST /admin/keys`) and
+/// returns its token.
+pub async fn create_key(url: &str, admin_token: &str, body: Value) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/admin/keys"))
+        .bearer_auth(admin_token)
+        .json(&body)
+        .send()
+        .await
+        .expect("relay reachable");
+    assert_eq!(response.status(), 201, "create key {body}");
+    let created: Value = response.json().await.unwrap();
+    created["token"].as_str().unwrap().to_owned()
 }
 
 /// The relay binary as a child process, for crash tests.

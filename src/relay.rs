@@ -64,7 +64,7 @@ pub async fn run(
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
     server::serve(listener, app.clone(), shutdown).await;
-    retention.abort();
+    // `serve` cancelled the token: the sweep loop ends after the sweep in progress, if any.
     let _ = retention.await;
     tokio::task::spawn_blocking(move || store.close()).await??;
     tracing::info!("store closed");

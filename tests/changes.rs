@@ -859,3 +859,34 @@ async fn sse_resumes_after_a_restart_with_last_event_id() {
     assert_eq!(event_seqs(&events), [4, 5]);
     assert_eq!(events[0].json()["data"]["n"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_out_events_do_not_starve_keepalives() {
+    let relay = TestRelay::start_with("[changes]\nsse_keepalive = \"300ms\"\n").await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let mut stream = SseStream::open(client.get(&events_path("d", "?eventTypes=wanted"))).await;
+
+    // Events the filter drops keep arriving, faster than the keep-alive interval.
+    let noise = {
+        let noisy = Daemon::new(&relay.url, "d", &daemon.key);
+        tokio::spawn(async move {
+            for seq in 1.. {
+                post(&noisy, json!([update("noise", "s", "r", 0, seq)])).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut keepalives = 0;
+    while keepalives < 2 {
+        let frame = stream.next_frame().await;
+        assert!(
+            !frame.is_event(),
+            "only filtered-out events were posted: {frame:?}"
+        );
+        if frame.comments.iter().any(|c| c == "keepalive") {
+            keepalives += 1;
+        }
+    }
+    noise.abort();
+}

@@ -1312,3 +1312,51 @@ async fn the_daemon_cannot_claim_another_source() {
     assert_eq!(sources, ["daemon"]);
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_refused_before_reaching_the_daemon() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    for path in [
+        "/api/v1/daemons/d/../../admin/keys",
+        "/api/v1/daemons/d/sessions/%2e%2e/x",
+        "/api/v1/daemons/d/./sessions",
+        "/api/v1/daemons/d/sessions/%2E",
+    ] {
+        // A raw request: reqwest would normalise the dots away before sending.
+        let head = format!(
+            "GET {path} HTTP/1.1\nHost: relay\nAuthorization: Bearer {}\nConnection: close\n\n",
+            client.key
+        );
+        let (status, _, body) = raw_request(relay.addr, &head, b"").await;
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{path}"
+        );
+    }
+    assert!(daemon.poll(0.0).await.is_empty(), "nothing was queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn respond_async_does_not_apply_to_reads() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let server = serve_daemon(daemon, |_| json!({ "status": 200, "body": "fresh" }));
+    let reply = send(
+        client
+            .get("/api/v1/daemons/d/sessions")
+            .header("prefer", "respond-async"),
+    )
+    .await;
+    assert_eq!(
+        reply.status, 200,
+        "a read is answered by waiting, never queued for later"
+    );
+    assert_eq!(reply.text(), "fresh");
+    assert_eq!(reply.source(), "daemon");
+    server.abort();
+}

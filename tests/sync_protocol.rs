@@ -917,3 +917,40 @@ async fn full_queue_answers_queue_full() {
     daemon.answer(&first, 200, json!({})).await;
     queue_write(&client, "d", json!({ "n": 3 })).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_leave_exactly_one_valid_connection() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let connects: Vec<_> = (0..8)
+        .map(|i| {
+            let (url, key) = (daemon.url.clone(), daemon.key.clone());
+            tokio::spawn(async move {
+                let body = json!({ "daemon_id": "d", "version": format!("v{i}") });
+                post_json(&url, "/sync/connect", Some(&key), &body).await
+            })
+        })
+        .collect();
+    let mut connection_ids = Vec::new();
+    for connect in connects {
+        let reply = within(REQUEST_LIMIT, "connect", connect).await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        connection_ids.push(reply.body["connection_id"].as_str().unwrap().to_owned());
+    }
+    // Whatever order they ran in, the published connection is the stored one: exactly one
+    // id is accepted, every other is superseded.
+    let mut accepted = 0;
+    for connection_id in &connection_ids {
+        let reply = poll_body(
+            &daemon,
+            json!({ "daemon_id": "d", "connection_id": connection_id, "wait_for_commands": false }),
+        )
+        .await;
+        match reply.status {
+            200 => accepted += 1,
+            409 => assert_eq!(reply.body["error"]["code"], "superseded"),
+            other => panic!("poll answered {other}: {}", reply.body),
+        }
+    }
+    assert_eq!(accepted, 1, "exactly one connection stays valid");
+}

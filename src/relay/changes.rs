@@ -192,6 +192,8 @@ pub fn stream_events(
     tokio::spawn(async move {
         let mut committed_rx = signals.changes.subscribe();
         let keepalive = app.config.changes.sse_keepalive;
+        // One deadline across wake-ups: entries the filter drops must not postpone it.
+        let mut keepalive_at = Instant::now() + keepalive;
         if frames_tx
             .send(Bytes::from_static(b": connected\n\n"))
             .await
@@ -217,16 +219,18 @@ pub fn stream_events(
                 if frames_tx.send(sse_frame(&entry)).await.is_err() {
                     return;
                 }
+                keepalive_at = Instant::now() + keepalive;
             }
             if full_batch {
                 continue;
             }
             tokio::select! {
                 changed = committed_rx.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(keepalive) => {
+                _ = tokio::time::sleep_until(keepalive_at) => {
                     if frames_tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
                         return;
                     }
+                    keepalive_at = Instant::now() + keepalive;
                 }
                 _ = frames_tx.closed() => return,
                 _ = app.shutdown.cancelled() => return,

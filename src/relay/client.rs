@@ -14,16 +14,19 @@ use crate::protocol::{rfc3339, DaemonView};
 use crate::store::{now_ms, CommandRecord, DaemonRecord};
 
 pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
+    let grace = app.config.sync.online_grace;
     DaemonView {
-        online: app
-            .hub
-            .online(&record.daemon_id, app.config.sync.online_grace),
+        online: app.hub.online(&record.daemon_id, grace),
         last_seen: record.last_seen_ms.map(rfc3339),
+        // Only durable entries count, as for the change log's readers.
+        last_seq: app
+            .hub
+            .committed_changes(&record.daemon_id)
+            .unwrap_or(record.last_change_seq),
         daemon_id: record.daemon_id,
         version: record.version,
         capabilities: record.capabilities,
         queued: record.queued,
-        last_seq: record.last_change_seq,
     }
 }
 
@@ -86,7 +89,13 @@ pub async fn await_command(
         let Some(command) = app.store.command_at(command_id, now)? else {
             return Ok(None);
         };
-        if command.state.is_final() || Instant::now() >= deadline {
+        if command.state.is_final() {
+            // The final state may have been written a moment ago: make it durable before
+            // anyone sees it, so a crash can never change an outcome a client was shown.
+            app.store.commit().await?;
+            return Ok(Some(command));
+        }
+        if Instant::now() >= deadline {
             return Ok(Some(command));
         }
         let due =

@@ -23,6 +23,11 @@ pub struct DaemonSignals {
     /// Highest change-log seq that is on disk.
     pub changes: watch::Sender<u64>,
     pub connection: watch::Sender<Option<String>>,
+    /// Highest daemon-side update seq that is on disk: what polls report.
+    durable_update_seq: AtomicU64,
+    /// Serialises connects of one daemon, so the connection id published here is always
+    /// the one stored last. Held only across synchronous store calls.
+    pub connect_lock: Mutex<()>,
     polls_waiting: AtomicUsize,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
@@ -34,6 +39,8 @@ impl DaemonSignals {
             queue: watch::Sender::new(0),
             changes: watch::Sender::new(record.last_change_seq),
             connection: watch::Sender::new(record.connection_id.clone()),
+            durable_update_seq: AtomicU64::new(record.last_update_seq),
+            connect_lock: Mutex::new(()),
             polls_waiting: AtomicUsize::new(0),
             last_request_ms: AtomicU64::new(0),
         }
@@ -53,6 +60,15 @@ impl DaemonSignals {
             }
             newer
         });
+    }
+
+    /// Publishes that daemon-side updates up to `seq` are durable.
+    pub fn publish_update_seq(&self, seq: u64) {
+        self.durable_update_seq.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    pub fn durable_update_seq(&self) -> u64 {
+        self.durable_update_seq.load(Ordering::Relaxed)
     }
 
     pub fn seen(&self) {
@@ -118,6 +134,13 @@ impl Hub {
         self.lock_daemons()
             .get(daemon_id)
             .is_some_and(|signals| signals.online(grace))
+    }
+
+    /// The highest durable change-log seq, for daemons this process has signals for.
+    pub fn committed_changes(&self, daemon_id: &str) -> Option<u64> {
+        self.lock_daemons()
+            .get(daemon_id)
+            .map(|signals| *signals.changes.borrow())
     }
 
     /// Number of polls waiting across all daemons.

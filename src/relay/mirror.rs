@@ -162,7 +162,8 @@ async fn dispatch(
         signals.bump_queue();
     }
     let command_id = outcome.command.id.clone();
-    if prefs.respond_async {
+    // A read is never kept for later, so it is always answered by waiting.
+    if prefs.respond_async && spec.write {
         return Ok(accepted(&outcome.command));
     }
     let last = super::client::await_command(app, &command_id, prefs.wait)

@@ -84,12 +84,16 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
                     only(&method, &[Method::GET], "GET")?;
                     changes::stream_events(app, &daemon_id, request.headers(), query.as_deref())
                 }
+                // Reserved for the relay like `changes` and `stream/events`: never mirrored.
                 ["commands"] => {
                     only(&method, &[Method::POST], "POST")?;
                     let headers = request.headers().clone();
                     let body = body(app, request).await?;
                     mirror::named(app, &principal, &daemon_id, &headers, &body).await
                 }
+                _ if rest.iter().any(|segment| is_dot_segment(segment)) => Err(
+                    ApiError::bad_request("a path may not contain . or .. segments"),
+                ),
                 _ => {
                     let prefix_len = "/api/v1/daemons/".len() + daemon_id.len() + 1;
                     let rest_path = path.get(prefix_len..).unwrap_or("").to_owned();
@@ -130,6 +134,12 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
         }
         _ => Err(ApiError::not_found(format!("no route {path}"))),
     }
+}
+
+/// `.` or `..`, also percent-encoded: forwarded, it would step outside the daemon's API.
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    decoded == "." || decoded == ".."
 }
 
 fn only(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), ApiError> {

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 use super::{router, App};
 
@@ -32,6 +33,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
     let graceful = GracefulShutdown::new();
+    // Every connection task, so that none can outlive `serve` and write to a closed store.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -43,6 +46,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     continue;
                 }
             },
+            // Reap finished connections as we go.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -55,7 +60,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
@@ -70,4 +75,6 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             tracing::warn!("connections still open after the grace period; closing them");
         }
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }

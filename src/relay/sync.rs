@@ -25,18 +25,31 @@ pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     let mut bytes = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut bytes);
     let connection_id = format!("conn-{}", hex::encode(bytes));
-    let record = app.store.connect_daemon(
-        &request.daemon_id,
-        request.version,
-        request.capabilities,
-        &connection_id,
-        now_ms(),
-    )?;
-    app.store.commit().await?;
+    let now = now_ms();
+    app.store.ensure_daemon(&request.daemon_id, now)?;
     let signals = app.signals(&request.daemon_id)?;
+    let record = {
+        // Store and publish as one step per daemon: concurrent connects can never leave
+        // an older connection id published than stored. The old connection's polls are
+        // answered `superseded` from here on.
+        let _serial = signals
+            .connect_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let record = app.store.connect_daemon(
+            &request.daemon_id,
+            request.version,
+            request.capabilities,
+            &connection_id,
+            now,
+        )?;
+        signals.connection.send_replace(Some(connection_id.clone()));
+        signals.bump_queue();
+        record
+    };
     signals.seen();
-    signals.connection.send_replace(Some(connection_id.clone()));
-    signals.bump_queue();
+    app.store.commit().await?;
+    signals.publish_update_seq(record.last_update_seq);
     tracing::info!(daemon_id = %request.daemon_id, %connection_id, "daemon connected");
     Ok(json(
         StatusCode::OK,
@@ -78,14 +91,14 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
 
     let now = now_ms();
     app.store.touch_daemon(daemon_id, now)?;
+    // Only durable values are reported: a daemon trims its outbox by this number.
     let last_update_seq = if updates.is_empty() {
-        app.store
-            .daemon(daemon_id)?
-            .map_or(0, |d| d.last_update_seq)
+        signals.durable_update_seq()
     } else {
         let outcome = app.store.append_changes(daemon_id, updates, now)?;
         app.store.commit().await?;
         signals.publish_changes(outcome.last_change_seq);
+        signals.publish_update_seq(outcome.last_update_seq);
         outcome.last_update_seq
     };
 
@@ -201,12 +214,16 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             CompleteOutcome::Unknown => response.unknown.push(entry.command_id),
         }
     }
-    if !finished.is_empty() {
-        app.store.commit().await?;
-    }
+    // Wake waiters before the commit: nothing can cancel this step, and a waiter commits
+    // itself before it shows a final state (see `client::await_command`).
     for command in &finished {
         app.hub.command_finished(&command.id);
         remember_get(app, command);
+    }
+    // A duplicate may be the retry of a result whose first commit failed or was cut short:
+    // it is acknowledged only once it is on disk too.
+    if !response.accepted.is_empty() {
+        app.store.commit().await?;
     }
     Ok(json(StatusCode::OK, &response))
 }

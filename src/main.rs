@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use syncrelay::agent::{Agent, RawAgent};
 use syncrelay::config::{Config, LogFormat};
 use syncrelay::store::Store;
 use syncrelay::{admin, relay};
@@ -36,6 +37,31 @@ enum Command {
         /// Data directory, overriding server.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Make a local HTTP daemon reachable through a relay.
+    Agent {
+        /// Config file with an [agent] section.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Relay URL (http:// or https://).
+        #[arg(long)]
+        relay: Option<String>,
+        #[arg(long)]
+        daemon_id: Option<String>,
+        /// The daemon key (prefer --key-file or SYNCRELAY_AGENT_KEY: flags show in `ps`).
+        #[arg(long, env = "SYNCRELAY_AGENT_KEY", hide_env_values = true)]
+        key: Option<String>,
+        #[arg(long, conflicts_with = "key")]
+        key_file: Option<PathBuf>,
+        /// The URL standing for the daemon's /api/v1 (default http://127.0.0.1:7777/api/v1).
+        #[arg(long)]
+        target: Option<String>,
+        /// The daemon's SSE path relative to the target (default stream/events; "" disables).
+        #[arg(long)]
+        events: Option<String>,
+        /// Where the outbox and recent results live (default ./agent-state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Manage API keys on a running relay.
     Keys {
@@ -130,6 +156,39 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             init_tracing(config.server.log_format);
             serve(config).await
+        }
+        Command::Agent {
+            config,
+            relay,
+            daemon_id,
+            key,
+            key_file,
+            target,
+            events,
+            state_dir,
+        } => {
+            let mut raw = match &config {
+                Some(path) => RawAgent::from_file(path)?,
+                None => RawAgent::default(),
+            };
+            let origin =
+                config.map_or_else(|| "command line".to_owned(), |p| p.display().to_string());
+            raw.relay = relay.or(raw.relay);
+            raw.daemon_id = daemon_id.or(raw.daemon_id);
+            if key.is_some() || key_file.is_some() {
+                raw.key = key;
+                raw.key_file = key_file;
+            }
+            raw.target = target.or(raw.target);
+            raw.events = events.or(raw.events);
+            raw.state_dir = state_dir.or(raw.state_dir);
+            let config = raw.validate(&origin)?;
+            init_tracing(LogFormat::Text);
+            tracing::info!(relay = %config.relay, daemon_id = %config.daemon_id, target = %config.target, "agent starting");
+            Agent::for_http_target(config)?
+                .run(shutdown_signal())
+                .await?;
+            Ok(())
         }
         Command::Keys { target, action } => {
             let client = admin_client(&target)?;

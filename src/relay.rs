@@ -38,6 +38,14 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Cancelled when shutdown begins: waiting polls and streams answer at once.
     pub shutdown: CancellationToken,
+    pub metrics: Metrics,
+}
+
+/// Counters exposed at `/metrics` (Prometheus text format).
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_accepted: std::sync::atomic::AtomicU64,
+    pub connections_open: std::sync::atomic::AtomicI64,
 }
 
 impl App {
@@ -61,6 +69,7 @@ pub async fn run(
         store: store.clone(),
         hub: Arc::new(Hub::default()),
         shutdown: CancellationToken::new(),
+        metrics: Metrics::default(),
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
     server::serve(listener, app.clone(), shutdown).await;

@@ -15,6 +15,7 @@
 //! across synchronous sled calls (never across `.await`), and multi-tree changes use sled
 //! transactions so a crash never leaves half of one.
 
+mod agent_state;
 mod changes;
 mod codec;
 mod commands;
@@ -31,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use agent_state::{AgentStore, OutboxEvent, StoredResult};
 pub use changes::{ChangeEntry, NewChange};
 pub use commands::{
     CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch, NewCommand,

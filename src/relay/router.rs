@@ -37,6 +37,10 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
                 &serde_json::json!({ "status": "ok" }),
             ))
         }
+        ["metrics"] => {
+            only(&method, &[Method::GET], "GET")?;
+            Ok(metrics(app))
+        }
         ["readyz"] => {
             only(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
             app.store.commit().await?;
@@ -134,6 +138,35 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
         }
         _ => Err(ApiError::not_found(format!("no route {path}"))),
     }
+}
+
+/// `/metrics`: counters only, no ids or keys, so it needs no credentials.
+fn metrics(app: &App) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = app.store.commit_stats();
+    let text = format!(
+        "# TYPE syncrelay_connections_accepted_total counter\n\
+         syncrelay_connections_accepted_total {}\n\
+         # TYPE syncrelay_connections_open gauge\n\
+         syncrelay_connections_open {}\n\
+         # TYPE syncrelay_polls_waiting gauge\n\
+         syncrelay_polls_waiting {}\n\
+         # TYPE syncrelay_store_flushes_total counter\n\
+         syncrelay_store_flushes_total {}\n\
+         # TYPE syncrelay_store_commits_total counter\n\
+         syncrelay_store_commits_total {}\n",
+        app.metrics.connections_accepted.load(Relaxed),
+        app.metrics.connections_open.load(Relaxed),
+        app.hub.polls_waiting(),
+        stats.flushes,
+        stats.commits,
+    );
+    let mut response = Response::new(super::http::full(text));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 /// `.` or `..`, also percent-encoded: forwarded, it would step outside the daemon's API.

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        app.metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         let conn_app = app.clone();
         let service = service_fn(move |request| {
             let app = conn_app.clone();
@@ -60,10 +65,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let conn_app = app.clone();
         connections.spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
+            conn_app
+                .metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(listener);

@@ -4,6 +4,8 @@
 //! without fixed sleeps.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -147,6 +149,27 @@ impl Client {
 
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.request(reqwest::Method::POST, path)
+    }
+
+    /// Awaits the relay reporting the daemon online (bounded by 10 s).
+    pub async fn await_online(&self, daemon_id: &str) {
+        let client = self.clone();
+        let path = format!("/api/v1/daemons/{daemon_id}");
+        eventually(Duration::from_secs(10), || {
+            let (client, path) = (client.clone(), path.clone());
+            async move {
+                let body: Value = client
+                    .get(&path)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                body["online"] == true
+            }
+        })
+        .await;
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -368,6 +391,123 @@ impl RelayProcess {
 }
 
 impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An agent run in-process through the library, for a daemon at `target`.
+pub struct TestAgent {
+    pub state_dir: tempfile::TempDir,
+    stop_tx: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), syncrelay::agent::AgentError>>>,
+}
+
+impl TestAgent {
+    /// Starts an agent; `extra` sets further `[agent]` fields (e.g. `concurrency`).
+    pub fn start(
+        relay_url: &str,
+        daemon_id: &str,
+        key: &str,
+        target: &str,
+        extra: syncrelay::agent::RawAgent,
+    ) -> TestAgent {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(state_dir, relay_url, daemon_id, key, target, extra)
+    }
+
+    pub fn start_in(
+        state_dir: tempfile::TempDir,
+        relay_url: &str,
+        daemon_id: &str,
+        key: &str,
+        target: &str,
+        extra: syncrelay::agent::RawAgent,
+    ) -> TestAgent {
+        let raw = syncrelay::agent::RawAgent {
+            relay: Some(relay_url.to_owned()),
+            daemon_id: Some(daemon_id.to_owned()),
+            key: Some(key.to_owned()),
+            target: Some(target.to_owned()),
+            state_dir: Some(state_dir.path().to_owned()),
+            ..extra
+        };
+        let config = raw.validate("test agent").expect("agent config");
+        let agent = syncrelay::agent::Agent::for_http_target(config).expect("agent");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(agent.run(async move {
+            let _ = stop_rx.await;
+        }));
+        TestAgent {
+            state_dir,
+            stop_tx: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the agent and returns its state dir.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop_tx.take().map(|tx| tx.send(()));
+        if let Some(task) = self.task.take() {
+            task.await.expect("agent task").expect("agent run");
+        }
+        std::mem::replace(&mut self.state_dir, tempfile::tempdir().unwrap())
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop_tx.take().map(|tx| tx.send(()));
+    }
+}
+
+/// `syncrelay agent` as a child process, for crash tests.
+pub struct AgentProcess {
+    pub child: Child,
+}
+
+impl AgentProcess {
+    pub fn spawn(
+        relay_url: &str,
+        daemon_id: &str,
+        key: &str,
+        target: &str,
+        state_dir: &Path,
+    ) -> AgentProcess {
+        let key_file = state_dir.with_extension("key");
+        std::fs::write(&key_file, key).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .args([
+                "agent",
+                "--relay",
+                relay_url,
+                "--daemon-id",
+                daemon_id,
+                "--target",
+                target,
+            ])
+            .arg("--key-file")
+            .arg(&key_file)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("SYNCRELAY_AGENT_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn syncrelay agent");
+        AgentProcess { child }
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,468 @@
+//! The agent: the daemon's half of the sync protocol, for a daemon that does not speak it
+//! itself. `syncrelay agent` runs it next to a local HTTP daemon; a Rust daemon can embed
+//! it as a library with its own [`CommandHandler`] and publish its events through
+//! [`EventPublisher`].
+//!
+//! One session per relay connection, three loops sharing one HTTP/2 connection:
+//! - downlink: a long poll that brings commands the moment they are queued;
+//! - uplink: uploads the durable outbox (daemon events) and drops what the relay's
+//!   `last_update_seq` acknowledges;
+//! - results: posts finished results until the relay accepts them.
+//!
+//! Commands run concurrently up to `concurrency`. A redelivered command (same id) is never
+//! executed twice: its stored result is sent again. A session that fails for a transient
+//! reason (relay down or restarting, network gone, 5xx, superseded) is replaced after an
+//! exponential backoff with jitter; only a rejected key stops the agent.
+
+mod backoff;
+pub mod config;
+mod events;
+pub mod handler;
+mod link;
+mod status;
+pub mod target;
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, RawAgent};
+pub use handler::{Command, CommandHandler, Outcome, StreamReply};
+pub use target::HttpTarget;
+
+use backoff::Backoff;
+use link::{LinkError, RelayLink, WireCommand};
+use status::StatusLog;
+
+use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
+
+/// Updates uploaded per poll (the relay accepts up to 1000 by default).
+const UPLOAD_BATCH: usize = 100;
+/// Results posted per request.
+const RESULTS_BATCH: usize = 100;
+/// How often old results are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Rejected(String),
+    #[error("invalid agent setup: {0}")]
+    Setup(String),
+    #[error("agent state: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Adds events to the outbox, for daemons that embed the agent.
+#[derive(Clone)]
+pub struct EventPublisher {
+    store: Arc<AgentStore>,
+    outbox_tx: watch::Sender<u64>,
+}
+
+impl EventPublisher {
+    /// Stores the events durably; they reach the relay in this order, exactly once.
+    pub async fn publish(&self, events: &[OutboxEvent]) -> Result<(), AgentError> {
+        let seq = self.store.append_events(events, None)?;
+        self.store.commit().await?;
+        self.outbox_tx.send_replace(seq);
+        Ok(())
+    }
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    shared: Arc<Shared>,
+}
+
+/// What the loops share.
+struct Shared {
+    config: AgentConfig,
+    store: Arc<AgentStore>,
+    link: RelayLink,
+    handler: Arc<dyn CommandHandler>,
+    status: Arc<StatusLog>,
+    outbox_tx: watch::Sender<u64>,
+    permits: Arc<Semaphore>,
+    /// Commands being executed now. Guards only the set.
+    running: Mutex<HashSet<String>>,
+    /// Ids of results not yet accepted by the relay, oldest first. Guards only the queue.
+    unsent: Mutex<VecDeque<String>>,
+    results_ready: Notify,
+}
+
+impl Agent {
+    /// An agent that executes commands with `handler`.
+    pub fn new(config: AgentConfig, handler: Arc<dyn CommandHandler>) -> Result<Agent, AgentError> {
+        let store = Arc::new(AgentStore::open(&config.state_dir)?);
+        let link = RelayLink::new(&config).map_err(AgentError::Setup)?;
+        let unsent = store
+            .undelivered_results()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let shared = Arc::new(Shared {
+            store,
+            link,
+            handler,
+            status: Arc::new(StatusLog::default()),
+            outbox_tx: watch::Sender::new(0),
+            permits: Arc::new(Semaphore::new(config.concurrency)),
+            running: Mutex::new(HashSet::new()),
+            unsent: Mutex::new(unsent),
+            results_ready: Notify::new(),
+            config: config.clone(),
+        });
+        Ok(Agent { config, shared })
+    }
+
+    /// An agent for a local HTTP daemon at `config.target`, as `syncrelay agent` runs.
+    pub fn for_http_target(config: AgentConfig) -> Result<Agent, AgentError> {
+        let handler = Arc::new(HttpTarget::new(&config));
+        Agent::new(config, handler)
+    }
+
+    pub fn publisher(&self) -> EventPublisher {
+        EventPublisher {
+            store: self.shared.store.clone(),
+            outbox_tx: self.shared.outbox_tx.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` resolves (Ok) or the relay rejects the key (Err).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let token = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(events) = &self.config.events {
+            let url = self
+                .config
+                .target
+                .join(&format!(
+                    "{}/",
+                    self.config.target.path().trim_end_matches('/')
+                ))
+                .and_then(|base| base.join(events))
+                .map_err(|err| AgentError::Setup(format!("events path: {err}")))?;
+            let watcher = events::EventWatcher {
+                url,
+                store: self.shared.store.clone(),
+                outbox_tx: self.shared.outbox_tx.clone(),
+                status: self.shared.status.clone(),
+            };
+            tasks.spawn(watcher.run(token.clone()));
+        }
+        tasks.spawn(prune_results(self.shared.clone(), token.clone()));
+        let outcome = tokio::select! {
+            outcome = self.shared.clone().sessions() => Err(outcome),
+            _ = shutdown => Ok(()),
+        };
+        token.cancel();
+        while tasks.join_next().await.is_some() {}
+        self.shared.store.close()?;
+        outcome
+    }
+}
+
+impl Shared {
+    /// Session after session until the relay rejects the key.
+    async fn sessions(self: Arc<Self>) -> AgentError {
+        let mut backoff = Backoff::new();
+        loop {
+            let err = self.clone().session(&mut backoff).await;
+            match err {
+                LinkError::Rejected(message) => {
+                    self.status
+                        .set("relay", &format!("rejected by the relay: {message}"));
+                    return AgentError::Rejected(message);
+                }
+                LinkError::Superseded => self.status.set(
+                    "relay",
+                    "superseded: another connection for this daemon id took over",
+                ),
+                LinkError::Transient(message) => self
+                    .status
+                    .set("relay", &format!("disconnected: {message}")),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn session(self: Arc<Self>, backoff: &mut Backoff) -> LinkError {
+        let hello = match self.link.connect().await {
+            Ok(hello) => hello,
+            Err(err) => return err,
+        };
+        backoff.reset();
+        if let Err(err) = self.store.acknowledge(hello.last_update_seq) {
+            return LinkError::Transient(format!("agent state: {err}"));
+        }
+        self.status
+            .set("relay", &format!("connected to {}", self.config.relay));
+        let poll_timeout = self
+            .config
+            .poll_timeout
+            .min(Duration::from_secs(hello.poll_timeout_max.max(1)));
+        let connection_id = hello.connection_id;
+        tokio::select! {
+            err = self.clone().downlink(&connection_id, poll_timeout) => err,
+            err = self.clone().uplink(&connection_id) => err,
+            err = self.clone().post_results() => err,
+        }
+    }
+
+    /// Long polls for commands.
+    async fn downlink(self: Arc<Self>, connection_id: &str, timeout: Duration) -> LinkError {
+        loop {
+            match self
+                .link
+                .poll(connection_id, Vec::new(), true, timeout)
+                .await
+            {
+                Ok(reply) => self.dispatch(reply.commands),
+                Err(err) => return err,
+            }
+        }
+    }
+
+    /// Uploads the outbox whenever it holds unacknowledged events.
+    async fn uplink(self: Arc<Self>, connection_id: &str) -> LinkError {
+        let mut outbox_rx = self.outbox_tx.subscribe();
+        loop {
+            let pending = match self.store.pending(UPLOAD_BATCH) {
+                Ok(pending) => pending,
+                Err(err) => return LinkError::Transient(format!("agent state: {err}")),
+            };
+            if pending.is_empty() {
+                if outbox_rx.changed().await.is_err() {
+                    return LinkError::Transient("outbox closed".into());
+                }
+                continue;
+            }
+            let updates = pending
+                .into_iter()
+                .map(|(seq, event)| {
+                    let data: Value = serde_json::from_str(&event.data_json).unwrap_or(Value::Null);
+                    json!({ "type": event.kind, "data": data, "timestamp": event.timestamp, "seq": seq })
+                })
+                .collect();
+            match self
+                .link
+                .poll(connection_id, updates, false, Duration::ZERO)
+                .await
+            {
+                Ok(reply) => {
+                    if let Err(err) = self.store.acknowledge(reply.last_update_seq) {
+                        return LinkError::Transient(format!("agent state: {err}"));
+                    }
+                    self.dispatch(reply.commands);
+                }
+                Err(err) => return err,
+            }
+        }
+    }
+
+    /// Starts each command, unless it runs already or has a result (then resends it).
+    fn dispatch(self: &Arc<Self>, commands: Vec<WireCommand>) {
+        for command in commands {
+            if self.lock_running().contains(&command.id) {
+                continue;
+            }
+            match self.store.result(&command.id) {
+                Ok(Some(_)) => {
+                    // Redelivered: the relay lacks our result. Send it again.
+                    self.queue_result(command.id);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "agent state unreadable; executing anyway")
+                }
+            }
+            self.lock_running().insert(command.id.clone());
+            let shared = self.clone();
+            tokio::spawn(async move {
+                let Ok(_permit) = shared.permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let id = command.id.clone();
+                let outcome = shared
+                    .handler
+                    .handle(Command {
+                        id: command.id,
+                        method: command.method,
+                        params: command.params,
+                        stream: command.stream,
+                    })
+                    .await;
+                shared.finish(&id, outcome).await;
+                shared.lock_running().remove(&id);
+            });
+        }
+    }
+
+    /// Stores a command's outcome and hands it to the results loop; streams are posted
+    /// chunk by chunk here.
+    async fn finish(&self, command_id: &str, outcome: Outcome) {
+        let (result_json, error_json) = match outcome {
+            Outcome::Result(value) => (Some(value.to_string()), None),
+            Outcome::Error { code, message } => (
+                None,
+                Some(json!({ "code": code, "message": message }).to_string()),
+            ),
+            Outcome::Stream(reply) => {
+                self.post_stream(command_id, reply).await;
+                return;
+            }
+        };
+        let stored = StoredResult {
+            result_json,
+            error_json,
+            finished_at_ms: now_ms(),
+            delivered: false,
+        };
+        if let Err(err) = self.store.put_result(command_id, &stored) {
+            tracing::warn!(error = %err, "cannot keep a result in the agent state");
+        }
+        self.queue_result(command_id.to_owned());
+    }
+
+    fn queue_result(&self, command_id: String) {
+        let mut unsent = self.lock_unsent();
+        if !unsent.contains(&command_id) {
+            unsent.push_back(command_id);
+        }
+        drop(unsent);
+        self.results_ready.notify_one();
+    }
+
+    /// Posts stored results until the relay has taken each (accepted, or unknown to it).
+    async fn post_results(self: Arc<Self>) -> LinkError {
+        loop {
+            let batch: Vec<String> = {
+                let unsent = self.lock_unsent();
+                unsent.iter().take(RESULTS_BATCH).cloned().collect()
+            };
+            if batch.is_empty() {
+                self.results_ready.notified().await;
+                continue;
+            }
+            let mut entries = Vec::with_capacity(batch.len());
+            // Ids whose result is gone (pruned) have nothing left to send.
+            let mut done = HashSet::new();
+            for id in &batch {
+                match self.store.result(id) {
+                    Ok(Some(stored)) => entries.push(result_entry(id, &stored)),
+                    _ => {
+                        done.insert(id.clone());
+                    }
+                }
+            }
+            if !entries.is_empty() {
+                match self.link.results(entries).await {
+                    Ok(reply) => done.extend(reply.accepted.into_iter().chain(reply.unknown)),
+                    Err(err) => return err,
+                }
+            }
+            for id in &done {
+                if let Ok(Some(mut stored)) = self.store.result(id) {
+                    stored.delivered = true;
+                    let _ = self.store.put_result(id, &stored);
+                }
+            }
+            self.lock_unsent().retain(|id| !done.contains(id));
+        }
+    }
+
+    /// Posts a streamed response as chunks, each piece as soon as it is read (at most
+    /// `chunk_bytes`), status and headers with chunk 0, and a last empty chunk with
+    /// `complete: true` (and the error, when the body failed part-way). Memory stays
+    /// bounded by one piece. A chunk that fails to post is retried (the relay ignores
+    /// duplicates); an `unknown` answer ends the stream.
+    async fn post_stream(&self, command_id: &str, reply: StreamReply) {
+        let mut body = reply.body;
+        let mut head = Some((reply.status, reply.headers));
+        let mut leftover: Option<bytes::Bytes> = None;
+        let limit = self.config.chunk_bytes;
+        for index in 0i64.. {
+            let next = match leftover.take() {
+                Some(bytes) => Some(Ok(bytes)),
+                None => body.next().await,
+            };
+            let (piece, error, complete) = match next {
+                Some(Ok(mut bytes)) => {
+                    if bytes.len() > limit {
+                        leftover = Some(bytes.split_off(limit));
+                    }
+                    (bytes, None, false)
+                }
+                Some(Err(message)) => (bytes::Bytes::new(), Some(message), true),
+                None => (bytes::Bytes::new(), None, true),
+            };
+            let mut entry = json!({ "command_id": command_id, "chunk": index });
+            if let Some((status, headers)) = head.take() {
+                entry["status"] = json!(status);
+                entry["headers"] = Value::Object(headers);
+            }
+            match std::str::from_utf8(&piece) {
+                Ok(text) => entry["data"] = Value::String(text.to_owned()),
+                Err(_) => {
+                    entry["data_base64"] =
+                        Value::String(base64::engine::general_purpose::STANDARD.encode(&piece))
+                }
+            }
+            if let Some(message) = error {
+                entry["error"] = json!({ "code": "target_error", "message": message });
+            }
+            entry["complete"] = Value::Bool(complete);
+            let mut backoff = Backoff::new();
+            loop {
+                match self.link.results(vec![entry.clone()]).await {
+                    Ok(reply) if reply.unknown.iter().any(|id| id == command_id) => return,
+                    Ok(_) => break,
+                    Err(LinkError::Rejected(_)) => return,
+                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+                }
+            }
+            if complete {
+                return;
+            }
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_unsent(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+        self.unsent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn result_entry(command_id: &str, stored: &StoredResult) -> Value {
+    let parse = |text: &Option<String>| {
+        text.as_deref()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .unwrap_or(Value::Null)
+    };
+    json!({ "command_id": command_id, "result": parse(&stored.result_json), "error": parse(&stored.error_json) })
+}
+
+async fn prune_results(shared: Arc<Shared>, token: CancellationToken) {
+    let max_age = shared.config.results_max_age.as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            _ = token.cancelled() => return,
+        }
+        if let Err(err) = shared.store.prune_results(now_ms().saturating_sub(max_age)) {
+            tracing::warn!(error = %err, "pruning old results failed");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The agent's configuration: the `[agent]` section of a TOML file (other sections belong
+//! to `syncrelay serve` and are ignored here), overridden by CLI flags, validated into an
+//! [`AgentConfig`]. Every bad key is reported by name; the key itself never is.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::valid_daemon_id;
+
+/// The daemon key; `Debug` prints `MASKED`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+/// A named method's local request: `GET /api/v1/approvals/{approval_id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodRoute {
+    pub method: String,
+    /// Path as the daemon serves it, with `{param}` placeholders filled from the params.
+    pub path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Base URL of the relay (`http://` uses h2c prior knowledge, `https://` ALPN).
+    pub relay: reqwest::Url,
+    pub daemon_id: String,
+    pub key: Secret,
+    /// The URL that stands for the daemon's `/api/v1`.
+    pub target: reqwest::Url,
+    /// The daemon's SSE path relative to `target`; `None` disables event watching.
+    pub events: Option<String>,
+    pub state_dir: PathBuf,
+    /// PEM file of a CA to trust for an `https://` relay with a private certificate.
+    pub relay_ca: Option<PathBuf>,
+    pub methods: BTreeMap<String, MethodRoute>,
+    /// Commands executed at once.
+    pub concurrency: usize,
+    /// Longest a local request may take before the result is a `timeout` error.
+    pub request_timeout: Duration,
+    /// `timeout` asked of each long poll.
+    pub poll_timeout: Duration,
+    /// Results kept for answering redelivered commands.
+    pub results_max_age: Duration,
+    /// Largest piece of a streamed response posted as one chunk.
+    pub chunk_bytes: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub relay: Option<String>,
+    pub daemon_id: Option<String>,
+    pub key: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub target: Option<String>,
+    pub events: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub relay_ca: Option<PathBuf>,
+    pub concurrency: Option<usize>,
+    pub request_timeout: Option<String>,
+    pub poll_timeout: Option<String>,
+    pub results_max_age: Option<String>,
+    pub chunk_bytes: Option<usize>,
+    #[serde(default)]
+    pub methods: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawFile {
+    #[serde(default)]
+    agent: Option<toml::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {}", .problems.join("; "))]
+pub struct AgentConfigError {
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+impl RawAgent {
+    /// The `[agent]` section of a config file (empty when the file has none).
+    pub fn from_file(path: &Path) -> Result<RawAgent, AgentConfigError> {
+        let fail = |message: String| AgentConfigError {
+            origin: path.display().to_string(),
+            problems: vec![message],
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|err| fail(format!("cannot read: {err}")))?;
+        let file: RawFile = toml::from_str(&text).map_err(|err| fail(err.message().to_owned()))?;
+        match file.agent {
+            None => Ok(RawAgent::default()),
+            Some(value) => value
+                .try_into()
+                .map_err(|err: toml::de::Error| fail(format!("[agent]: {}", err.message()))),
+        }
+    }
+
+    /// Validates into an [`AgentConfig`]; `origin` names the file (or "command line").
+    pub fn validate(self, origin: &str) -> Result<AgentConfig, AgentConfigError> {
+        let mut problems = Vec::new();
+        let mut url =
+            |key: &str, value: Option<&str>, default: Option<&str>| -> Option<reqwest::Url> {
+                let Some(text) = value.or(default) else {
+                    problems.push(format!("agent.{key} is required"));
+                    return None;
+                };
+                match reqwest::Url::parse(text) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+                    _ => {
+                        problems.push(format!("agent.{key} = {text:?} is not an http(s) URL"));
+                        None
+                    }
+                }
+            };
+        let relay = url("relay", self.relay.as_deref(), None);
+        let target = url(
+            "target",
+            self.target.as_deref(),
+            Some("http://127.0.0.1:7777/api/v1"),
+        );
+        let daemon_id = self.daemon_id.unwrap_or_default();
+        if !valid_daemon_id(&daemon_id) {
+            problems.push("agent.daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into());
+        }
+        let key = match (self.key, self.key_file) {
+            (Some(key), None) => Some(key),
+            (None, Some(file)) => match std::fs::read_to_string(&file) {
+                Ok(text) => Some(text.trim().to_owned()),
+                Err(err) => {
+                    problems.push(format!("agent.key_file {}: {err}", file.display()));
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                problems.push("agent.key and agent.key_file are exclusive".into());
+                None
+            }
+            (None, None) => {
+                problems.push("agent.key or agent.key_file is required".into());
+                None
+            }
+        };
+        let mut duration = |key: &str, value: Option<String>, default: &str| -> Duration {
+            let text = value.unwrap_or_else(|| default.to_owned());
+            humantime::parse_duration(&text).unwrap_or_else(|_| {
+                problems.push(format!(
+                    "agent.{key} = {text:?} is not a duration like \"30s\""
+                ));
+                Duration::from_secs(1)
+            })
+        };
+        let request_timeout = duration("request_timeout", self.request_timeout, "60s");
+        let poll_timeout = duration("poll_timeout", self.poll_timeout, "30s");
+        let results_max_age = duration("results_max_age", self.results_max_age, "24h");
+        let mut methods = BTreeMap::new();
+        for (name, route) in self.methods {
+            match route.split_once(' ') {
+                Some((verb, path)) if path.starts_with('/') && !verb.is_empty() => {
+                    methods.insert(
+                        name,
+                        MethodRoute {
+                            method: verb.to_ascii_uppercase(),
+                            path: path.trim().to_owned(),
+                        },
+                    );
+                }
+                _ => problems.push(format!(
+                    "agent.methods.{name} = {route:?} must look like \"GET /api/v1/approvals/{{approval_id}}\""
+                )),
+            }
+        }
+        let concurrency = self.concurrency.unwrap_or(16);
+        if concurrency == 0 {
+            problems.push("agent.concurrency must be greater than 0".into());
+        }
+        let chunk_bytes = self.chunk_bytes.unwrap_or(64 * 1024);
+        if chunk_bytes == 0 {
+            problems.push("agent.chunk_bytes must be greater than 0".into());
+        }
+        let events = match self.events {
+            None => Some("stream/events".to_owned()),
+            Some(path) if path.trim().is_empty() => None,
+            Some(path) => Some(path.trim_start_matches('/').to_owned()),
+        };
+        match (relay, target, key) {
+            (Some(relay), Some(target), Some(key)) if problems.is_empty() => Ok(AgentConfig {
+                relay,
+                daemon_id,
+                key: Secret(key),
+                target,
+                events,
+                state_dir: self
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from("./agent-state")),
+                relay_ca: self.relay_ca,
+                methods,
+                concurrency,
+                request_timeout,
+                poll_timeout,
+                results_max_age,
+                chunk_bytes,
+            }),
+            _ => Err(AgentConfigError {
+                origin: origin.to_owned(),
+                problems,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_problems() {
+        let raw = RawAgent {
+            relay: Some("http://127.0.0.1:8080".into()),
+            daemon_id: Some("laptop".into()),
+            key: Some("srk_x_y".into()),
+            ..RawAgent::default()
+        };
+        let config = raw.validate("test").unwrap();
+        assert_eq!(config.target.as_str(), "http://127.0.0.1:7777/api/v1");
+        assert_eq!(config.events.as_deref(), Some("stream/events"));
+        assert_eq!(format!("{:?}", config.key), "MASKED");
+
+        let raw = RawAgent {
+            relay: Some("ftp://x".into()),
+            daemon_id: Some("a/b".into()),
+            methods: [("getApproval".to_owned(), "nonsense".to_owned())].into(),
+            ..RawAgent::default()
+        };
+        let err = raw.validate("agent.toml").unwrap_err().to_string();
+        for key in [
+            "agent.relay",
+            "agent.daemon_id",
+            "agent.key",
+            "agent.methods.getApproval",
+            "agent.toml",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The agent's side of the sync protocol: one HTTP/2 client to the relay (prior knowledge
+//! for `http://`, ALPN for `https://`) that carries the long poll, update uploads and
+//! result posts concurrently over one connection. Failures are classified so the agent
+//! knows whether to retry (`Transient`), reconnect (`Superseded`) or stop (`Rejected`).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::config::AgentConfig;
+
+/// Slack on top of a poll's own timeout before the HTTP request gives up.
+const POLL_SLACK: Duration = Duration::from_secs(15);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The relay refused the key (401/403): retrying cannot help.
+    #[error("the relay rejected this agent: {0}")]
+    Rejected(String),
+    /// Another connect for this daemon replaced ours.
+    #[error("superseded by a newer connection")]
+    Superseded,
+    /// The relay is unreachable, restarting or overloaded: try again later.
+    #[error("{0}")]
+    Transient(String),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Hello {
+    pub connection_id: String,
+    pub poll_timeout_max: u64,
+    pub last_update_seq: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireCommand {
+    pub id: String,
+    pub method: String,
+    #[serde(default)]
+    pub params: Value,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PollReply {
+    pub commands: Vec<WireCommand>,
+    pub last_update_seq: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResultsReply {
+    pub accepted: Vec<String>,
+    pub unknown: Vec<String>,
+}
+
+pub struct RelayLink {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    daemon_id: String,
+    key: String,
+}
+
+impl RelayLink {
+    pub fn new(config: &AgentConfig) -> Result<RelayLink, String> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
+            .pool_max_idle_per_host(1);
+        if config.relay.scheme() == "http" {
+            builder = builder.http2_prior_knowledge();
+        }
+        if let Some(path) = &config.relay_ca {
+            let pem =
+                std::fs::read(path).map_err(|err| format!("relay_ca {}: {err}", path.display()))?;
+            let certificate = reqwest::Certificate::from_pem(&pem)
+                .map_err(|err| format!("relay_ca {}: {err}", path.display()))?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        Ok(RelayLink {
+            http: builder.build().map_err(|err| err.to_string())?,
+            base: config.relay.clone(),
+            daemon_id: config.daemon_id.clone(),
+            key: config.key.0.clone(),
+        })
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        route: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<T, LinkError> {
+        let url = self
+            .base
+            .join(route)
+            .map_err(|err| LinkError::Transient(err.to_string()))?;
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(&self.key)
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|err| {
+                LinkError::Transient(format!("relay unreachable: {}", root_cause(&err)))
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return response.json().await.map_err(|err| {
+                LinkError::Transient(format!("unreadable answer from the relay: {err}"))
+            });
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+        let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
+        match status.as_u16() {
+            401 | 403 => Err(LinkError::Rejected(format!("{status} {code}: {message}"))),
+            409 if code == "superseded" => Err(LinkError::Superseded),
+            _ => Err(LinkError::Transient(format!(
+                "relay answered {status} {code}: {message}"
+            ))),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Hello, LinkError> {
+        let body = json!({
+            "daemon_id": self.daemon_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "capabilities": ["http", "streaming", "events"],
+        });
+        self.post("sync/connect", &body, REQUEST_TIMEOUT).await
+    }
+
+    /// One poll: uploads `updates` and, with `wait`, holds until a command is queued or
+    /// `timeout` passes.
+    pub async fn poll(
+        &self,
+        connection_id: &str,
+        updates: Vec<Value>,
+        wait: bool,
+        timeout: Duration,
+    ) -> Result<PollReply, LinkError> {
+        let body = json!({
+            "daemon_id": self.daemon_id,
+            "connection_id": connection_id,
+            "updates": updates,
+            "wait_for_commands": wait,
+            "timeout": timeout.as_secs_f64(),
+        });
+        self.post("sync/poll", &body, timeout + POLL_SLACK).await
+    }
+
+    /// Posts result (or chunk) entries.
+    pub async fn results(&self, entries: Vec<Value>) -> Result<ResultsReply, LinkError> {
+        let body = json!({ "daemon_id": self.daemon_id, "results": entries });
+        self.post("sync/results", &body, REQUEST_TIMEOUT).await
+    }
+}
+
+/// The innermost error, which says what actually happened (refused, reset, …).
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}

@@ -1,0 +1,267 @@
+//! The agent's own durable state, in a sled database under its `state_dir` (separate from
+//! any relay's): the outbox of daemon events waiting for the relay's acknowledgement, the
+//! results of recent commands (so a redelivered command is answered again, not executed
+//! twice), and where the daemon's event stream was left off.
+//!
+//! Outbox entries get the agent's local `seq`, dense and increasing; the relay's
+//! `last_update_seq` acknowledges a prefix of them, which is then deleted.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionResult;
+use sled::Transactional;
+
+use super::{codec, commit, encoded, get_decoded, Result, StoreError};
+
+const NEXT_SEQ_KEY: &[u8] = b"next_seq";
+const ACKED_KEY: &[u8] = b"acked_seq";
+const EVENT_ID_KEY: &[u8] = b"last_event_id";
+
+/// A daemon event as the relay will receive it in `updates`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    pub kind: String,
+    /// RFC 3339, as the daemon sent it (or the agent's clock).
+    pub timestamp: Option<String>,
+    /// JSON text.
+    pub data_json: String,
+}
+
+/// A command's outcome as the agent keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredResult {
+    pub result_json: Option<String>,
+    pub error_json: Option<String>,
+    pub finished_at_ms: u64,
+    /// Whether the relay has accepted it (or said it no longer knows the command).
+    pub delivered: bool,
+}
+
+pub struct AgentStore {
+    db: sled::Db,
+    outbox: sled::Tree,
+    results: sled::Tree,
+    meta: sled::Tree,
+    committer: commit::GroupCommit,
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
+    Ok(get_decoded::<u64>(tree, key)?.unwrap_or(0))
+}
+
+impl AgentStore {
+    pub fn open(dir: &Path) -> Result<AgentStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
+        let db = sled::Config::new().path(dir.join("agent-db")).open()?;
+        Ok(AgentStore {
+            outbox: db.open_tree("outbox")?,
+            results: db.open_tree("results")?,
+            meta: db.open_tree("meta")?,
+            committer: commit::GroupCommit::start(db.clone()),
+            db,
+        })
+    }
+
+    /// Resolves once everything written before is on disk (group commit).
+    pub async fn commit(&self) -> Result<()> {
+        self.committer.commit().await
+    }
+
+    pub fn close(&self) -> Result<()> {
+        self.committer.stop();
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Appends events with the next local seqs, and records `last_event_id` (the daemon
+    /// stream's position) in the same atomic step, so a restart resumes the stream exactly
+    /// after what the outbox holds. Returns the last seq assigned.
+    pub fn append_events(
+        &self,
+        events: &[OutboxEvent],
+        last_event_id: Option<&str>,
+    ) -> Result<u64> {
+        let rows: Vec<Vec<u8>> = events.iter().map(encoded).collect();
+        let last = (&self.outbox, &self.meta).transaction(
+            |(outbox, meta)| -> ConflictableTransactionResult<u64, StoreError> {
+                let mut next = match meta.get(NEXT_SEQ_KEY)? {
+                    Some(bytes) => codec::decode::<u64>(&bytes)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?,
+                    None => 1,
+                };
+                for row in &rows {
+                    outbox.insert(&next.to_be_bytes(), row.as_slice())?;
+                    next += 1;
+                }
+                meta.insert(NEXT_SEQ_KEY, encoded(&next))?;
+                if let Some(id) = last_event_id {
+                    meta.insert(EVENT_ID_KEY, encoded(&id.to_owned()))?;
+                }
+                Ok(next - 1)
+            },
+        )?;
+        Ok(last)
+    }
+
+    /// The daemon stream's position recorded with the last append.
+    pub fn last_event_id(&self) -> Result<Option<String>> {
+        get_decoded(&self.meta, EVENT_ID_KEY)
+    }
+
+    /// Up to `limit` unacknowledged events, oldest first, with their seqs.
+    pub fn pending(&self, limit: usize) -> Result<Vec<(u64, OutboxEvent)>> {
+        let acked = read_u64(&self.meta, ACKED_KEY)?;
+        self.outbox
+            .range((acked + 1).to_be_bytes()..)
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item?;
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&key);
+                Ok((u64::from_be_bytes(seq), codec::decode(&value)?))
+            })
+            .collect()
+    }
+
+    /// The relay holds every update up to `seq`: drop them from the outbox. Also makes sure
+    /// later events get seqs above it (a fresh state dir must not reuse acknowledged seqs,
+    /// which the relay would drop as retries).
+    pub fn acknowledge(&self, seq: u64) -> Result<()> {
+        let acked = read_u64(&self.meta, ACKED_KEY)?;
+        if seq <= acked {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for item in self.outbox.range(..=seq.to_be_bytes()) {
+            let (key, _) = item?;
+            batch.remove(key);
+        }
+        self.outbox.apply_batch(batch)?;
+        self.meta
+            .transaction(|meta| -> ConflictableTransactionResult<(), StoreError> {
+                meta.insert(ACKED_KEY, encoded(&seq))?;
+                let next = match meta.get(NEXT_SEQ_KEY)? {
+                    Some(bytes) => codec::decode::<u64>(&bytes)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?,
+                    None => 1,
+                };
+                if next <= seq {
+                    meta.insert(NEXT_SEQ_KEY, encoded(&(seq + 1)))?;
+                }
+                Ok(())
+            })?;
+        Ok(())
+    }
+
+    pub fn acknowledged_seq(&self) -> Result<u64> {
+        read_u64(&self.meta, ACKED_KEY)
+    }
+
+    pub fn put_result(&self, command_id: &str, result: &StoredResult) -> Result<()> {
+        self.results
+            .insert(command_id.as_bytes(), encoded(result))?;
+        Ok(())
+    }
+
+    pub fn result(&self, command_id: &str) -> Result<Option<StoredResult>> {
+        get_decoded(&self.results, command_id.as_bytes())
+    }
+
+    /// Results the relay has not accepted yet, e.g. after a restart.
+    pub fn undelivered_results(&self) -> Result<Vec<(String, StoredResult)>> {
+        let mut out = Vec::new();
+        for item in self.results.iter() {
+            let (key, value) = item?;
+            let result: StoredResult = codec::decode(&value)?;
+            if !result.delivered {
+                out.push((String::from_utf8_lossy(&key).into_owned(), result));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets results finished before `cutoff_ms`; returns how many.
+    pub fn prune_results(&self, cutoff_ms: u64) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.results.iter() {
+            let (key, value) = item?;
+            let result: StoredResult = codec::decode(&value)?;
+            if result.delivered && result.finished_at_ms < cutoff_ms {
+                batch.remove(key);
+                removed += 1;
+            }
+        }
+        self.results.apply_batch(batch)?;
+        Ok(removed)
+    }
+}
+
+impl Drop for AgentStore {
+    fn drop(&mut self) {
+        self.committer.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u32) -> OutboxEvent {
+        OutboxEvent {
+            kind: "e".into(),
+            timestamp: None,
+            data_json: format!("{{\"n\":{n}}}"),
+        }
+    }
+
+    #[test]
+    fn outbox_assigns_dense_seqs_and_acknowledges_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store
+                .append_events(&[event(1), event(2)], Some("7"))
+                .unwrap(),
+            2
+        );
+        assert_eq!(store.append_events(&[event(3)], Some("8")).unwrap(), 3);
+        assert_eq!(store.last_event_id().unwrap().as_deref(), Some("8"));
+        store.acknowledge(2).unwrap();
+        let pending = store.pending(10).unwrap();
+        assert_eq!(pending, vec![(3, event(3))]);
+        drop(store);
+        let store = AgentStore::open(dir.path()).unwrap();
+        assert_eq!(store.pending(10).unwrap().len(), 1, "survives a reopen");
+        // The relay knows more than this state dir: new seqs start above it.
+        store.acknowledge(40).unwrap();
+        assert!(store.pending(10).unwrap().is_empty());
+        assert_eq!(store.append_events(&[event(4)], None).unwrap(), 41);
+    }
+
+    #[test]
+    fn results_are_kept_until_delivered_and_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path()).unwrap();
+        let mut result = StoredResult {
+            result_json: Some("1".into()),
+            error_json: None,
+            finished_at_ms: 10,
+            delivered: false,
+        };
+        store.put_result("a", &result).unwrap();
+        assert_eq!(store.undelivered_results().unwrap().len(), 1);
+        assert_eq!(
+            store.prune_results(100).unwrap(),
+            0,
+            "undelivered results stay"
+        );
+        result.delivered = true;
+        store.put_result("a", &result).unwrap();
+        assert!(store.undelivered_results().unwrap().is_empty());
+        assert_eq!(store.prune_results(100).unwrap(), 1);
+        assert!(store.result("a").unwrap().is_none());
+    }
+}

@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::{AgentConfig, RawAgent};
 pub use handler::{Command, CommandHandler, Outcome, StreamReply};
@@ -47,6 +48,8 @@ use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
 const UPLOAD_BATCH: usize = 100;
 /// Results posted per request.
 const RESULTS_BATCH: usize = 100;
+/// Longest wait for running commands at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often old results are forgotten.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -91,6 +94,10 @@ struct Shared {
     status: Arc<StatusLog>,
     outbox_tx: watch::Sender<u64>,
     permits: Arc<Semaphore>,
+    /// Every command task, so that none outlives `run` (and the store it writes to).
+    commands: TaskTracker,
+    /// Cancels command tasks still running when the shutdown grace is over.
+    abandon: CancellationToken,
     /// Commands being executed now. Guards only the set.
     running: Mutex<HashSet<String>>,
     /// Ids of results not yet accepted by the relay, oldest first. Guards only the queue.
@@ -115,6 +122,8 @@ impl Agent {
             status: Arc::new(StatusLog::default()),
             outbox_tx: watch::Sender::new(0),
             permits: Arc::new(Semaphore::new(config.concurrency)),
+            commands: TaskTracker::new(),
+            abandon: CancellationToken::new(),
             running: Mutex::new(HashSet::new()),
             unsent: Mutex::new(unsent),
             results_ready: Notify::new(),
@@ -165,6 +174,17 @@ impl Agent {
         };
         token.cancel();
         while tasks.join_next().await.is_some() {}
+        // Commands in flight may finish within the grace period; the rest are abandoned
+        // (the relay hands them out again: delivery is at-least-once).
+        self.shared.commands.close();
+        let grace = self.config.request_timeout.min(SHUTDOWN_GRACE);
+        if tokio::time::timeout(grace, self.shared.commands.wait())
+            .await
+            .is_err()
+        {
+            self.shared.abandon.cancel();
+            self.shared.commands.wait().await;
+        }
         self.shared.store.close()?;
         outcome
     }
@@ -287,21 +307,27 @@ impl Shared {
             }
             self.lock_running().insert(command.id.clone());
             let shared = self.clone();
-            tokio::spawn(async move {
-                let Ok(_permit) = shared.permits.clone().acquire_owned().await else {
-                    return;
-                };
+            self.commands.spawn(async move {
                 let id = command.id.clone();
-                let outcome = shared
-                    .handler
-                    .handle(Command {
-                        id: command.id,
-                        method: command.method,
-                        params: command.params,
-                        stream: command.stream,
-                    })
-                    .await;
-                shared.finish(&id, outcome).await;
+                let run = async {
+                    let Ok(_permit) = shared.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let outcome = shared
+                        .handler
+                        .handle(Command {
+                            id: command.id,
+                            method: command.method,
+                            params: command.params,
+                            stream: command.stream,
+                        })
+                        .await;
+                    shared.finish(&id, outcome).await;
+                };
+                tokio::select! {
+                    _ = run => {}
+                    _ = shared.abandon.cancelled() => {}
+                }
                 shared.lock_running().remove(&id);
             });
         }
@@ -327,7 +353,13 @@ impl Shared {
             finished_at_ms: now_ms(),
             delivered: false,
         };
-        if let Err(err) = self.store.put_result(command_id, &stored) {
+        // On disk before it is posted: should the agent die before the relay takes it, the
+        // restarted agent posts it again instead of executing the command a second time.
+        let kept = match self.store.put_result(command_id, &stored) {
+            Ok(()) => self.store.commit().await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = kept {
             tracing::warn!(error = %err, "cannot keep a result in the agent state");
         }
         self.queue_result(command_id.to_owned());

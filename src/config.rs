@@ -19,6 +19,22 @@ pub struct Config {
     pub changes: ChangesConfig,
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
+    pub streams: StreamsConfig,
+}
+
+/// Cache-and-serve streaming.
+#[derive(Debug, Clone)]
+pub struct StreamsConfig {
+    /// Path patterns under a daemon's `/api/v1/`, one glob (`*`) per segment.
+    pub paths: Vec<Vec<String>>,
+    /// A complete context older than this is fetched again.
+    pub context_ttl: Duration,
+    /// All contexts together; the oldest are evicted beyond it.
+    pub context_max_bytes: u64,
+    /// One context; a larger fetch fails.
+    pub context_max_size: u64,
+    /// One posted chunk.
+    pub max_chunk_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +143,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub retention: RawRetention,
+    #[serde(default)]
+    pub streams: RawStreams,
     /// Read by `syncrelay agent`; accepted here so one file can serve both.
     #[serde(default)]
     pub agent: Option<toml::Table>,
@@ -175,6 +193,16 @@ pub struct RawLimits {
     pub max_updates_per_poll: Option<usize>,
     pub max_results_per_post: Option<usize>,
     pub header_read_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStreams {
+    pub paths: Option<Vec<String>>,
+    pub context_ttl: Option<String>,
+    pub context_max_bytes: Option<u64>,
+    pub context_max_size: Option<u64>,
+    pub max_chunk_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -398,8 +426,50 @@ impl Config {
             retention.interval >= Duration::from_millis(10),
             "retention.interval must be at least 10ms",
         );
+        let mut paths = Vec::new();
+        for pattern in raw
+            .streams
+            .paths
+            .unwrap_or_else(|| vec!["approvals/*/context/stream".to_owned()])
+        {
+            let segments: Vec<String> = pattern
+                .trim_matches('/')
+                .split('/')
+                .map(str::to_owned)
+                .collect();
+            if segments
+                .iter()
+                .any(|s| s.is_empty() || s == "." || s == "..")
+            {
+                check.problems.push(format!(
+                    "streams.paths: {pattern:?} has an empty or dot segment"
+                ));
+            } else {
+                paths.push(segments);
+            }
+        }
+        let streams = StreamsConfig {
+            paths,
+            context_ttl: check.duration("streams.context_ttl", &raw.streams.context_ttl, "1h"),
+            context_max_bytes: check.positive(
+                "streams.context_max_bytes",
+                raw.streams.context_max_bytes,
+                1 << 30,
+            ),
+            context_max_size: check.positive(
+                "streams.context_max_size",
+                raw.streams.context_max_size,
+                256 << 20,
+            ),
+            max_chunk_bytes: check.positive(
+                "streams.max_chunk_bytes",
+                raw.streams.max_chunk_bytes,
+                1 << 20,
+            ),
+        };
         if check.problems.is_empty() {
             Ok(Config {
+                streams,
                 server,
                 sync,
                 commands,

@@ -86,8 +86,22 @@ pub struct ResultEntry {
     pub result: Option<Box<RawValue>>,
     #[serde(default)]
     pub error: Option<Box<RawValue>>,
+    /// Set for stream chunks: the chunk's index, from 0.
     #[serde(default)]
     pub chunk: Option<i64>,
+    /// Chunk 0: the daemon's status and headers.
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub headers: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The chunk's bytes as UTF-8 text, or as base64 in `data_base64`.
+    #[serde(default)]
+    pub data: Option<String>,
+    #[serde(default)]
+    pub data_base64: Option<String>,
+    /// The last chunk.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 #[derive(Debug, Serialize)]

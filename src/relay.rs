@@ -11,11 +11,13 @@ mod admin_api;
 pub mod auth;
 mod changes;
 mod client;
+mod framer;
 pub mod http;
 mod hub;
 mod mirror;
 mod router;
 mod server;
+mod streams;
 mod sync;
 
 use std::future::Future;
@@ -30,6 +32,10 @@ use http::ApiError;
 use hub::{DaemonSignals, Hub};
 
 pub type Response = ::http::Response<http::Body>;
+
+/// How long a replaced or evicted context's chunks stay readable for clients still
+/// replaying it.
+const CONTEXT_GARBAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What every handler shares.
 pub struct App {
@@ -97,7 +103,19 @@ async fn retention_loop(app: Arc<App>) {
             _ = app.shutdown.cancelled() => return,
         }
         let store = app.store.clone();
-        match tokio::task::spawn_blocking(move || store.sweep(&policy, now_ms())).await {
+        let streams = app.config.streams.clone();
+        let sweep = move || {
+            let now = now_ms();
+            let stats = store.sweep(&policy, now)?;
+            store.sweep_contexts(
+                streams.context_ttl.as_millis() as u64,
+                streams.context_max_bytes,
+                CONTEXT_GARBAGE_GRACE.as_millis() as u64,
+                now,
+            )?;
+            Ok::<_, crate::store::StoreError>(stats)
+        };
+        match tokio::task::spawn_blocking(sweep).await {
             Ok(Ok(stats)) if stats != Default::default() => {
                 tracing::debug!(?stats, "retention sweep");
             }

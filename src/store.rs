@@ -20,6 +20,7 @@ mod changes;
 mod codec;
 mod commands;
 mod commit;
+mod contexts;
 mod credentials;
 mod daemons;
 mod layout;
@@ -38,11 +39,14 @@ pub use commands::{
     CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch, NewCommand,
 };
 pub use commit::CommitStats;
+pub use contexts::{ChunkOutcome, ContextRecord, ContextRequest, ContextState, NewChunk, Opened};
 pub use credentials::{KeyRecord, Role};
 pub use daemons::DaemonRecord;
 pub use responses::CachedResponse;
 pub use retention::{RetentionPolicy, SweepStats};
 
+/// sled's page cache.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
 /// Number of stripes of the per-daemon mutation lock.
 const LOCK_STRIPES: usize = 64;
 
@@ -96,6 +100,11 @@ pub struct Store {
     idempotency: sled::Tree,
     responses: sled::Tree,
     credentials: sled::Tree,
+    contexts: sled::Tree,
+    context_index: sled::Tree,
+    context_commands: sled::Tree,
+    context_chunks: sled::Tree,
+    context_garbage: sled::Tree,
     committer: commit::GroupCommit,
     /// Serialises read-modify-write sequences on one daemon's records; guards no data of
     /// its own. Striped so memory does not grow with the number of daemons.
@@ -107,7 +116,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
-        let db = sled::Config::new().path(dir.join("db")).open()?;
+        // The page cache is capped so that RSS stays small on a small VPS whatever the
+        // size of the stored contexts.
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
         let meta = db.open_tree("meta")?;
         match meta.get(layout::FORMAT_KEY)? {
             None => {
@@ -132,6 +146,11 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             responses: db.open_tree("responses")?,
             credentials: db.open_tree("credentials")?,
+            contexts: db.open_tree("contexts")?,
+            context_index: db.open_tree("context_index")?,
+            context_commands: db.open_tree("context_commands")?,
+            context_chunks: db.open_tree("context_chunks")?,
+            context_garbage: db.open_tree("context_garbage")?,
             committer: commit::GroupCommit::start(db.clone()),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             db,

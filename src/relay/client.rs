@@ -82,7 +82,7 @@ pub async fn await_command(
     command_id: &str,
     wait: Duration,
 ) -> Result<Option<CommandRecord>, ApiError> {
-    let mut watch = app.hub.watch_command(command_id);
+    let mut watch = app.hub.commands.watch(command_id);
     let deadline = Instant::now() + wait;
     loop {
         let now = now_ms();

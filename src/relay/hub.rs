@@ -104,8 +104,10 @@ impl Drop for PollGuard {
 pub struct Hub {
     /// Guards only the map; never held across `.await`.
     daemons: Mutex<HashMap<String, Arc<DaemonSignals>>>,
-    /// Guards only the map; never held across `.await`.
-    commands: Mutex<HashMap<String, watch::Sender<()>>>,
+    /// Fired when a command's result is stored (key: command id).
+    pub commands: Arc<Signals>,
+    /// Fired when a context gets a chunk or ends (key: context id).
+    pub contexts: Arc<Signals>,
 }
 
 impl Hub {
@@ -151,65 +153,71 @@ impl Hub {
             .sum()
     }
 
-    /// Subscribes to the completion of a command. Subscribe, then read the store.
-    pub fn watch_command(self: &Arc<Self>, command_id: &str) -> CommandWatch {
+    fn lock_daemons(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<DaemonSignals>>> {
+        self.daemons.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Wake-ups by key. An entry lives while someone watches it, so memory follows the number
+/// of waiting requests, not of keys ever signalled.
+#[derive(Default)]
+pub struct Signals {
+    /// Guards only the map; never held across `.await`.
+    map: Mutex<HashMap<String, watch::Sender<()>>>,
+}
+
+impl Signals {
+    /// Subscribes to `key`. Subscribe, then read the store: no wake-up is missed.
+    pub fn watch(self: &Arc<Self>, key: &str) -> KeyWatch {
         let rx = self
-            .lock_commands()
-            .entry(command_id.to_owned())
+            .lock()
+            .entry(key.to_owned())
             .or_insert_with(|| watch::Sender::new(()))
             .subscribe();
-        CommandWatch {
-            hub: self.clone(),
-            command_id: command_id.to_owned(),
-            rx: Some(rx),
+        KeyWatch {
+            signals: self.clone(),
+            key: key.to_owned(),
+            rx,
         }
     }
 
-    /// Wakes everyone watching the command; call after its result is committed.
-    pub fn command_finished(&self, command_id: &str) {
-        if let Some(tx) = self.lock_commands().remove(command_id) {
+    /// Wakes everyone watching `key`.
+    pub fn notify(&self, key: &str) {
+        if let Some(tx) = self.lock().get(key) {
             tx.send_replace(());
         }
     }
 
-    fn lock_daemons(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<DaemonSignals>>> {
-        self.daemons.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_commands(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
-        self.commands.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// A subscription to one command's completion; removes the map entry when the last
-/// watcher leaves.
-pub struct CommandWatch {
-    hub: Arc<Hub>,
-    command_id: String,
-    rx: Option<watch::Receiver<()>>,
+/// A subscription to one key; removes the map entry when the last watcher leaves.
+pub struct KeyWatch {
+    signals: Arc<Signals>,
+    key: String,
+    rx: watch::Receiver<()>,
 }
 
-impl CommandWatch {
-    /// Resolves when the command was signalled finished (or the signal is gone).
+impl KeyWatch {
+    /// Resolves at the next notification.
     pub async fn changed(&mut self) {
-        if let Some(rx) = self.rx.as_mut() {
-            if rx.changed().await.is_err() {
-                // Sender removed and dropped: the command finished. Stay resolved.
-                self.rx = None;
-            }
-        }
+        // The sender lives while this receiver does (the entry is only removed when
+        // nobody watches), so an error cannot happen; treat it as a wake-up anyway.
+        let _ = self.rx.changed().await;
     }
 }
 
-impl Drop for CommandWatch {
+impl Drop for KeyWatch {
     fn drop(&mut self) {
-        drop(self.rx.take());
-        let mut commands = self.hub.lock_commands();
-        if commands
-            .get(&self.command_id)
-            .is_some_and(|tx| tx.receiver_count() == 0)
+        let mut map = self.signals.lock();
+        // Our receiver still counts: remove the entry when it is the last one.
+        if map
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
         {
-            commands.remove(&self.command_id);
+            map.remove(&self.key);
         }
     }
 }
@@ -219,21 +227,19 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn command_watch_wakes_and_cleans_up() {
-        let hub = Arc::new(Hub::default());
-        let mut first = hub.watch_command("c");
-        let second = hub.watch_command("c");
+    async fn key_watch_wakes_and_cleans_up() {
+        let signals = Arc::new(Signals::default());
+        let mut first = signals.watch("c");
+        let second = signals.watch("c");
         drop(second);
-        assert_eq!(hub.lock_commands().len(), 1);
-        hub.command_finished("c");
-        tokio::time::timeout(Duration::from_secs(5), first.changed())
-            .await
-            .unwrap();
-        // Resolved stays resolved.
+        assert_eq!(signals.lock().len(), 1);
+        signals.notify("c");
         tokio::time::timeout(Duration::from_secs(5), first.changed())
             .await
             .unwrap();
         drop(first);
-        assert!(hub.lock_commands().is_empty());
+        assert!(signals.lock().is_empty());
+        signals.notify("nobody");
+        assert!(signals.lock().is_empty());
     }
 }

@@ -213,7 +213,7 @@ impl Preferences {
     }
 }
 
-fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
+pub fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -237,7 +237,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// The end-to-end request headers, as the `headers` object of an `http` command.
-fn forwarded_headers(headers: &HeaderMap) -> Result<serde_json::Map<String, Value>, ApiError> {
+pub fn forwarded_headers(headers: &HeaderMap) -> Result<serde_json::Map<String, Value>, ApiError> {
     let dropped = connection_listed(headers);
     let mut out = serde_json::Map::new();
     for (name, value) in headers {

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::auth::{authenticate, bearer, Principal};
 use super::http::{json, read_body, ApiError, Source, SOURCE};
-use super::{admin_api, changes, client, mirror, sync, App, Response};
+use super::{admin_api, changes, client, mirror, streams, sync, App, Response};
 use crate::protocol::valid_daemon_id;
 use crate::store::Role;
 
@@ -101,6 +101,12 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
                 _ => {
                     let prefix_len = "/api/v1/daemons/".len() + daemon_id.len() + 1;
                     let rest_path = path.get(prefix_len..).unwrap_or("").to_owned();
+                    if method == Method::GET
+                        && streams::is_stream_path(&app.config.streams.paths, &rest_path)
+                    {
+                        let (parts, _) = request.into_parts();
+                        return streams::serve(app, &daemon_id, &rest_path, &parts).await;
+                    }
                     let (parts, incoming) = request.into_parts();
                     let body =
                         read_body(incoming, &parts.headers, app.config.limits.max_body_bytes)

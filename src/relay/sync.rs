@@ -16,7 +16,10 @@ use crate::protocol::{
     parse_rfc3339, valid_daemon_id, ConnectRequest, ConnectResponse, HttpParams, HttpResult,
     PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, WireCommand,
 };
-use crate::store::{now_ms, CachedResponse, CompleteOutcome, NewChange};
+use crate::store::{
+    now_ms, CachedResponse, ChunkOutcome, CompleteOutcome, ContextState, NewChange, NewChunk,
+};
+use base64::Engine;
 
 /// Answers `POST /sync/connect`.
 pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
@@ -187,11 +190,24 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
         unknown: Vec::new(),
     };
     let mut finished = Vec::new();
-    for entry in entries {
+    let mut contexts = Vec::new();
+    let mut gap = None;
+    for (index, entry) in entries.into_iter().enumerate() {
         if entry.chunk.is_some() {
-            // Stream chunks belong to cache-and-serve streaming, which this relay does not
-            // offer yet: no stream command exists to attach them to.
-            response.unknown.push(entry.command_id);
+            match store_chunk(app, daemon_id, index, &entry, now)? {
+                ChunkAnswer::Taken(context_id, finished) => {
+                    contexts.push(context_id);
+                    if finished {
+                        app.hub.commands.notify(&entry.command_id);
+                    }
+                    response.accepted.push(entry.command_id);
+                }
+                ChunkAnswer::Unknown => response.unknown.push(entry.command_id),
+                ChunkAnswer::Gap(expected) => {
+                    gap = Some((entry.command_id, expected));
+                    break;
+                }
+            }
             continue;
         }
         let result = entry
@@ -214,10 +230,13 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             CompleteOutcome::Unknown => response.unknown.push(entry.command_id),
         }
     }
+    for context_id in contexts {
+        app.hub.contexts.notify(&context_id.to_string());
+    }
     // Wake waiters before the commit: nothing can cancel this step, and a waiter commits
     // itself before it shows a final state (see `client::await_command`).
     for command in &finished {
-        app.hub.command_finished(&command.id);
+        app.hub.commands.notify(&command.id);
         remember_get(app, command);
     }
     // A duplicate may be the retry of a result whose first commit failed or was cut short:
@@ -225,7 +244,94 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     if !response.accepted.is_empty() {
         app.store.commit().await?;
     }
+    if let Some((command_id, expected)) = gap {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "chunk_gap",
+            format!("chunk out of order for {command_id}: the next one is {expected}"),
+        )
+        .with_details(serde_json::json!({ "command_id": command_id, "expected": expected })));
+    }
     Ok(json(StatusCode::OK, &response))
+}
+
+enum ChunkAnswer {
+    /// Stored or already stored: the context, and whether the stream is now over.
+    Taken(u64, bool),
+    Unknown,
+    Gap(u64),
+}
+
+/// Stores one stream chunk (`results[index]`).
+fn store_chunk(
+    app: &App,
+    daemon_id: &str,
+    index: usize,
+    entry: &ResultEntry,
+    now: u64,
+) -> Result<ChunkAnswer, ApiError> {
+    let chunk = entry.chunk.unwrap_or(0);
+    let chunk = u64::try_from(chunk)
+        .map_err(|_| ApiError::bad_request(format!("results[{index}].chunk must be 0 or more")))?;
+    let data = match (&entry.data, &entry.data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "results[{index}] has both data and data_base64"
+            )))
+        }
+        (Some(text), None) => text.as_bytes().to_vec(),
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|err| ApiError::bad_request(format!("results[{index}].data_base64: {err}")))?,
+        (None, None) => Vec::new(),
+    };
+    let limit = app.config.streams.max_chunk_bytes;
+    if data.len() > limit {
+        return Err(ApiError::payload_too_large(format!(
+            "results[{index}]: a chunk may carry at most {limit} bytes"
+        )));
+    }
+    let headers = entry
+        .headers
+        .iter()
+        .flatten()
+        .filter_map(|(name, value)| {
+            value
+                .as_str()
+                .map(|v| (name.to_ascii_lowercase(), v.to_owned()))
+        })
+        .collect();
+    let outcome = app.store.append_chunk(
+        daemon_id,
+        &entry.command_id,
+        NewChunk {
+            index: chunk,
+            status: entry.status,
+            headers,
+            data: &data,
+            complete: entry.complete,
+            error_json: entry
+                .error
+                .as_ref()
+                .map(|e| e.get().to_owned())
+                .filter(|e| e != "null"),
+        },
+        app.config.streams.context_max_size,
+        app.config.sync.lease_duration.as_millis() as u64,
+        now,
+    )?;
+    Ok(match outcome {
+        ChunkOutcome::Stored(record) | ChunkOutcome::Duplicate(record) => {
+            ChunkAnswer::Taken(record.context_id, record.state != ContextState::Fetching)
+        }
+        // Too large: the fetch is over; `unknown` tells the daemon to stop sending.
+        ChunkOutcome::TooLarge(record) => {
+            app.hub.contexts.notify(&record.context_id.to_string());
+            ChunkAnswer::Unknown
+        }
+        ChunkOutcome::Unknown => ChunkAnswer::Unknown,
+        ChunkOutcome::Gap { expected } => ChunkAnswer::Gap(expected),
+    })
 }
 
 /// Keeps the 2xx answer of a mirrored GET as the copy served while the daemon is offline.

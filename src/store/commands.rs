@@ -129,6 +129,40 @@ fn new_command_id() -> String {
     format!("cmd-{}", hex::encode(bytes))
 }
 
+/// Takes the next queue position of `daemon` for a new command, or refuses with
+/// `QueueFull`. The caller holds the daemon's lock and writes both records.
+pub(super) fn prepare_command(
+    daemon: &mut DaemonRecord,
+    new: NewCommand,
+    now_ms: u64,
+) -> Result<CommandRecord> {
+    if daemon.queued >= new.queue_limit {
+        return Err(StoreError::QueueFull {
+            daemon_id: new.daemon_id,
+            limit: new.queue_limit,
+        });
+    }
+    daemon.next_queue_seq += 1;
+    daemon.queued += 1;
+    Ok(CommandRecord {
+        id: new_command_id(),
+        daemon_id: new.daemon_id,
+        method: new.method,
+        params_json: new.params_json,
+        stream: new.stream,
+        state: CommandState::Queued,
+        created_at_ms: now_ms,
+        expires_at_ms: now_ms.saturating_add(new.ttl_ms),
+        queue_seq: daemon.next_queue_seq,
+        lease_until_ms: 0,
+        deliveries: 0,
+        finished_at_ms: 0,
+        result_json: None,
+        error_json: None,
+        idempotency: new.idempotency,
+    })
+}
+
 impl Store {
     /// Stores a new command at the end of its daemon's queue, or returns the command an
     /// `Idempotency-Key` already names. Call [`Store::commit`] before acknowledging.
@@ -150,31 +184,7 @@ impl Store {
                 }
             }
         }
-        if daemon.queued >= new.queue_limit {
-            return Err(StoreError::QueueFull {
-                daemon_id: new.daemon_id,
-                limit: new.queue_limit,
-            });
-        }
-        daemon.next_queue_seq += 1;
-        daemon.queued += 1;
-        let command = CommandRecord {
-            id: new_command_id(),
-            daemon_id: new.daemon_id,
-            method: new.method,
-            params_json: new.params_json,
-            stream: new.stream,
-            state: CommandState::Queued,
-            created_at_ms: now_ms,
-            expires_at_ms: now_ms.saturating_add(new.ttl_ms),
-            queue_seq: daemon.next_queue_seq,
-            lease_until_ms: 0,
-            deliveries: 0,
-            finished_at_ms: 0,
-            result_json: None,
-            error_json: None,
-            idempotency: new.idempotency,
-        };
+        let command = prepare_command(&mut daemon, new, now_ms)?;
         let daemon_bytes = encoded(&daemon);
         let command_bytes = encoded(&command);
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);

@@ -5,6 +5,8 @@
 //! - `GET /api/v1/text`, `/api/v1/binary`, `/api/v1/headers` (custom and repeated headers);
 //! - `GET /api/v1/slow?ms=N`: answers after N ms;
 //! - `GET /api/v1/big?bytes=N`: an N-byte body, streamed in 64 KiB pieces;
+//! - `GET /api/v1/approvals/{id}/context/stream?events=N&size=B&delay_ms=D`: a large SSE
+//!   context of N events of B bytes each;
 //! - `GET /api/v1/stream/events`: hld-shaped SSE (`id: n`, `data: {"type","timestamp","data"}`)
 //!   replaying after `Last-Event-ID`, then live; events are made with [`TestDaemon::emit`].
 //!
@@ -206,6 +208,32 @@ async fn handle(
                 .status(200)
                 .header("content-type", "application/octet-stream")
                 .body(StreamBody::new(futures_util::stream::iter(pieces)).boxed())
+                .unwrap()
+        }
+        p if p.starts_with("/api/v1/approvals/") && p.ends_with("/context/stream") => {
+            // A large SSE context: `events` events of `size` bytes of data each, produced
+            // lazily (deterministic content), optionally `delay_ms` apart.
+            let events = param("events").unwrap_or(10);
+            let size = param("size").unwrap_or(100) as usize;
+            let delay = Duration::from_millis(param("delay_ms").unwrap_or(0));
+            let stream = futures_util::stream::unfold(0u64, move |n| async move {
+                if n >= events {
+                    return None;
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let fill = (b'a' + (n % 26) as u8) as char;
+                let frame = format!(
+                    "id: {n}\nevent: context\ndata: {{\"n\":{n},\"text\":\"{}\"}}\n\n",
+                    fill.to_string().repeat(size)
+                );
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(frame))), n + 1))
+            });
+            Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(stream).boxed())
                 .unwrap()
         }
         "/api/v1/stream/events" => {

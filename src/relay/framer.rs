@@ -1,0 +1,155 @@
+//! Re-framing of a stored SSE context for replay: the daemon's bytes are cut into events
+//! (blocks ending in a blank line), the daemon's own `id:` lines are replaced by the
+//! relay's ordinal (`id: 1`, `id: 2`, … within the context) so a client can resume with
+//! `Last-Event-ID`, and comment-only blocks (keep-alives) are dropped. The output depends
+//! only on the stored bytes, so every client receives byte-identical events; memory is one
+//! incomplete event at most (capped, see [`MAX_PENDING_BYTES`]).
+
+use bytes::{Bytes, BytesMut};
+
+/// An event larger than this is passed on unframed rather than buffered further.
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
+
+pub struct SseFramer {
+    /// Normalised (`\n`-only) bytes of the event being assembled.
+    pending: Vec<u8>,
+    /// Bytes of `pending` already searched for a blank line.
+    scanned: usize,
+    /// The previous input ended in `\r`: a leading `\n` belongs to it.
+    after_cr: bool,
+    /// Ordinal of the last event seen.
+    last_id: u64,
+    /// Events up to this ordinal are counted but not emitted (`Last-Event-ID`).
+    skip_through: u64,
+}
+
+impl SseFramer {
+    pub fn new(skip_through: u64) -> SseFramer {
+        SseFramer {
+            pending: Vec::new(),
+            scanned: 0,
+            after_cr: false,
+            last_id: 0,
+            skip_through,
+        }
+    }
+
+    /// Takes the next piece of the context; returns the complete events it finished.
+    pub fn push(&mut self, bytes: &[u8]) -> Option<Bytes> {
+        for &byte in bytes {
+            match byte {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\r' => {
+                    self.pending.push(b'\n');
+                    self.after_cr = true;
+                }
+                other => {
+                    self.pending.push(other);
+                    self.after_cr = false;
+                }
+            }
+        }
+        let mut out = BytesMut::new();
+        let mut start = 0;
+        let mut from = self.scanned.saturating_sub(1);
+        while let Some(offset) = self.pending[from..].windows(2).position(|w| w == b"\n\n") {
+            let end = from + offset;
+            frame(
+                &mut self.last_id,
+                self.skip_through,
+                &self.pending[start..end],
+                &mut out,
+            );
+            start = end + 2;
+            from = start;
+        }
+        self.pending.drain(..start);
+        self.scanned = self.pending.len();
+        if self.pending.len() > MAX_PENDING_BYTES {
+            out.extend_from_slice(&self.pending);
+            self.pending.clear();
+            self.scanned = 0;
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// The end of the context: a last event without its blank line still counts.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        let rest = std::mem::take(&mut self.pending);
+        self.scanned = 0;
+        let trimmed = rest.strip_suffix(b"\n").unwrap_or(&rest);
+        let mut out = BytesMut::new();
+        if !trimmed.is_empty() {
+            frame(&mut self.last_id, self.skip_through, trimmed, &mut out);
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+}
+
+/// Appends one event block, numbered, unless it holds only comments or is skipped.
+fn frame(last_id: &mut u64, skip_through: u64, block: &[u8], out: &mut BytesMut) {
+    let lines: Vec<&[u8]> = block
+        .split(|&b| b == b'\n')
+        .filter(|line| !(*line == b"id" || line.starts_with(b"id:")))
+        .collect();
+    if !lines
+        .iter()
+        .any(|line| !line.is_empty() && !line.starts_with(b":"))
+    {
+        return;
+    }
+    *last_id += 1;
+    if *last_id <= skip_through {
+        return;
+    }
+    out.extend_from_slice(format!("id: {last_id}\n").as_bytes());
+    for line in lines {
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pieces: &[&[u8]], skip: u64) -> String {
+        let mut framer = SseFramer::new(skip);
+        let mut out = Vec::new();
+        for piece in pieces {
+            if let Some(bytes) = framer.push(piece) {
+                out.extend_from_slice(&bytes);
+            }
+        }
+        if let Some(bytes) = framer.finish() {
+            out.extend_from_slice(&bytes);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn frames_with_relay_ids_whatever_the_chunking() {
+        let input =
+            b"id: 77\ndata: a\n\n: keepalive\n\nevent: x\ndata: b\r\ndata: c\r\n\r\ndata: d";
+        let expected = "id: 1\ndata: a\n\nid: 2\nevent: x\ndata: b\ndata: c\n\nid: 3\ndata: d\n\n";
+        assert_eq!(run(&[input], 0), expected);
+        // Every split point gives the same bytes.
+        for split in 0..input.len() {
+            assert_eq!(
+                run(&[&input[..split], &input[split..]], 0),
+                expected,
+                "split at {split}"
+            );
+        }
+        let one_byte_pieces: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(&one_byte_pieces, 0), expected);
+    }
+
+    #[test]
+    fn resumes_after_last_event_id() {
+        let input = b"data: a\n\ndata: b\n\ndata: c\n\n";
+        assert_eq!(run(&[input], 2), "id: 3\ndata: c\n\n");
+        assert_eq!(run(&[input], 3), "");
+    }
+}

@@ -1,0 +1,254 @@
+//! Cache-and-serve streaming. A GET on a configured stream path (default
+//! `approvals/*/context/stream`) is served from the stored context for that path+query:
+//! replayed from disk when complete and fresh, joined while a fetch is running (stored
+//! prefix, then the live tail, nothing missing or doubled at the seam: both come from the
+//! same ordered chunk range), or fetched with one stream command that all concurrent
+//! clients share. Each client's body is pumped chunk by chunk from the store through a
+//! bounded channel, so memory depends on the chunk size, not the context size or the
+//! number of clients, and a slow client only slows itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::request::Parts;
+use http::StatusCode;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::framer::SseFramer;
+use super::http::{ApiError, Source, SOURCE};
+use super::mirror::{forwarded_headers, header_is};
+use super::{App, Response};
+use crate::protocol::HttpParams;
+use crate::store::{now_ms, ContextRecord, ContextRequest, ContextState, Opened};
+
+/// Chunks read from the store per step of a pump.
+const READ_BATCH: usize = 8;
+/// Frames buffered per client before the pump waits for the client.
+const CLIENT_BUFFER: usize = 8;
+
+/// Whether `rest` (a path under a daemon's `/api/v1/`, without query) is a stream path.
+pub fn is_stream_path(patterns: &[Vec<String>], rest: &str) -> bool {
+    let segments: Vec<&str> = rest.split('/').collect();
+    patterns.iter().any(|pattern| {
+        pattern.len() == segments.len()
+            && pattern
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| p == "*" || p == s)
+    })
+}
+
+/// `GET /api/v1/daemons/{id}/<stream path>`.
+pub async fn serve(
+    app: &Arc<App>,
+    daemon_id: &str,
+    rest: &str,
+    parts: &Parts,
+) -> Result<Response, ApiError> {
+    let signals = app.signals(daemon_id)?;
+    let params = HttpParams {
+        method: "GET".into(),
+        path: format!("/api/v1/{rest}"),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: forwarded_headers(&parts.headers)?,
+        body: serde_json::Value::Null,
+        body_base64: None,
+    };
+    let key = super::mirror::cache_key(&params);
+    let refresh = header_is(&parts.headers, CACHE_CONTROL.as_str(), "no-cache")
+        || header_is(&parts.headers, "pragma", "no-cache");
+    let resume_after = match parts.headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event number"))?,
+    };
+    let config = &app.config;
+    let (record, source) = if signals.online(config.sync.online_grace) {
+        let opened = app.store.open_context(
+            ContextRequest {
+                daemon_id: daemon_id.to_owned(),
+                key,
+                params_json: serde_json::to_string(&params).expect("params serialise"),
+                refresh,
+                ttl_ms: config.streams.context_ttl.as_millis() as u64,
+                command_ttl_ms: config.commands.wait_max.as_millis() as u64,
+                queue_limit: config.commands.queue_limit,
+            },
+            now_ms(),
+        )?;
+        match opened {
+            Opened::Started(record) => {
+                app.store.commit().await?;
+                signals.bump_queue();
+                (record, Source::Daemon)
+            }
+            Opened::Existing(record) if record.state == ContextState::Complete => {
+                (record, Source::Cache)
+            }
+            Opened::Existing(record) => (record, Source::Daemon),
+        }
+    } else {
+        // Offline: a complete copy is served whatever its age; nothing else can be.
+        match app.store.current_context(daemon_id, &key)? {
+            Some(record)
+                if !refresh && record.state == ContextState::Complete && record.servable() =>
+            {
+                (record, Source::Cache)
+            }
+            _ => return Err(ApiError::daemon_offline(daemon_id)),
+        }
+    };
+    let record = await_head(app, record).await?;
+    let status =
+        StatusCode::from_u16(record.status.unwrap_or(502)).unwrap_or(StatusCode::BAD_GATEWAY);
+    let sse = status.is_success();
+    let (frames_tx, frames_rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
+    tokio::spawn(pump(
+        app.clone(),
+        record.context_id,
+        sse.then_some(resume_after),
+        frames_tx,
+    ));
+    let stream = ReceiverStream::new(frames_rx).map(|bytes| Ok(Frame::data(bytes)));
+    let mut response = Response::new(StreamBody::new(stream).boxed());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in &record.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            if name != http::header::CONTENT_LENGTH {
+                headers.append(name, value);
+            }
+        }
+    }
+    if sse {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    headers.insert(SOURCE, source.header());
+    Ok(response)
+}
+
+/// Waits for chunk 0 (the daemon's status and headers), up to the default wait.
+async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecord, ApiError> {
+    let deadline = Instant::now() + app.config.commands.wait_default;
+    let mut watch = app.hub.contexts.watch(&record.context_id.to_string());
+    loop {
+        if record.status.is_some() {
+            return Ok(record);
+        }
+        if record.state != ContextState::Fetching || fetch_is_dead(app, &record)? {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "stream_failed",
+                "the daemon could not provide the stream",
+            ));
+        }
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ApiError::timeout("the daemon did not start the stream in time"));
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = app.shutdown.cancelled() => return Err(ApiError::timeout("the relay is shutting down")),
+        }
+        record = app
+            .store
+            .context(record.context_id)?
+            .ok_or_else(|| ApiError::not_found("the context is gone"))?;
+    }
+}
+
+/// A fetch whose command ended without completing the context will never go on.
+fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
+    let command = app.store.command_at(&record.command_id, now_ms())?;
+    Ok(record.state == ContextState::Fetching && command.is_none_or(|c| c.state.is_final()))
+}
+
+/// Copies one context to one client: stored chunks first, then each new chunk as it is
+/// committed, until the context ends. `sse` is the `Last-Event-ID` to resume after, or
+/// `None` to pass the bytes on unframed (a non-2xx answer).
+async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc::Sender<Bytes>) {
+    let mut framer = sse.map(SseFramer::new);
+    let mut watch = app.hub.contexts.watch(&context_id.to_string());
+    let keepalive = app.config.changes.sse_keepalive;
+    let mut keepalive_at = Instant::now() + keepalive;
+    let mut next = 0u64;
+    loop {
+        let Ok(Some(record)) = app.store.context(context_id) else {
+            return;
+        };
+        let chunks = match app.store.context_chunks(context_id, next, READ_BATCH) {
+            Ok(chunks) => chunks,
+            Err(err) => {
+                tracing::warn!(context_id, error = %err, "reading a context failed");
+                return;
+            }
+        };
+        if !chunks.is_empty() {
+            for chunk in chunks {
+                next += 1;
+                let out = match framer.as_mut() {
+                    Some(framer) => framer.push(&chunk),
+                    None => (!chunk.is_empty()).then(|| Bytes::from(chunk)),
+                };
+                if let Some(bytes) = out {
+                    if frames_tx.send(bytes).await.is_err() {
+                        return;
+                    }
+                    keepalive_at = Instant::now() + keepalive;
+                }
+            }
+            continue;
+        }
+        let dead = fetch_is_dead(&app, &record).unwrap_or(true);
+        if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
+            if let Some(bytes) = framer.as_mut().and_then(SseFramer::finish) {
+                let _ = frames_tx.send(bytes).await;
+            }
+            return;
+        }
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = tokio::time::sleep_until(keepalive_at) => {
+                if framer.is_some() && frames_tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                    return;
+                }
+                keepalive_at = Instant::now() + keepalive;
+            }
+            _ = frames_tx.closed() => return,
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_paths_match_per_segment() {
+        let patterns = vec![vec![
+            "approvals".to_owned(),
+            "*".to_owned(),
+            "context".to_owned(),
+            "stream".to_owned(),
+        ]];
+        assert!(is_stream_path(&patterns, "approvals/a1/context/stream"));
+        assert!(!is_stream_path(&patterns, "approvals/a1/context"));
+        assert!(!is_stream_path(&patterns, "approvals/a1/b/context/stream"));
+        assert!(!is_stream_path(&patterns, "sessions/a1/context/stream"));
+    }
+}

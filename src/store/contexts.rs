@@ -1,0 +1,585 @@
+//! Cached contexts for cache-and-serve streaming: a large response (an SSE context) is
+//! fetched from the daemon once, as numbered chunks, stored whole, and replayed to every
+//! client. One record per fetch (`contexts`, by context id), an index from the daemon's
+//! path+query to its current fetch (`context_index`), one from the stream command to its
+//! context (`context_commands`), and the chunks themselves (`context_chunks`, keyed by
+//! context id and chunk index, so a context is one ordered range).
+//!
+//! A replaced or evicted context is not deleted at once: readers may still be replaying
+//! it. It is listed in `context_garbage` and its chunks go in a later sweep.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionResult;
+use sled::Transactional;
+
+use super::commands::prepare_command;
+use super::daemons::DaemonRecord;
+use super::{
+    codec, encoded, get_decoded, layout, CommandRecord, CommandState, NewCommand, Result, Store,
+    StoreError,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContextState {
+    /// Chunks are arriving.
+    Fetching,
+    /// The last chunk arrived.
+    Complete,
+    /// The fetch failed part-way, or grew past the size limit.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContextRecord {
+    pub context_id: u64,
+    pub daemon_id: String,
+    /// The daemon-side path and query.
+    pub key: String,
+    pub command_id: String,
+    pub state: ContextState,
+    /// The daemon's status and headers, from chunk 0.
+    pub status: Option<u16>,
+    pub headers: Vec<(String, String)>,
+    /// Chunks stored: indexes `0..chunks`.
+    pub chunks: u64,
+    pub bytes: u64,
+    pub created_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub error_json: Option<String>,
+}
+
+impl ContextRecord {
+    /// Whether later requests may be served from this fetch.
+    pub fn servable(&self) -> bool {
+        self.state != ContextState::Failed && self.status.is_none_or(|s| (200..300).contains(&s))
+    }
+}
+
+/// A request for a context.
+#[derive(Debug, Clone)]
+pub struct ContextRequest {
+    pub daemon_id: String,
+    pub key: String,
+    /// Params of the stream command, should a fetch be needed.
+    pub params_json: String,
+    /// `Cache-Control: no-cache`: fetch again even if a usable copy exists.
+    pub refresh: bool,
+    /// A complete context older than this is fetched again.
+    pub ttl_ms: u64,
+    /// How long the stream command waits for a daemon to take it.
+    pub command_ttl_ms: u64,
+    pub queue_limit: u64,
+}
+
+#[derive(Debug)]
+pub enum Opened {
+    /// A fetch in progress, or a complete fresh copy.
+    Existing(ContextRecord),
+    /// A new fetch: the stream command is queued.
+    Started(ContextRecord),
+}
+
+/// One chunk as posted by the daemon.
+#[derive(Debug)]
+pub struct NewChunk<'a> {
+    pub index: u64,
+    pub status: Option<u16>,
+    pub headers: Vec<(String, String)>,
+    pub data: &'a [u8],
+    pub complete: bool,
+    pub error_json: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ChunkOutcome {
+    Stored(ContextRecord),
+    /// Already stored (a retry); ignored.
+    Duplicate(ContextRecord),
+    /// The index skips ahead: `expected` is the next one the relay needs.
+    Gap {
+        expected: u64,
+    },
+    /// No fetch for that command (unknown, another daemon's, or finished).
+    Unknown,
+    /// The context grew past the size limit; the fetch is failed.
+    TooLarge(ContextRecord),
+}
+
+fn chunk_key(context_id: u64, index: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&context_id.to_be_bytes());
+    key[8..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+impl Store {
+    /// The fetch to serve `request` from: an existing usable one, or a new one whose stream
+    /// command is queued in the same atomic step. Concurrent first requests therefore share
+    /// one fetch. Call [`Store::commit`] before relying on a started fetch.
+    pub fn open_context(&self, request: ContextRequest, now_ms: u64) -> Result<Opened> {
+        let _guard = self.lock_daemon(&request.daemon_id);
+        let index_key = layout::daemon_text_key(&request.daemon_id, &[&request.key]);
+        let current: Option<ContextRecord> = match self.context_index.get(&index_key)? {
+            Some(id) => get_decoded(&self.contexts, &id)?,
+            None => None,
+        };
+        if let Some(record) = &current {
+            if !request.refresh && self.context_usable(record, request.ttl_ms, now_ms)? {
+                return Ok(Opened::Existing(record.clone()));
+            }
+        }
+        let mut daemon: DaemonRecord = get_decoded(&self.daemons, request.daemon_id.as_bytes())?
+            .ok_or_else(|| StoreError::UnknownDaemon(request.daemon_id.clone()))?;
+        let command = prepare_command(
+            &mut daemon,
+            NewCommand {
+                daemon_id: request.daemon_id.clone(),
+                method: "http".into(),
+                params_json: request.params_json,
+                stream: true,
+                ttl_ms: request.command_ttl_ms,
+                idempotency: None,
+                queue_limit: request.queue_limit,
+            },
+            now_ms,
+        )?;
+        let record = ContextRecord {
+            context_id: self.db.generate_id()?,
+            daemon_id: request.daemon_id.clone(),
+            key: request.key,
+            command_id: command.id.clone(),
+            state: ContextState::Fetching,
+            status: None,
+            headers: Vec::new(),
+            chunks: 0,
+            bytes: 0,
+            created_at_ms: now_ms,
+            finished_at_ms: 0,
+            error_json: None,
+        };
+        let id_bytes = record.context_id.to_be_bytes();
+        let (daemon_bytes, command_bytes, record_bytes) =
+            (encoded(&daemon), encoded(&command), encoded(&record));
+        let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+        let replaced = current.map(|old| old.context_id.to_be_bytes());
+        (
+            &self.daemons,
+            &self.commands,
+            &self.queue,
+            &self.contexts,
+            &self.context_index,
+            &self.context_commands,
+            &self.context_garbage,
+        )
+            .transaction(
+                |(daemons, commands, queue, contexts, index, by_command, garbage)| -> ConflictableTransactionResult<(), StoreError> {
+                    daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
+                    commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
+                    queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
+                    contexts.insert(&id_bytes, record_bytes.as_slice())?;
+                    index.insert(index_key.as_slice(), &id_bytes)?;
+                    by_command.insert(command.id.as_bytes(), &id_bytes)?;
+                    if let Some(old) = &replaced {
+                        garbage.insert(old, encoded(&now_ms))?;
+                    }
+                    Ok(())
+                },
+            )?;
+        Ok(Opened::Started(record))
+    }
+
+    /// Complete and fresh, or still being fetched by a command that can still deliver.
+    fn context_usable(&self, record: &ContextRecord, ttl_ms: u64, now_ms: u64) -> Result<bool> {
+        if !record.servable() {
+            return Ok(false);
+        }
+        match record.state {
+            ContextState::Complete => Ok(record.created_at_ms.saturating_add(ttl_ms) > now_ms),
+            ContextState::Fetching => {
+                let command: Option<CommandRecord> =
+                    get_decoded(&self.commands, record.command_id.as_bytes())?;
+                Ok(command.is_some_and(|c| !c.state.is_final() && !c.due_to_expire(now_ms)))
+            }
+            ContextState::Failed => Ok(false),
+        }
+    }
+
+    /// The current fetch for a daemon's path+query, whatever its state.
+    pub fn current_context(&self, daemon_id: &str, key: &str) -> Result<Option<ContextRecord>> {
+        match self
+            .context_index
+            .get(layout::daemon_text_key(daemon_id, &[key]))?
+        {
+            Some(id) => get_decoded(&self.contexts, &id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn context(&self, context_id: u64) -> Result<Option<ContextRecord>> {
+        get_decoded(&self.contexts, &context_id.to_be_bytes())
+    }
+
+    /// Up to `limit` chunks from index `from`.
+    pub fn context_chunks(&self, context_id: u64, from: u64, limit: usize) -> Result<Vec<Vec<u8>>> {
+        self.context_chunks
+            .range(chunk_key(context_id, from)..chunk_key(context_id + 1, 0))
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item?;
+                codec::decode::<Vec<u8>>(&value)
+            })
+            .collect()
+    }
+
+    /// Stores one chunk of a stream command's response. Indexes start at 0 with no gaps;
+    /// a repeated index is ignored. The last chunk completes the command. Call
+    /// [`Store::commit`] before acknowledging.
+    pub fn append_chunk(
+        &self,
+        daemon_id: &str,
+        command_id: &str,
+        chunk: NewChunk<'_>,
+        max_context_bytes: u64,
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<ChunkOutcome> {
+        let _guard = self.lock_daemon(daemon_id);
+        let Some(id_bytes) = self.context_commands.get(command_id.as_bytes())? else {
+            return Ok(ChunkOutcome::Unknown);
+        };
+        let Some(mut record) = get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
+            return Ok(ChunkOutcome::Unknown);
+        };
+        let Some(mut command) =
+            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+        else {
+            return Ok(ChunkOutcome::Unknown);
+        };
+        if record.daemon_id != daemon_id {
+            return Ok(ChunkOutcome::Unknown);
+        }
+        if chunk.index < record.chunks {
+            // A retry. Should the context have completed without its command (a crash in
+            // between), finish the command now.
+            if record.state != ContextState::Fetching && !command.state.is_final() {
+                self.finish_stream_command(&mut command, &record, now_ms)?;
+            }
+            return Ok(ChunkOutcome::Duplicate(record));
+        }
+        if record.state != ContextState::Fetching || command.state.is_final() {
+            return Ok(ChunkOutcome::Unknown);
+        }
+        if chunk.index > record.chunks {
+            return Ok(ChunkOutcome::Gap {
+                expected: record.chunks,
+            });
+        }
+        let too_large = record.bytes + chunk.data.len() as u64 > max_context_bytes;
+        if too_large {
+            record.state = ContextState::Failed;
+            record.error_json = Some(
+                serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") })
+                    .to_string(),
+            );
+            record.finished_at_ms = now_ms;
+        } else {
+            if chunk.index == 0 {
+                record.status = chunk.status;
+                record.headers = chunk.headers;
+            }
+            record.chunks += 1;
+            record.bytes += chunk.data.len() as u64;
+            if chunk.complete {
+                record.state = if chunk.error_json.is_some() {
+                    ContextState::Failed
+                } else {
+                    ContextState::Complete
+                };
+                record.error_json = chunk.error_json;
+                record.finished_at_ms = now_ms;
+            }
+        }
+        let key = chunk_key(record.context_id, chunk.index);
+        let data = (!too_large).then(|| encoded(&chunk.data.to_vec()));
+        let record_bytes = encoded(&record);
+        (&self.contexts, &self.context_chunks).transaction(
+            |(contexts, chunks)| -> ConflictableTransactionResult<(), StoreError> {
+                contexts.insert(&id_bytes, record_bytes.as_slice())?;
+                if let Some(data) = &data {
+                    chunks.insert(&key, data.as_slice())?;
+                }
+                Ok(())
+            },
+        )?;
+        if record.state == ContextState::Fetching {
+            // Chunks flowing: the daemon is working on it, keep the lease.
+            command.lease_until_ms = now_ms.saturating_add(lease_ms);
+            self.commands
+                .insert(command_id.as_bytes(), encoded(&command))?;
+        } else {
+            self.finish_stream_command(&mut command, &record, now_ms)?;
+        }
+        Ok(if too_large {
+            ChunkOutcome::TooLarge(record)
+        } else {
+            ChunkOutcome::Stored(record)
+        })
+    }
+
+    /// A stream command's result is a summary; the body lives in the context.
+    fn finish_stream_command(
+        &self,
+        command: &mut CommandRecord,
+        record: &ContextRecord,
+        now_ms: u64,
+    ) -> Result<()> {
+        let summary = serde_json::json!({
+            "status": record.status,
+            "context_id": record.context_id,
+            "chunks": record.chunks,
+            "bytes": record.bytes,
+        })
+        .to_string();
+        match record.state {
+            ContextState::Failed => {
+                let error = record
+                    .error_json
+                    .clone()
+                    .unwrap_or_else(|| "{\"code\":\"stream_failed\"}".into());
+                self.finish_locked(
+                    command,
+                    CommandState::Failed,
+                    Some(summary),
+                    Some(error),
+                    now_ms,
+                )
+            }
+            _ => self.finish_locked(
+                command,
+                CommandState::Completed,
+                Some(summary),
+                None,
+                now_ms,
+            ),
+        }
+    }
+
+    /// Retention for contexts: drops complete or failed ones past `ttl_ms`, evicts the
+    /// oldest while the total exceeds `max_total_bytes`, and deletes the chunks of contexts
+    /// retired longer than `garbage_grace_ms` ago. Returns (contexts retired, chunks deleted).
+    pub fn sweep_contexts(
+        &self,
+        ttl_ms: u64,
+        max_total_bytes: u64,
+        garbage_grace_ms: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64)> {
+        let mut records: Vec<ContextRecord> = Vec::new();
+        for item in self.contexts.iter() {
+            let (_, value) = item?;
+            records.push(codec::decode(&value)?);
+        }
+        records.sort_by_key(|r| r.created_at_ms);
+        let mut total: u64 = records.iter().map(|r| r.bytes).sum();
+        let mut retired = 0;
+        for record in &records {
+            if self
+                .context_garbage
+                .contains_key(record.context_id.to_be_bytes())?
+            {
+                continue;
+            }
+            let finished = record.state != ContextState::Fetching;
+            let expired = finished && record.created_at_ms.saturating_add(ttl_ms) <= now_ms;
+            let over_budget = finished && total > max_total_bytes;
+            if expired || over_budget {
+                self.retire_context(record, now_ms)?;
+                total -= record.bytes;
+                retired += 1;
+            }
+        }
+        let mut deleted = 0;
+        for item in self.context_garbage.iter() {
+            let (id_bytes, value) = item?;
+            let retired_at: u64 = codec::decode(&value)?;
+            if retired_at.saturating_add(garbage_grace_ms) > now_ms {
+                continue;
+            }
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&id_bytes);
+            let context_id = u64::from_be_bytes(id);
+            let mut batch = sled::Batch::default();
+            for chunk in self
+                .context_chunks
+                .range(chunk_key(context_id, 0)..chunk_key(context_id + 1, 0))
+            {
+                let (key, _) = chunk?;
+                batch.remove(key);
+                deleted += 1;
+            }
+            self.context_chunks.apply_batch(batch)?;
+            if let Some(record) = get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? {
+                self.context_commands.remove(record.command_id.as_bytes())?;
+            }
+            self.contexts.remove(&id_bytes)?;
+            self.context_garbage.remove(&id_bytes)?;
+        }
+        Ok((retired, deleted))
+    }
+
+    /// Unlists a context (new requests fetch again) and schedules its chunks for deletion.
+    fn retire_context(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
+        let _guard = self.lock_daemon(&record.daemon_id);
+        let index_key = layout::daemon_text_key(&record.daemon_id, &[&record.key]);
+        let id_bytes = record.context_id.to_be_bytes();
+        if self.context_garbage.contains_key(id_bytes)? {
+            return Ok(());
+        }
+        let listed = self
+            .context_index
+            .get(&index_key)?
+            .is_some_and(|id| id.as_ref() == id_bytes);
+        (&self.context_index, &self.context_garbage).transaction(
+            |(index, garbage)| -> ConflictableTransactionResult<(), StoreError> {
+                if listed {
+                    index.remove(index_key.as_slice())?;
+                }
+                garbage.insert(&id_bytes, encoded(&now_ms))?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    fn request(refresh: bool) -> ContextRequest {
+        ContextRequest {
+            daemon_id: "d".into(),
+            key: "/api/v1/approvals/a/context/stream".into(),
+            params_json: "{}".into(),
+            refresh,
+            ttl_ms: 1_000,
+            command_ttl_ms: 100,
+            queue_limit: 10,
+        }
+    }
+
+    fn chunk(index: u64, data: &[u8], complete: bool) -> NewChunk<'_> {
+        NewChunk {
+            index,
+            status: Some(200),
+            headers: vec![],
+            data,
+            complete,
+            error_json: None,
+        }
+    }
+
+    #[test]
+    fn one_fetch_chunks_in_order_then_replay_and_expiry() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let Opened::Started(first) = store.open_context(request(false), 0).unwrap() else {
+            panic!()
+        };
+        let Opened::Existing(same) = store.open_context(request(false), 1).unwrap() else {
+            panic!("shared fetch")
+        };
+        assert_eq!(same.context_id, first.context_id);
+        let command = first.command_id.as_str();
+        assert!(matches!(
+            store
+                .append_chunk("d", command, chunk(1, b"x", false), 100, 50, 2)
+                .unwrap(),
+            ChunkOutcome::Gap { expected: 0 }
+        ));
+        assert!(matches!(
+            store
+                .append_chunk("d", command, chunk(0, b"ab", false), 100, 50, 2)
+                .unwrap(),
+            ChunkOutcome::Stored(_)
+        ));
+        assert!(matches!(
+            store
+                .append_chunk("d", command, chunk(0, b"ab", false), 100, 50, 3)
+                .unwrap(),
+            ChunkOutcome::Duplicate(_)
+        ));
+        assert!(matches!(
+            store
+                .append_chunk("other", command, chunk(1, b"c", true), 100, 50, 3)
+                .unwrap(),
+            ChunkOutcome::Unknown
+        ));
+        let ChunkOutcome::Stored(done) = store
+            .append_chunk("d", command, chunk(1, b"c", true), 100, 50, 4)
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (done.state, done.chunks, done.bytes),
+            (ContextState::Complete, 2, 3)
+        );
+        assert_eq!(
+            store.context_chunks(done.context_id, 0, 10).unwrap(),
+            vec![b"ab".to_vec(), b"c".to_vec()]
+        );
+        assert_eq!(
+            store.command(command).unwrap().unwrap().state,
+            CommandState::Completed
+        );
+        // Fresh: served again. Past its TTL it is retired, its chunks go after the grace
+        // period, and the next request fetches again; a refresh always does.
+        assert!(matches!(
+            store.open_context(request(false), 500).unwrap(),
+            Opened::Existing(_)
+        ));
+        assert_eq!(
+            store.sweep_contexts(1_000, u64::MAX, 10, 2_000).unwrap(),
+            (1, 0)
+        );
+        assert_eq!(
+            store.sweep_contexts(1_000, u64::MAX, 10, 3_000).unwrap(),
+            (0, 2)
+        );
+        assert!(store.context(done.context_id).unwrap().is_none());
+        assert!(matches!(
+            store.open_context(request(false), 3_000).unwrap(),
+            Opened::Started(_)
+        ));
+        assert!(matches!(
+            store.open_context(request(true), 3_001).unwrap(),
+            Opened::Started(_)
+        ));
+    }
+
+    #[test]
+    fn size_limit_fails_the_fetch() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let Opened::Started(ctx) = store.open_context(request(false), 0).unwrap() else {
+            panic!()
+        };
+        let outcome = store
+            .append_chunk("d", &ctx.command_id, chunk(0, &[0; 10], false), 5, 50, 1)
+            .unwrap();
+        assert!(matches!(outcome, ChunkOutcome::TooLarge(_)));
+        assert_eq!(
+            store.command(&ctx.command_id).unwrap().unwrap().state,
+            CommandState::Failed
+        );
+        assert!(
+            matches!(
+                store.open_context(request(false), 2).unwrap(),
+                Opened::Started(_)
+            ),
+            "failed fetches are not served"
+        );
+    }
+}

@@ -57,7 +57,7 @@ pub async fn serve(
         method: "GET".into(),
         path: format!("/api/v1/{rest}"),
         query: parts.uri.query().unwrap_or("").to_owned(),
-        headers: forwarded_headers(&parts.headers)?,
+        headers: fetch_headers(&parts.headers)?,
         body: serde_json::Value::Null,
         body_base64: None,
     };
@@ -141,6 +141,19 @@ pub async fn serve(
     Ok(response)
 }
 
+/// The headers of the shared fetch: the client's, less those that describe this client's
+/// position or caching wishes. The fetch is always the whole context; `Last-Event-ID`
+/// numbers are the relay's own, never the daemon's.
+fn fetch_headers(
+    headers: &http::HeaderMap,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let mut forwarded = forwarded_headers(headers)?;
+    for name in ["last-event-id", "cache-control", "pragma"] {
+        forwarded.remove(name);
+    }
+    Ok(forwarded)
+}
+
 /// Waits for chunk 0 (the daemon's status and headers), up to the default wait.
 async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecord, ApiError> {
     let deadline = Instant::now() + app.config.commands.wait_default;
@@ -171,10 +184,19 @@ async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecor
     }
 }
 
-/// A fetch whose command ended without completing the context will never go on.
+/// A fetch whose command ended without completing the context will never go on. The
+/// command may have finished with the context's last chunk after `record` was read, so a
+/// final command is checked against a fresh read of the context.
 fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
+    if record.state != ContextState::Fetching {
+        return Ok(false);
+    }
     let command = app.store.command_at(&record.command_id, now_ms())?;
-    Ok(record.state == ContextState::Fetching && command.is_none_or(|c| c.state.is_final()))
+    if command.is_some_and(|c| !c.state.is_final()) {
+        return Ok(false);
+    }
+    let fresh = app.store.context(record.context_id)?;
+    Ok(fresh.is_none_or(|r| r.state == ContextState::Fetching))
 }
 
 /// Copies one context to one client: stored chunks first, then each new chunk as it is
@@ -215,8 +237,15 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
         }
         let dead = fetch_is_dead(&app, &record).unwrap_or(true);
         if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
-            if let Some(bytes) = framer.as_mut().and_then(SseFramer::finish) {
-                let _ = frames_tx.send(bytes).await;
+            if framer.is_some() && record.state != ContextState::Complete {
+                // Say so, rather than end like a complete context.
+                let error = record
+                    .error_json
+                    .as_deref()
+                    .unwrap_or("{\"code\":\"stream_failed\"}");
+                let _ = frames_tx
+                    .send(Bytes::from(format!("event: error\ndata: {error}\n\n")))
+                    .await;
             }
             return;
         }

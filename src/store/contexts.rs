@@ -374,21 +374,18 @@ impl Store {
         garbage_grace_ms: u64,
         now_ms: u64,
     ) -> Result<(u64, u64)> {
-        let mut records: Vec<ContextRecord> = Vec::new();
+        // Retired contexts wait for deletion; they no longer count against the budget.
+        let mut listed: Vec<ContextRecord> = Vec::new();
         for item in self.contexts.iter() {
-            let (_, value) = item?;
-            records.push(codec::decode(&value)?);
-        }
-        records.sort_by_key(|r| r.created_at_ms);
-        let mut total: u64 = records.iter().map(|r| r.bytes).sum();
-        let mut retired = 0;
-        for record in &records {
-            if self
-                .context_garbage
-                .contains_key(record.context_id.to_be_bytes())?
-            {
-                continue;
+            let (id, value) = item?;
+            if !self.context_garbage.contains_key(&id)? {
+                listed.push(codec::decode(&value)?);
             }
+        }
+        listed.sort_by_key(|r| r.created_at_ms);
+        let mut total: u64 = listed.iter().map(|r| r.bytes).sum();
+        let mut retired = 0;
+        for record in &listed {
             let finished = record.state != ContextState::Fetching;
             let expired = finished && record.created_at_ms.saturating_add(ttl_ms) <= now_ms;
             let over_budget = finished && total > max_total_bytes;

@@ -349,8 +349,14 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Spawns `syncrelay serve` on a free loopback port over `data_dir`.
     pub fn spawn(data_dir: &Path) -> RelayProcess {
+        Self::spawn_at(data_dir, "127.0.0.1:0")
+    }
+
+    /// Spawns `syncrelay serve` on `listen` (e.g. the port of a relay just killed, so that
+    /// agents find it again at the same URL).
+    pub fn spawn_at(data_dir: &Path, listen: &str) -> RelayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))

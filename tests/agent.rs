@@ -860,3 +860,93 @@ async fn the_agent_uses_one_tcp_connection_to_the_relay() {
         "the agent opened more than one connection"
     );
 }
+
+/// A Rust daemon embedding the agent: its own handler answers commands, and its events go
+/// through the publisher. No local HTTP daemon is involved.
+struct Doubler;
+
+impl syncrelay::agent::CommandHandler for Doubler {
+    fn handle(
+        &self,
+        command: syncrelay::agent::Command,
+    ) -> futures_util::future::BoxFuture<'static, syncrelay::agent::Outcome> {
+        Box::pin(async move {
+            match command.method.as_str() {
+                "double" => {
+                    let n = command.params["n"].as_i64().unwrap_or(0);
+                    syncrelay::agent::Outcome::Result(serde_json::json!({ "doubled": n * 2 }))
+                }
+                other => syncrelay::agent::Outcome::error("unknown_method", format!("no {other}")),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_daemon_embeds_the_agent_with_its_own_handler() {
+    let relay = TestRelay::start().await;
+    let key = relay.key("daemon", Some("embedded"), None).await;
+    let client = relay.client(&["embedded"]).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = RawAgent {
+        relay: Some(relay.url.clone()),
+        daemon_id: Some("embedded".into()),
+        key: Some(key),
+        events: Some(String::new()),
+        state_dir: Some(state.path().to_owned()),
+        ..RawAgent::default()
+    }
+    .validate("embedded")
+    .unwrap();
+    let agent = syncrelay::agent::Agent::new(config, std::sync::Arc::new(Doubler)).unwrap();
+    let publisher = agent.publisher();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    client.await_online("embedded").await;
+
+    let answer: Value = client
+        .post("/api/v1/daemons/embedded/commands")
+        .header("prefer", "wait=10")
+        .json(&serde_json::json!({ "method": "double", "params": { "n": 21 } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer, serde_json::json!({ "doubled": 42 }));
+
+    let events: Vec<_> = (1..=3)
+        .map(|n| syncrelay::store::OutboxEvent {
+            kind: "native".into(),
+            timestamp: None,
+            data_json: format!("{{\"n\":{n}}}"),
+        })
+        .collect();
+    publisher.publish(&events).await.unwrap();
+    common::eventually(std::time::Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let body: Value = client
+                .get("/api/v1/daemons/embedded/changes?since=0")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let seen: Vec<i64> = body["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["data"]["n"].as_i64().unwrap())
+                .collect();
+            seen == [1, 2, 3]
+        }
+    })
+    .await;
+    let _ = stop_tx.send(());
+    running.await.unwrap().unwrap();
+}

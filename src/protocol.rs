@@ -211,6 +211,23 @@ pub struct KeyView {
     pub token: Option<String>,
 }
 
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1, plus `host` and
+/// `content-length`, which each hop sets for itself): never carried in an `http` command
+/// or its result, in either direction.
+pub const HOP_BY_HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
 /// Whether `id` is a valid daemon id: `[A-Za-z0-9._-]{1,64}`, and not `.` or `..`, which
 /// would be path segments rather than names in a URL.
 pub fn valid_daemon_id(id: &str) -> bool {

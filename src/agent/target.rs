@@ -16,22 +16,7 @@ use serde_json::{Map, Value};
 
 use super::config::{AgentConfig, MethodRoute};
 use super::handler::{Command, CommandHandler, Outcome, StreamReply};
-use crate::protocol::HttpParams;
-
-/// Headers of one hop, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-];
+use crate::protocol::{HttpParams, HOP_BY_HOP_HEADERS};
 
 #[derive(Clone)]
 pub struct HttpTarget {
@@ -95,7 +80,7 @@ impl HttpTarget {
         let mut has_content_type = false;
         for (name, value) in &params.headers {
             let lower = name.to_ascii_lowercase();
-            if HOP_BY_HOP.contains(&lower.as_str()) {
+            if HOP_BY_HOP_HEADERS.contains(&lower.as_str()) {
                 continue;
             }
             has_content_type |= lower == "content-type";
@@ -326,7 +311,7 @@ fn encode_body(bytes: &[u8], is_json: bool) -> (Value, Option<String>) {
 fn header_map(headers: &reqwest::header::HeaderMap) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, value) in headers {
-        if HOP_BY_HOP.contains(&name.as_str()) {
+        if HOP_BY_HOP_HEADERS.contains(&name.as_str()) {
             continue;
         }
         let Ok(text) = value.to_str() else { continue };

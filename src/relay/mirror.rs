@@ -16,23 +16,10 @@ use serde_json::Value;
 use super::auth::Principal;
 use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
 use super::{App, Response};
-use crate::protocol::{rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest};
+use crate::protocol::{
+    rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest, HOP_BY_HOP_HEADERS,
+};
 use crate::store::{now_ms, CommandRecord, CommandState, NewCommand};
-
-/// Headers that describe one hop, not the message: never forwarded in either direction.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-];
 
 /// Request headers the relay consumes itself: the relay key, its preferences, its own
 /// controls. Forwarding `Authorization` would hand the client's relay key to the daemon.
@@ -242,7 +229,7 @@ pub fn forwarded_headers(headers: &HeaderMap) -> Result<serde_json::Map<String, 
     let mut out = serde_json::Map::new();
     for (name, value) in headers {
         let name = name.as_str();
-        if HOP_BY_HOP.contains(&name)
+        if HOP_BY_HOP_HEADERS.contains(&name)
             || RELAY_REQUEST_HEADERS.contains(&name)
             || name.starts_with("x-syncrelay-")
             || dropped.iter().any(|d| d == name)
@@ -322,7 +309,7 @@ pub fn render_http_result(result: &HttpResult) -> Result<Rendered, String> {
     let mut headers = Vec::new();
     for (name, value) in &result.headers {
         let lower = name.to_ascii_lowercase();
-        if HOP_BY_HOP.contains(&lower.as_str()) || lower == SOURCE.as_str() {
+        if HOP_BY_HOP_HEADERS.contains(&lower.as_str()) || lower == SOURCE.as_str() {
             continue;
         }
         let values: Vec<&str> = match value {

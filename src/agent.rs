@@ -46,6 +46,9 @@ use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
 
 /// Updates uploaded per poll (the relay accepts up to 1000 by default).
 const UPLOAD_BATCH: usize = 100;
+/// Bytes of results or updates sent in one request (the relay accepts 16 MiB bodies by
+/// default).
+const MAX_POST_BYTES: usize = 4 << 20;
 /// Results posted per request.
 const RESULTS_BATCH: usize = 100;
 /// Longest wait for running commands at shutdown.
@@ -59,6 +62,8 @@ pub enum AgentError {
     Rejected(String),
     #[error("invalid agent setup: {0}")]
     Setup(String),
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
     #[error("agent state: {0}")]
     Store(#[from] StoreError),
 }
@@ -72,7 +77,30 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     /// Stores the events durably; they reach the relay in this order, exactly once.
+    /// Events the relay would refuse (an empty or over-long `kind`, a timestamp that is not
+    /// RFC 3339) are refused here, so that one bad event can never block the outbox.
     pub async fn publish(&self, events: &[OutboxEvent]) -> Result<(), AgentError> {
+        for (index, event) in events.iter().enumerate() {
+            if event.kind.is_empty() || event.kind.len() > 256 {
+                return Err(AgentError::InvalidEvent(format!(
+                    "event {index}: kind must be 1 to 256 bytes"
+                )));
+            }
+            if event
+                .timestamp
+                .as_deref()
+                .is_some_and(|t| crate::protocol::parse_rfc3339(t).is_none())
+            {
+                return Err(AgentError::InvalidEvent(format!(
+                    "event {index}: timestamp is not RFC 3339"
+                )));
+            }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&event.data_json).is_err() {
+                return Err(AgentError::InvalidEvent(format!(
+                    "event {index}: data is not JSON"
+                )));
+            }
+        }
         let seq = self.store.append_events(events, None)?;
         self.store.commit().await?;
         self.outbox_tx.send_replace(seq);
@@ -206,7 +234,7 @@ impl Shared {
                     "relay",
                     "superseded: another connection for this daemon id took over",
                 ),
-                LinkError::Transient(message) => self
+                LinkError::Transient(message) | LinkError::Refused(message) => self
                     .status
                     .set("relay", &format!("disconnected: {message}")),
             }
@@ -265,8 +293,15 @@ impl Shared {
                 }
                 continue;
             }
+            let mut bytes = 0;
             let updates = pending
                 .into_iter()
+                .take_while(|(_, event)| {
+                    // At least one; then stay well inside the relay's body limit.
+                    let fits = bytes == 0 || bytes + event.data_json.len() <= MAX_POST_BYTES;
+                    bytes += event.data_json.len().max(1);
+                    fits
+                })
                 .map(|(seq, event)| {
                     let data: Value = serde_json::from_str(&event.data_json).unwrap_or(Value::Null);
                     json!({ "type": event.kind, "data": data, "timestamp": event.timestamp, "seq": seq })
@@ -305,7 +340,10 @@ impl Shared {
                     tracing::warn!(error = %err, "agent state unreadable; executing anyway")
                 }
             }
-            self.lock_running().insert(command.id.clone());
+            // Claim it in the same step as the check: downlink and uplink both dispatch.
+            if !self.lock_running().insert(command.id.clone()) {
+                continue;
+            }
             let shared = self.clone();
             self.commands.spawn(async move {
                 let id = command.id.clone();
@@ -388,9 +426,19 @@ impl Shared {
             let mut entries = Vec::with_capacity(batch.len());
             // Ids whose result is gone (pruned) have nothing left to send.
             let mut done = HashSet::new();
+            let mut bytes = 0;
             for id in &batch {
                 match self.store.result(id) {
-                    Ok(Some(stored)) => entries.push(result_entry(id, &stored)),
+                    Ok(Some(stored)) => {
+                        // Keep each post well inside the relay's body limit.
+                        let size = stored.result_json.as_ref().map_or(0, String::len)
+                            + stored.error_json.as_ref().map_or(0, String::len);
+                        if !entries.is_empty() && bytes + size > MAX_POST_BYTES {
+                            break;
+                        }
+                        bytes += size;
+                        entries.push(result_entry(id, &stored));
+                    }
                     _ => {
                         done.insert(id.clone());
                     }
@@ -459,6 +507,10 @@ impl Shared {
                     Ok(reply) if reply.unknown.iter().any(|id| id == command_id) => return,
                     Ok(_) => break,
                     Err(LinkError::Rejected(_)) => return,
+                    Err(LinkError::Refused(message)) => {
+                        tracing::warn!(command_id, %message, "the relay refused a chunk; the stream ends");
+                        return;
+                    }
                     Err(_) => tokio::time::sleep(backoff.next_delay()).await,
                 }
             }

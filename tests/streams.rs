@@ -814,10 +814,9 @@ async fn chunk_uploads_are_checked() {
     assert_eq!(daemon.results(json!([b64])).await["accepted"], json!([id]));
     reader.expect_next(&format!("id: 2\n{exact}")).await;
 
-    // A duplicate index is accepted and ignored, whatever it carries.
-    let reply = daemon
-        .results(json!([chunk(&id, 1, "data: DUPLICATE\n\n", false)]))
-        .await;
+    // A duplicate index (a retry: the same bytes) is accepted and ignored. Different bytes
+    // under a stored index would fail the fetch (see the store's unit tests).
+    let reply = daemon.results(json!([chunk(&id, 1, &exact, false)])).await;
     assert_eq!(reply["accepted"], json!([id]));
     assert_eq!(reply["unknown"], json!([]));
 

@@ -22,6 +22,9 @@ pub enum LinkError {
     /// Another connect for this daemon replaced ours.
     #[error("superseded by a newer connection")]
     Superseded,
+    /// The relay refused this one request (4xx): sending it again cannot help.
+    #[error("{0}")]
+    Refused(String),
     /// The relay is unreachable, restarting or overloaded: try again later.
     #[error("{0}")]
     Transient(String),
@@ -122,6 +125,9 @@ impl RelayLink {
         match status.as_u16() {
             401 | 403 => Err(LinkError::Rejected(format!("{status} {code}: {message}"))),
             409 if code == "superseded" => Err(LinkError::Superseded),
+            400..=499 => Err(LinkError::Refused(format!(
+                "relay answered {status} {code}: {message}"
+            ))),
             _ => Err(LinkError::Transient(format!(
                 "relay answered {status} {code}: {message}"
             ))),

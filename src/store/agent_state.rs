@@ -17,6 +17,8 @@ use super::{codec, commit, encoded, get_decoded, Result, StoreError};
 const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 const ACKED_KEY: &[u8] = b"acked_seq";
 const EVENT_ID_KEY: &[u8] = b"last_event_id";
+/// Present once a relay's `last_update_seq` has been taken as this outbox's baseline.
+const SYNCED_KEY: &[u8] = b"synced";
 
 /// A daemon event as the relay will receive it in `updates`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +46,9 @@ pub struct AgentStore {
     results: sled::Tree,
     meta: sled::Tree,
     committer: commit::GroupCommit,
+    /// Serialises appends and acknowledgements, which read and then write the outbox's
+    /// numbering. Held only across synchronous sled calls.
+    writer: std::sync::Mutex<()>,
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
@@ -60,6 +65,7 @@ impl AgentStore {
             results: db.open_tree("results")?,
             meta: db.open_tree("meta")?,
             committer: commit::GroupCommit::start(db.clone()),
+            writer: std::sync::Mutex::new(()),
             db,
         })
     }
@@ -83,31 +89,37 @@ impl AgentStore {
         events: &[OutboxEvent],
         last_event_id: Option<&str>,
     ) -> Result<u64> {
-        let rows: Vec<Vec<u8>> = events.iter().map(encoded).collect();
-        let last = (&self.outbox, &self.meta).transaction(
-            |(outbox, meta)| -> ConflictableTransactionResult<u64, StoreError> {
-                let mut next = match meta.get(NEXT_SEQ_KEY)? {
-                    Some(bytes) => codec::decode::<u64>(&bytes)
-                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?,
-                    None => 1,
-                };
-                for row in &rows {
-                    outbox.insert(&next.to_be_bytes(), row.as_slice())?;
-                    next += 1;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.next_seq()?;
+        let rows: Vec<([u8; 8], Vec<u8>)> = events
+            .iter()
+            .zip(first..)
+            .map(|(event, seq)| (seq.to_be_bytes(), encoded(event)))
+            .collect();
+        let next = first + events.len() as u64;
+        let event_id = last_event_id.map(|id| encoded(&id.to_owned()));
+        (&self.outbox, &self.meta).transaction(
+            |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
+                for (key, value) in &rows {
+                    outbox.insert(key, value.as_slice())?;
                 }
                 meta.insert(NEXT_SEQ_KEY, encoded(&next))?;
-                if let Some(id) = last_event_id {
-                    meta.insert(EVENT_ID_KEY, encoded(&id.to_owned()))?;
+                if let Some(id) = &event_id {
+                    meta.insert(EVENT_ID_KEY, id.as_slice())?;
                 }
-                Ok(next - 1)
+                Ok(())
             },
         )?;
-        Ok(last)
+        Ok(next - 1)
     }
 
     /// The daemon stream's position recorded with the last append.
     pub fn last_event_id(&self) -> Result<Option<String>> {
         get_decoded(&self.meta, EVENT_ID_KEY)
+    }
+
+    fn next_seq(&self) -> Result<u64> {
+        Ok(get_decoded::<u64>(&self.meta, NEXT_SEQ_KEY)?.unwrap_or(1))
     }
 
     /// Up to `limit` unacknowledged events, oldest first, with their seqs.
@@ -125,33 +137,52 @@ impl AgentStore {
             .collect()
     }
 
-    /// The relay holds every update up to `seq`: drop them from the outbox. Also makes sure
-    /// later events get seqs above it (a fresh state dir must not reuse acknowledged seqs,
-    /// which the relay would drop as retries).
-    pub fn acknowledge(&self, seq: u64) -> Result<()> {
+    /// Takes the relay's `last_update_seq` (it holds every update up to it):
+    /// - normally, the outbox numbered what the relay holds: entries up to it were sent
+    ///   and are dropped;
+    /// - on a fresh outbox's first contact, or when the relay holds seqs this outbox never
+    ///   assigned (its state dir was replaced), nothing here was sent: every entry is
+    ///   renumbered after the relay's seq, in order, so the relay takes them all.
+    ///
+    /// One atomic step, serialised with appends.
+    pub fn acknowledge(&self, relay_seq: u64) -> Result<()> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let acked = read_u64(&self.meta, ACKED_KEY)?;
-        if seq <= acked {
+        let next = self.next_seq()?;
+        let synced = self.meta.contains_key(SYNCED_KEY)?;
+        let mut removes: Vec<sled::IVec> = Vec::new();
+        let mut inserts: Vec<([u8; 8], sled::IVec)> = Vec::new();
+        let (new_acked, new_next) = if !synced || relay_seq >= next {
+            let mut seq = relay_seq;
+            for item in self.outbox.iter() {
+                let (key, value) = item?;
+                seq += 1;
+                removes.push(key);
+                inserts.push((seq.to_be_bytes(), value));
+            }
+            (relay_seq, seq + 1)
+        } else if relay_seq > acked {
+            for item in self.outbox.range(..=relay_seq.to_be_bytes()) {
+                removes.push(item?.0);
+            }
+            (relay_seq, next)
+        } else {
             return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        for item in self.outbox.range(..=seq.to_be_bytes()) {
-            let (key, _) = item?;
-            batch.remove(key);
-        }
-        self.outbox.apply_batch(batch)?;
-        self.meta
-            .transaction(|meta| -> ConflictableTransactionResult<(), StoreError> {
-                meta.insert(ACKED_KEY, encoded(&seq))?;
-                let next = match meta.get(NEXT_SEQ_KEY)? {
-                    Some(bytes) => codec::decode::<u64>(&bytes)
-                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?,
-                    None => 1,
-                };
-                if next <= seq {
-                    meta.insert(NEXT_SEQ_KEY, encoded(&(seq + 1)))?;
+        };
+        (&self.outbox, &self.meta).transaction(
+            |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
+                for key in &removes {
+                    outbox.remove(key)?;
                 }
+                for (key, value) in &inserts {
+                    outbox.insert(key, value)?;
+                }
+                meta.insert(ACKED_KEY, encoded(&new_acked))?;
+                meta.insert(NEXT_SEQ_KEY, encoded(&new_next))?;
+                meta.insert(SYNCED_KEY, &[1])?;
                 Ok(())
-            })?;
+            },
+        )?;
         Ok(())
     }
 
@@ -227,6 +258,8 @@ mod tests {
                 .unwrap(),
             2
         );
+        // First contact: the relay holds nothing of this daemon yet.
+        store.acknowledge(0).unwrap();
         assert_eq!(store.append_events(&[event(3)], Some("8")).unwrap(), 3);
         assert_eq!(store.last_event_id().unwrap().as_deref(), Some("8"));
         store.acknowledge(2).unwrap();
@@ -235,10 +268,27 @@ mod tests {
         drop(store);
         let store = AgentStore::open(dir.path()).unwrap();
         assert_eq!(store.pending(10).unwrap().len(), 1, "survives a reopen");
-        // The relay knows more than this state dir: new seqs start above it.
+        // The relay holds seqs this outbox never assigned (another state dir sent them):
+        // what is pending here was never sent, and is renumbered after them.
         store.acknowledge(40).unwrap();
-        assert!(store.pending(10).unwrap().is_empty());
-        assert_eq!(store.append_events(&[event(4)], None).unwrap(), 41);
+        assert_eq!(store.pending(10).unwrap(), vec![(41, event(3))]);
+        assert_eq!(store.append_events(&[event(4)], None).unwrap(), 42);
+    }
+
+    #[test]
+    fn a_fresh_outbox_keeps_its_events_whatever_the_relay_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path()).unwrap();
+        let events: Vec<OutboxEvent> = (1..=50).map(event).collect();
+        store.append_events(&events, None).unwrap();
+        // A replaced state dir: the relay already holds 40 updates from before.
+        store.acknowledge(40).unwrap();
+        let pending = store.pending(100).unwrap();
+        assert_eq!(pending.len(), 50, "nothing unsent is dropped");
+        assert_eq!(pending.first().unwrap(), &(41, event(1)));
+        assert_eq!(pending.last().unwrap(), &(90, event(50)));
+        store.acknowledge(90).unwrap();
+        assert!(store.pending(100).unwrap().is_empty());
     }
 
     #[test]

@@ -258,6 +258,30 @@ impl Store {
         if record.daemon_id != daemon_id {
             return Ok(ChunkOutcome::Unknown);
         }
+        if chunk.index < record.chunks && record.state == ContextState::Fetching {
+            // A retry carries the same bytes. Different bytes mean the daemon's response was
+            // fetched again and cut differently (an agent restarted mid-upload): appending
+            // it would garble the context, so the fetch fails and the next request starts a
+            // clean one.
+            let stored = self
+                .context_chunks
+                .get(chunk_key(record.context_id, chunk.index))?;
+            let same = stored
+                .map(|bytes| codec::decode::<Vec<u8>>(&bytes))
+                .transpose()?
+                .is_some_and(|bytes| bytes == chunk.data);
+            if !same {
+                record.state = ContextState::Failed;
+                record.finished_at_ms = now_ms;
+                record.error_json = Some(
+                    serde_json::json!({ "code": "stream_restarted", "message": "the daemon's response was fetched again and differs" })
+                        .to_string(),
+                );
+                self.contexts.insert(&id_bytes, encoded(&record))?;
+                self.finish_stream_command(&mut command, &record, now_ms)?;
+                return Ok(ChunkOutcome::Unknown);
+            }
+        }
         if chunk.index < record.chunks {
             // A retry. Should the context have completed without its command (a crash in
             // between), finish the command now.
@@ -386,10 +410,14 @@ impl Store {
         let mut total: u64 = listed.iter().map(|r| r.bytes).sum();
         let mut retired = 0;
         for record in &listed {
-            let finished = record.state != ContextState::Fetching;
+            // A fetch whose command ended without completing it will never go on.
+            let abandoned = record.state == ContextState::Fetching
+                && get_decoded::<CommandRecord>(&self.commands, record.command_id.as_bytes())?
+                    .is_none_or(|c| c.state.is_final() || c.due_to_expire(now_ms));
+            let finished = record.state != ContextState::Fetching || abandoned;
             let expired = finished && record.created_at_ms.saturating_add(ttl_ms) <= now_ms;
             let over_budget = finished && total > max_total_bytes;
-            if expired || over_budget {
+            if expired || over_budget || abandoned {
                 self.retire_context(record, now_ms)?;
                 total -= record.bytes;
                 retired += 1;
@@ -554,6 +582,58 @@ mod tests {
             store.open_context(request(true), 3_001).unwrap(),
             Opened::Started(_)
         ));
+    }
+
+    #[test]
+    fn a_refetch_with_other_bytes_fails_instead_of_garbling() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let Opened::Started(ctx) = store.open_context(request(false), 0).unwrap() else {
+            panic!()
+        };
+        let command = ctx.command_id.as_str();
+        store
+            .append_chunk("d", command, chunk(0, b"abc", false), 100, 50, 1)
+            .unwrap();
+        assert!(matches!(
+            store
+                .append_chunk("d", command, chunk(0, b"abc", false), 100, 50, 2)
+                .unwrap(),
+            ChunkOutcome::Duplicate(_)
+        ));
+        assert!(matches!(
+            store
+                .append_chunk("d", command, chunk(0, b"ab", false), 100, 50, 3)
+                .unwrap(),
+            ChunkOutcome::Unknown
+        ));
+        assert_eq!(
+            store.context(ctx.context_id).unwrap().unwrap().state,
+            ContextState::Failed
+        );
+        assert!(matches!(
+            store.open_context(request(false), 4).unwrap(),
+            Opened::Started(_)
+        ));
+    }
+
+    #[test]
+    fn abandoned_fetches_are_swept() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let Opened::Started(ctx) = store.open_context(request(false), 0).unwrap() else {
+            panic!()
+        };
+        // Nobody took the stream command before its TTL (100 ms).
+        assert_eq!(
+            store.sweep_contexts(1_000_000, u64::MAX, 0, 50).unwrap(),
+            (0, 0)
+        );
+        assert_eq!(
+            store.sweep_contexts(1_000_000, u64::MAX, 0, 200).unwrap().0,
+            1
+        );
+        assert!(store.context(ctx.context_id).unwrap().is_none());
     }
 
     #[test]

@@ -24,19 +24,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::TestDaemon;
+use common::proxy::Proxy;
 use common::{eventually, Client, TestAgent, TestRelay};
 use reqwest::Method;
 use serde_json::{json, Value};
 use syncrelay::agent::RawAgent;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// Bound of every wait on a condition.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -162,82 +157,6 @@ async fn metric(relay: &TestRelay, name: &str) -> u64 {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A TCP proxy on loopback in front of the relay, for the agent to dial: counts the
-/// connections it accepts and can hold the agent→relay direction (bytes wait in the proxy,
-/// nothing is dropped) while relay→agent keeps flowing.
-struct Proxy {
-    url: String,
-    accepted: Arc<AtomicUsize>,
-    hold: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (hold, hold_rx) = watch::channel(false);
-        let counter = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(pipe(inbound, upstream, hold_rx.clone()));
-            }
-        });
-        Proxy {
-            url,
-            accepted,
-            hold,
-            task,
-        }
-    }
-
-    fn connections(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    /// Holds (`true`) or releases (`false`) what the agent sends to the relay.
-    fn hold(&self, held: bool) {
-        self.hold.send_replace(held);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Pipes one accepted connection to `upstream`: relay→agent with `tokio::io::copy`,
-/// agent→relay by hand so that it can wait while `hold` is set.
-async fn pipe(inbound: TcpStream, upstream: SocketAddr, mut hold: watch::Receiver<bool>) {
-    let Ok(outbound) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut from_agent, mut to_agent) = inbound.into_split();
-    let (mut from_relay, mut to_relay) = outbound.into_split();
-    let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut from_relay, &mut to_agent).await;
-        let _ = to_agent.shutdown().await;
-    });
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from_agent.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if hold.wait_for(|held| !held).await.is_err() {
-            break;
-        }
-        if to_relay.write_all(&buffer[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to_relay.shutdown().await;
-    let _ = down.await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,11 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::TestDaemon;
+use common::proxy::Proxy;
 use common::{create_key, eventually, AgentProcess, RelayProcess};
 use serde_json::{json, Value};
 use syncrelay::store::AgentStore;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const DAEMON: &str = "d";
@@ -66,59 +65,6 @@ fn socket_addr(url: &str) -> SocketAddr {
     url.strip_prefix("http://")
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("relay URL {url:?} is not http://ip:port"))
-}
-
-/// A TCP proxy on a fixed loopback port in front of the relay. Switching the upstream (to
-/// a restarted relay, or to none while it is down) cuts every open connection; with no
-/// upstream, connections are accepted and closed at once.
-struct Proxy {
-    url: String,
-    upstream: Arc<watch::Sender<Option<SocketAddr>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let upstream = Arc::new(watch::Sender::new(Some(upstream)));
-        let shared = upstream.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut changed = shared.subscribe();
-                let target = *changed.borrow_and_update();
-                tokio::spawn(async move {
-                    let Some(target) = target else { return };
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = changed.changed() => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            url,
-            upstream,
-            task,
-        }
-    }
-
-    fn switch(&self, upstream: Option<SocketAddr>) {
-        self.upstream.send_replace(upstream);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.upstream.send_replace(None);
-    }
 }
 
 /// SIGKILLs the relay, points the proxy nowhere, and returns once it is dead.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod proxy;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};

@@ -53,6 +53,8 @@ const MAX_POST_BYTES: usize = 4 << 20;
 const RESULTS_BATCH: usize = 100;
 /// Longest wait for running commands at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Body pieces read ahead of the chunk being posted.
+const STREAM_READ_AHEAD: usize = 64;
 /// How often old results are forgotten.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -460,27 +462,60 @@ impl Shared {
         }
     }
 
-    /// Posts a streamed response as chunks, each piece as soon as it is read (at most
-    /// `chunk_bytes`), status and headers with chunk 0, and a last empty chunk with
-    /// `complete: true` (and the error, when the body failed part-way). Memory stays
-    /// bounded by one piece. A chunk that fails to post is retried (the relay ignores
-    /// duplicates); an `unknown` answer ends the stream.
+    /// Posts a streamed response as chunks: a reader task keeps reading the body while a
+    /// post is in flight, and each post carries what has arrived since the last one (at
+    /// most `chunk_bytes`), so a fast stream goes in few large posts and a slow one
+    /// without delay. Status and headers go with chunk 0, and a last empty chunk says
+    /// `complete: true` (with the error, when the body failed part-way). Memory stays
+    /// bounded by the reader's queue and one chunk. A chunk that fails to post is retried
+    /// (the relay ignores duplicates); an `unknown` answer ends the stream.
     async fn post_stream(&self, command_id: &str, reply: StreamReply) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(STREAM_READ_AHEAD);
         let mut body = reply.body;
+        // Ends when the body does, or when this function returns and drops `rx`.
+        let reader = tokio::spawn(async move {
+            while let Some(item) = body.next().await {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _reader = AbortOnDrop(reader);
         let mut head = Some((reply.status, reply.headers));
         let mut leftover: Option<bytes::Bytes> = None;
+        // The body's end (with its error, if any), seen while filling a chunk.
+        let mut ended: Option<Option<String>> = None;
         let limit = self.config.chunk_bytes;
         for index in 0i64.. {
-            let next = match leftover.take() {
-                Some(bytes) => Some(Ok(bytes)),
-                None => body.next().await,
+            let next = match (leftover.take(), ended.take()) {
+                (Some(bytes), end) => {
+                    ended = end;
+                    Some(Ok(bytes))
+                }
+                (None, Some(None)) => None,
+                (None, Some(Some(message))) => Some(Err(message)),
+                (None, None) => rx.recv().await,
             };
             let (piece, error, complete) = match next {
-                Some(Ok(mut bytes)) => {
-                    if bytes.len() > limit {
-                        leftover = Some(bytes.split_off(limit));
+                Some(Ok(first)) => {
+                    let mut piece = bytes::BytesMut::from(first.as_ref());
+                    // Take what is already there, without waiting, up to the limit.
+                    while piece.len() < limit && ended.is_none() {
+                        match rx.try_recv() {
+                            Ok(Ok(more)) => piece.extend_from_slice(&more),
+                            Ok(Err(message)) => ended = Some(Some(message)),
+                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                                ended = Some(None)
+                            }
+                            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        }
                     }
-                    (bytes, None, false)
+                    let mut piece = piece.freeze();
+                    if piece.len() > limit {
+                        leftover = Some(piece.split_off(limit));
+                    }
+                    (piece, None, false)
                 }
                 Some(Err(message)) => (bytes::Bytes::new(), Some(message), true),
                 None => (bytes::Bytes::new(), None, true),
@@ -526,6 +561,15 @@ impl Shared {
 
     fn lock_unsent(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
         self.unsent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

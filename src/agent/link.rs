@@ -13,6 +13,10 @@ use super::config::AgentConfig;
 /// Slack on top of a poll's own timeout before the HTTP request gives up.
 const POLL_SLACK: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request answered 429 is sent again after `Retry-After` (at most this long), this
+/// many times, before the caller sees a transient error.
+const MAX_THROTTLED: u32 = 10;
+const MAX_RETRY_AFTER_SECS: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -102,35 +106,55 @@ impl RelayLink {
             .base
             .join(route)
             .map_err(|err| LinkError::Transient(err.to_string()))?;
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(&self.key)
-            .json(body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|err| {
-                LinkError::Transient(format!("relay unreachable: {}", root_cause(&err)))
-            })?;
-        let status = response.status();
-        if status.is_success() {
-            return response.json().await.map_err(|err| {
-                LinkError::Transient(format!("unreadable answer from the relay: {err}"))
-            });
-        }
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
-        let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
-        match status.as_u16() {
-            401 | 403 => Err(LinkError::Rejected(format!("{status} {code}: {message}"))),
-            409 if code == "superseded" => Err(LinkError::Superseded),
-            400..=499 => Err(LinkError::Refused(format!(
-                "relay answered {status} {code}: {message}"
-            ))),
-            _ => Err(LinkError::Transient(format!(
-                "relay answered {status} {code}: {message}"
-            ))),
+        let mut throttled = 0;
+        loop {
+            let response = self
+                .http
+                .post(url.clone())
+                .bearer_auth(&self.key)
+                .json(body)
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(|err| {
+                    LinkError::Transient(format!("relay unreachable: {}", root_cause(&err)))
+                })?;
+            let status = response.status();
+            if status.is_success() {
+                return response.json().await.map_err(|err| {
+                    LinkError::Transient(format!("unreadable answer from the relay: {err}"))
+                });
+            }
+            // Rate limited: wait as long as the relay asks, then send the same request.
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS && throttled < MAX_THROTTLED {
+                throttled += 1;
+                let wait = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .clamp(1, MAX_RETRY_AFTER_SECS);
+                tracing::debug!(route, wait, "rate limited by the relay; waiting");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+            let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
+            return match status.as_u16() {
+                401 | 403 => Err(LinkError::Rejected(format!("{status} {code}: {message}"))),
+                409 if code == "superseded" => Err(LinkError::Superseded),
+                429 => Err(LinkError::Transient(format!(
+                    "relay answered {status} {code}: {message}"
+                ))),
+                400..=499 => Err(LinkError::Refused(format!(
+                    "relay answered {status} {code}: {message}"
+                ))),
+                _ => Err(LinkError::Transient(format!(
+                    "relay answered {status} {code}: {message}"
+                ))),
+            };
         }
     }
 

@@ -34,11 +34,11 @@ pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
 }
 
 impl AdminClient {
-    pub fn new(base_url: &str, token: String) -> AdminClient {
+    pub fn new(base_url: &str, token: String, http: reqwest::Client) -> AdminClient {
         AdminClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             token,
-            http: reqwest::Client::new(),
+            http,
         }
     }
 

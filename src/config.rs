@@ -20,6 +20,48 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
     pub streams: StreamsConfig,
+    /// HTTPS; `None` serves plaintext (loopback, or `insecure_plaintext`).
+    pub tls: Option<TlsConfig>,
+    pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
+}
+
+/// `[tls]`: PEM files, re-read on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mutual TLS: client certificates signed by these CAs, whose subject CN is a daemon
+    /// id, authenticate that daemon.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[rate_limit]`: GCRA quotas (`governor`); a rate of 0 turns that limit off.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Requests per second per key (after authentication).
+    pub per_key_per_second: u32,
+    pub per_key_burst: u32,
+    /// Requests per second per source address (IPv4 address, IPv6 /64), before
+    /// authentication.
+    pub per_address_per_second: u32,
+    pub per_address_burst: u32,
+    /// Failed authentications per minute per source address; beyond it the address is
+    /// answered 429 without looking at its keys.
+    pub auth_failures_per_minute: u32,
+    pub auth_failures_burst: u32,
+    /// Source addresses tracked at once; beyond it new addresses share one budget.
+    pub max_tracked_addresses: usize,
+}
+
+/// `[cors]`: browser clients.
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example.com`), or `"*"`; empty turns CORS off.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age: Duration,
 }
 
 /// Cache-and-serve streaming.
@@ -94,7 +136,18 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub max_updates_per_poll: usize,
     pub max_results_per_post: usize,
+    /// Request headers (and the TLS handshake) must arrive within this.
     pub header_read_timeout: Duration,
+    /// Bytes of request headers (HTTP/1.1 read buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Number of request headers (HTTP/1.1).
+    pub max_headers: usize,
+    /// Open connections in all; more are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one source address (IPv4 address, IPv6 /64).
+    pub max_connections_per_address: usize,
+    /// Concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +198,12 @@ pub struct RawConfig {
     pub retention: RawRetention,
     #[serde(default)]
     pub streams: RawStreams,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
+    #[serde(default)]
+    pub cors: RawCors,
     /// Read by `syncrelay agent`; accepted here so one file can serve both.
     #[serde(default)]
     pub agent: Option<toml::Table>,
@@ -193,6 +252,38 @@ pub struct RawLimits {
     pub max_updates_per_poll: Option<usize>,
     pub max_results_per_post: Option<usize>,
     pub header_read_timeout: Option<String>,
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_address: Option<usize>,
+    pub max_streams_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_key_per_second: Option<u32>,
+    pub per_key_burst: Option<u32>,
+    pub per_address_per_second: Option<u32>,
+    pub per_address_burst: Option<u32>,
+    pub auth_failures_per_minute: Option<u32>,
+    pub auth_failures_burst: Option<u32>,
+    pub max_tracked_addresses: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -398,7 +489,90 @@ impl Config {
                 &raw.limits.header_read_timeout,
                 "10s",
             ),
+            max_header_bytes: raw.limits.max_header_bytes.unwrap_or(16 << 10),
+            max_headers: check.positive("limits.max_headers", raw.limits.max_headers, 64),
+            max_connections: check.positive(
+                "limits.max_connections",
+                raw.limits.max_connections,
+                4096,
+            ),
+            max_connections_per_address: check.positive(
+                "limits.max_connections_per_address",
+                raw.limits.max_connections_per_address,
+                256,
+            ),
+            max_streams_per_connection: check.positive(
+                "limits.max_streams_per_connection",
+                raw.limits.max_streams_per_connection,
+                128,
+            ),
         };
+        check.require(
+            (8192..=1 << 20).contains(&limits.max_header_bytes),
+            "limits.max_header_bytes must be between 8192 and 1048576",
+        );
+        check.require(
+            limits.header_read_timeout >= Duration::from_millis(100),
+            "limits.header_read_timeout must be at least 100ms",
+        );
+        let tls = match (raw.tls.cert, raw.tls.key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert,
+                key,
+                client_ca: raw.tls.client_ca,
+            }),
+            (None, None) => {
+                check.require(
+                    raw.tls.client_ca.is_none(),
+                    "tls.client_ca needs tls.cert and tls.key",
+                );
+                None
+            }
+            _ => {
+                check
+                    .problems
+                    .push("tls.cert and tls.key must be set together".into());
+                None
+            }
+        };
+        let rl = &raw.rate_limit;
+        let rate_limit = RateLimitConfig {
+            per_key_per_second: rl.per_key_per_second.unwrap_or(1000),
+            per_key_burst: check.positive("rate_limit.per_key_burst", rl.per_key_burst, 2000),
+            per_address_per_second: rl.per_address_per_second.unwrap_or(1000),
+            per_address_burst: check.positive(
+                "rate_limit.per_address_burst",
+                rl.per_address_burst,
+                2000,
+            ),
+            auth_failures_per_minute: rl.auth_failures_per_minute.unwrap_or(10),
+            auth_failures_burst: check.positive(
+                "rate_limit.auth_failures_burst",
+                rl.auth_failures_burst,
+                20,
+            ),
+            max_tracked_addresses: check.positive(
+                "rate_limit.max_tracked_addresses",
+                rl.max_tracked_addresses,
+                100_000,
+            ),
+        };
+        let cors = CorsConfig {
+            allowed_origins: raw.cors.allowed_origins.unwrap_or_default(),
+            max_age: check.duration("cors.max_age", &raw.cors.max_age, "1h"),
+        };
+        for origin in &cors.allowed_origins {
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && http::HeaderValue::from_str(origin).is_ok());
+            check.require(
+                valid,
+                format!(
+                    "cors.allowed_origins: {origin:?} is not an origin like \"https://app.example.com\" or \"*\""
+                ),
+            );
+        }
         let retention = RetentionConfig {
             interval: check.duration("retention.interval", &raw.retention.interval, "60s"),
             changes_max_entries: check.positive(
@@ -469,6 +643,9 @@ impl Config {
         };
         if check.problems.is_empty() {
             Ok(Config {
+                tls,
+                rate_limit,
+                cors,
                 streams,
                 server,
                 sync,

@@ -7,6 +7,7 @@
 //! - [`relay`]: the HTTP server: sync handlers for daemons, the mirrored client API,
 //!   change-log feeds, admin endpoints, and the in-memory hub that wakes waiting requests.
 //! - [`admin`]: the operator CLI (`syncrelay keys …`) talking to a running relay.
+//! - [`init`]: `syncrelay init --self-signed`, a quick-start certificate and config.
 //!
 //! Data flow: a client request becomes a command in the store (committed to disk before
 //! any acknowledgement), the hub wakes the daemon's waiting poll, the daemon posts the
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod init;
 pub mod protocol;
 pub mod relay;
 pub mod store;

@@ -75,6 +75,22 @@ enum Command {
         #[command(flatten)]
         target: RelayTarget,
     },
+    /// Write a quick-start TLS setup: a self-signed certificate and key for HOSTNAME, and
+    /// a config serving HTTPS with them.
+    Init {
+        /// The name (or IP address) clients will use to reach the relay.
+        #[arg(long, value_name = "HOSTNAME")]
+        self_signed: String,
+        /// Directory for cert.pem, key.pem, config.toml and data/.
+        #[arg(long, default_value = "syncrelay")]
+        dir: PathBuf,
+        /// The address the config listens on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// Replace files that already exist.
+        #[arg(long)]
+        force: bool,
+    },
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -220,6 +236,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             print!("{}", admin::format_daemons(&client.daemons().await?));
             Ok(())
         }
+        Command::Init {
+            self_signed,
+            dir,
+            listen,
+            force,
+        } => {
+            let written = syncrelay::init::self_signed(&self_signed, &dir, listen, force)?;
+            println!(
+                "wrote {}, {} and {}",
+                written.cert.display(),
+                written.key.display(),
+                written.config.display()
+            );
+            println!(
+                "start the relay:  syncrelay serve --config {}",
+                written.config.display()
+            );
+            println!(
+                "agents and clients trust {} (e.g. relay_ca = {:?} in [agent])",
+                written.cert.display(),
+                written.cert.display().to_string()
+            );
+            Ok(())
+        }
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -242,19 +282,33 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
+/// The admin client for a relay: `--url`, else the config's listen address, over HTTPS
+/// when the config has `[tls]` (trusting its certificate file, under the certificate's
+/// own name resolved to the listen address, so a self-signed setup works as is).
 fn admin_client(target: &RelayTarget) -> anyhow::Result<admin::AdminClient> {
     let config = load_config(target.config.as_deref())?;
-    let data_dir = target.data_dir.clone().unwrap_or(config.server.data_dir);
-    let url = target.url.clone().unwrap_or_else(|| {
-        let mut addr = config.server.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    let data_dir = target
+        .data_dir
+        .clone()
+        .unwrap_or(config.server.data_dir.clone());
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut http = reqwest::Client::builder();
+    let mut url = format!("http://{addr}");
+    if let Some(tls) = &config.tls {
+        for cert in relay::tls::read_certs(&tls.cert)? {
+            http = http.add_root_certificate(reqwest::Certificate::from_der(cert.as_ref())?);
         }
-        format!("http://{addr}")
-    });
+        let host = relay::tls::first_dns_name(&tls.cert)?.unwrap_or_else(|| "localhost".into());
+        http = http.resolve(&host, addr);
+        url = format!("https://{host}:{}", addr.port());
+    }
     Ok(admin::AdminClient::new(
-        &url,
+        target.url.as_deref().unwrap_or(&url),
         admin::admin_token(&data_dir)?,
+        http.build()?,
     ))
 }
 
@@ -272,12 +326,17 @@ fn init_tracing(format: LogFormat) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    if !listen.ip().is_loopback() && !config.server.insecure_plaintext {
-        anyhow::bail!(
-            "refusing plaintext HTTP on the non-loopback address {listen}: serve on loopback, \
-             or set server.insecure_plaintext = true behind a TLS-terminating proxy"
-        );
-    }
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(relay::tls::TlsState::load(files)?)),
+        None if !listen.ip().is_loopback() && !config.server.insecure_plaintext => {
+            anyhow::bail!(
+                "refusing plaintext HTTP on the non-loopback address {listen}: set [tls] cert and \
+                 key (see `syncrelay init --self-signed`), serve on loopback, or set \
+                 server.insecure_plaintext = true behind a TLS-terminating proxy"
+            )
+        }
+        None => None,
+    };
     let data_dir = config.server.data_dir.clone();
     let store = Arc::new(
         Store::open(&data_dir)
@@ -290,11 +349,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, data_dir = %data_dir.display(), "relay listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, %scheme, data_dir = %data_dir.display(), "relay listening");
     // Scripts and tests read the bound address (port 0 picks one) from this line.
-    println!("syncrelay listening on http://{local}");
+    println!("syncrelay listening on {scheme}://{local}");
     std::io::stdout().flush()?;
-    relay::run(listener, config, store, shutdown_signal()).await
+    relay::run_with_tls(listener, config, store, tls, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

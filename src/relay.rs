@@ -1,11 +1,13 @@
-//! The relay server: [`run`] serves HTTP/1.1 and HTTP/2 (prior-knowledge h2c) on a
-//! listener the caller bound, until the caller's shutdown future resolves; then it stops
-//! accepting, answers waiting polls and streams, drains connections under a grace timeout
-//! and closes the store last.
+//! The relay server: [`run`] serves HTTP/1.1 and HTTP/2 (over TLS with ALPN when `[tls]`
+//! is set, else prior-knowledge h2c) on a listener the caller bound, until the caller's
+//! shutdown future resolves; then it stops accepting, answers waiting polls and streams,
+//! drains connections under a grace timeout and closes the store last. With TLS, SIGHUP
+//! re-reads the certificate files.
 //!
-//! Modules: `server` (accept loop, connections), `router` (routes → handlers), `auth`,
-//! `sync` (daemon side), `mirror` and `client` (client API), `changes` (change log and
-//! SSE), `admin_api`, `hub` (in-memory wake-ups), `http` (errors, bodies).
+//! Modules: `server` (accept loop, connections), `tls`, `limits` (rate and connection
+//! limits), `router` (routes → handlers), `auth`, `sync` (daemon side), `mirror` and
+//! `client` (client API), `changes` (change log and SSE), `admin_api`, `hub` (in-memory
+//! wake-ups), `http` (errors, bodies).
 
 mod admin_api;
 pub mod auth;
@@ -14,11 +16,13 @@ mod client;
 mod framer;
 pub mod http;
 mod hub;
+pub mod limits;
 mod mirror;
 mod router;
 mod server;
 mod streams;
 mod sync;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,6 +49,7 @@ pub struct App {
     /// Cancelled when shutdown begins: waiting polls and streams answer at once.
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
+    pub limits: limits::RateLimits,
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
@@ -52,7 +57,15 @@ pub struct App {
 pub struct Metrics {
     pub connections_accepted: std::sync::atomic::AtomicU64,
     pub connections_open: std::sync::atomic::AtomicI64,
+    /// Connections closed at once by `max_connections` or `max_connections_per_address`.
+    pub connections_refused: std::sync::atomic::AtomicU64,
+    pub tls_handshake_failures: std::sync::atomic::AtomicU64,
+    pub auth_failures: std::sync::atomic::AtomicU64,
+    pub rate_limited: std::sync::atomic::AtomicU64,
 }
+
+/// How often rate-limit state that has refilled is dropped.
+const LIMITS_HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl App {
     /// The signals of a daemon the store knows; 404 otherwise.
@@ -63,14 +76,31 @@ impl App {
     }
 }
 
-/// Serves the relay on `listener` until `shutdown` resolves, then closes `store`.
+/// Serves the relay on `listener` until `shutdown` resolves, then closes `store`. TLS is
+/// loaded from `config.tls`; see [`run_with_tls`] to load it first.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     store: Arc<Store>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
+        None => None,
+    };
+    run_with_tls(listener, config, store, tls, shutdown).await
+}
+
+/// [`run`] with TLS already loaded (`None`: plaintext). With TLS, SIGHUP reloads it.
+pub async fn run_with_tls(
+    listener: TcpListener,
+    config: Config,
+    store: Arc<Store>,
+    tls: Option<Arc<tls::TlsState>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let app = Arc::new(App {
+        limits: limits::RateLimits::new(&config.rate_limit),
         config,
         store: store.clone(),
         hub: Arc::new(Hub::default()),
@@ -78,12 +108,55 @@ pub async fn run(
         metrics: Metrics::default(),
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
-    server::serve(listener, app.clone(), shutdown).await;
-    // `serve` cancelled the token: the sweep loop ends after the sweep in progress, if any.
+    let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));
+    let reloads = tls
+        .clone()
+        .map(|tls| tokio::spawn(reload_on_sighup(tls, app.shutdown.clone())));
+    server::serve(listener, app.clone(), tls, shutdown).await;
+    // `serve` cancelled the token: the loops end (the sweep after the one in progress).
     let _ = retention.await;
+    let _ = housekeeping.await;
+    if let Some(reloads) = reloads {
+        let _ = reloads.await;
+    }
     tokio::task::spawn_blocking(move || store.close()).await??;
     tracing::info!("store closed");
     Ok(())
+}
+
+/// Re-reads the TLS files on each SIGHUP; a failed reload keeps the old ones.
+async fn reload_on_sighup(tls: Arc<tls::TlsState>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGHUP; TLS files will not be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "SIGHUP: TLS reload failed; keeping the old certificate")
+            }
+        }
+    }
+}
+
+/// Drops rate-limit state that has refilled, so idle addresses cost no memory.
+async fn limits_housekeeping(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(LIMITS_HOUSEKEEPING);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => app.limits.housekeeping(),
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Runs the retention sweep every `retention.interval`, off the request path.

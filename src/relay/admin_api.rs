@@ -95,6 +95,7 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
         return Err(ApiError::not_found(format!("no key {key_id}")));
     }
     app.store.commit().await?;
+    app.hub.revocations.revoked();
     tracing::info!(%key_id, "key revoked");
     Ok(json(
         StatusCode::OK,

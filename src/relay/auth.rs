@@ -2,9 +2,10 @@
 //! `srk_<key id>_<secret>`; only the SHA-256 of the secret is stored, and it is compared in
 //! constant time. Tokens are never logged: [`Token`] masks itself in `Debug`.
 //!
-//! Authorization rules live with the principal: a daemon key acts only as its own daemon
-//! on `/sync/*`, a client key reaches only the daemons in its scope on `/api/v1/*`, an admin
-//! key only `/admin/*`.
+//! Authorization is [`authorize`], the one place the matrix lives: a daemon key acts only
+//! as its own daemon on `/sync/*`, a client key reaches only the daemons in its scope on
+//! `/api/v1/*`, an admin key only `/admin/*`. A verified TLS client certificate whose CN
+//! is a daemon id stands for a daemon key of that daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -31,50 +32,67 @@ impl std::fmt::Debug for Token {
 /// Who a request acts as.
 #[derive(Debug, Clone)]
 pub struct Principal {
+    /// The key's id; `cert:<daemon id>` for a client certificate.
     pub key_id: String,
     pub role: Role,
     pub daemon_id: Option<String>,
     pub scope: Vec<String>,
+    /// Authenticated by a TLS client certificate rather than a key.
+    pub by_certificate: bool,
+}
+
+/// What a route needs of its caller: the route families of the authorization matrix.
+#[derive(Debug, Clone, Copy)]
+pub enum Access<'a> {
+    /// `/sync/*`, as this daemon once the body names it.
+    Sync(Option<&'a str>),
+    /// `/api/v1/*`, on this daemon when the path names one.
+    Client(Option<&'a str>),
+    /// `/admin/*`.
+    Admin,
 }
 
 impl Principal {
+    /// The principal of a verified client certificate naming `daemon_id`.
+    pub fn certificate(daemon_id: String) -> Principal {
+        Principal {
+            key_id: format!("cert:{daemon_id}"),
+            role: Role::Daemon,
+            daemon_id: Some(daemon_id),
+            scope: Vec::new(),
+            by_certificate: true,
+        }
+    }
+
     /// For client keys: whether `daemon_id` is in scope.
     pub fn can_see(&self, daemon_id: &str) -> bool {
         self.role == Role::Client && self.scope.iter().any(|s| s == "*" || s == daemon_id)
     }
+}
 
-    pub fn require_role(&self, role: Role) -> Result<(), ApiError> {
-        if self.role == role {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(format!(
-                "a {} key cannot use this route",
-                self.role.as_str()
-            )))
-        }
+/// The authorization matrix, in one place. Each role has one route family (another
+/// family → 403); a daemon key acts only as its own daemon (another id → 403); a client
+/// key reaches only the daemons in its scope (others → 404, so ids do not leak).
+pub fn authorize(principal: &Principal, access: Access<'_>) -> Result<(), ApiError> {
+    let (role, family) = match access {
+        Access::Sync(_) => (Role::Daemon, "/sync/*"),
+        Access::Client(_) => (Role::Client, "/api/v1/*"),
+        Access::Admin => (Role::Admin, "/admin/*"),
+    };
+    if principal.role != role {
+        return Err(ApiError::forbidden(format!(
+            "a {} key cannot use {family}",
+            principal.role.as_str()
+        )));
     }
-
-    /// For daemon keys: the request must name the key's own daemon.
-    pub fn require_daemon(&self, daemon_id: &str) -> Result<(), ApiError> {
-        self.require_role(Role::Daemon)?;
-        if self.daemon_id.as_deref() == Some(daemon_id) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(format!(
-                "this key does not act as daemon {daemon_id}"
-            )))
-        }
-    }
-
-    /// For client keys: the daemon must be in scope; out of scope reads as "no such
-    /// daemon", so ids do not leak.
-    pub fn require_scope(&self, daemon_id: &str) -> Result<(), ApiError> {
-        self.require_role(Role::Client)?;
-        if self.can_see(daemon_id) {
-            Ok(())
-        } else {
+    match access {
+        Access::Sync(Some(daemon_id)) if principal.daemon_id.as_deref() != Some(daemon_id) => Err(
+            ApiError::forbidden(format!("this key does not act as daemon {daemon_id}")),
+        ),
+        Access::Client(Some(daemon_id)) if !principal.can_see(daemon_id) => {
             Err(ApiError::not_found(format!("no daemon {daemon_id}")))
         }
+        _ => Ok(()),
     }
 }
 
@@ -150,6 +168,7 @@ pub fn authenticate(store: &Store, token: Option<Token>) -> Result<Principal, Ap
         role: record.role,
         daemon_id: record.daemon_id,
         scope: record.scope,
+        by_certificate: false,
     })
 }
 

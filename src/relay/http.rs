@@ -128,6 +128,16 @@ impl ApiError {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
     }
 
+    pub fn rate_limited(retry_after_secs: u64) -> ApiError {
+        let mut err = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests; retry after {retry_after_secs}s"),
+        );
+        err.retry_after = Some(retry_after_secs);
+        err
+    }
+
     pub fn superseded() -> ApiError {
         Self::new(
             StatusCode::CONFLICT,

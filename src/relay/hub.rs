@@ -108,6 +108,32 @@ pub struct Hub {
     pub commands: Arc<Signals>,
     /// Fired when a context gets a chunk or ends (key: context id).
     pub contexts: Arc<Signals>,
+    /// Bumped after a key is revoked (and committed): requests and streams of that key
+    /// still open look their key up again and end.
+    pub revocations: Revocations,
+}
+
+/// A generation counter of key revocations.
+pub struct Revocations(watch::Sender<u64>);
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations(watch::Sender::new(0))
+    }
+}
+
+impl Revocations {
+    pub fn revoked(&self) {
+        self.0.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+
+    pub fn generation(&self) -> u64 {
+        *self.0.borrow()
+    }
 }
 
 impl Hub {

@@ -1,31 +1,140 @@
-//! Routing: one match over method and path segments, with authentication and the route
-//! family's role check before any body is read. Every response carries
-//! `X-Syncrelay-Source`; every failure is the design's error JSON.
+//! Routing: one match over method and path segments. Before any route, the source
+//! address's rate limit; then authentication (bearer key, or a verified TLS client
+//! certificate), the key's rate limit and the authorization matrix ([`authorize`]) before
+//! any body is read. A request or event stream whose key is revoked meanwhile ends with
+//! 401. Every response carries `X-Syncrelay-Source`; every failure is the design's error
+//! JSON.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::{Method, Request};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use tokio::sync::watch;
 
-use super::auth::{authenticate, bearer, Principal};
-use super::http::{json, read_body, ApiError, Source, SOURCE};
+use super::auth::{authenticate, authorize, bearer, Access, Principal};
+use super::http::{json, read_body, ApiError, Body, Source, SOURCE};
+use super::limits::Limited;
+use super::server::Connection;
 use super::{admin_api, changes, client, mirror, streams, sync, App, Response};
 use crate::protocol::valid_daemon_id;
-use crate::store::Role;
 
-pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response {
-    let mut response = route(&app, request)
-        .await
-        .unwrap_or_else(ApiError::into_response);
+/// One request's authentication state, shared with the revocation watch.
+struct Ctx<'a> {
+    app: &'a Arc<App>,
+    connection: &'a Connection,
+    /// Set once the request authenticated.
+    principal: OnceLock<Principal>,
+    /// The revocation generation when the request began.
+    generation: u64,
+}
+
+pub async fn handle(
+    app: Arc<App>,
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Response {
+    let mut revocations = app.hub.revocations.subscribe();
+    let ctx = Ctx {
+        app: &app,
+        connection: &connection,
+        principal: OnceLock::new(),
+        generation: *revocations.borrow_and_update(),
+    };
+    let result = match app.limits.check_address(connection.addr) {
+        Err(limited) => Err(rate_limited(&app, limited)),
+        Ok(()) => tokio::select! {
+            result = route(&ctx, request) => result,
+            () = revoked(&app, &ctx.principal, &mut revocations) => {
+                Err(ApiError::unauthorized("the key was revoked"))
+            }
+        },
+    };
+    let mut response = result.unwrap_or_else(ApiError::into_response);
     if !response.headers().contains_key(SOURCE) {
         response
             .headers_mut()
             .insert(SOURCE, Source::Relay.header());
     }
+    // An event stream outlives its handler: it ends when its key is revoked.
+    let is_event_stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if let (true, Some(principal)) = (is_event_stream, ctx.principal.get()) {
+        if !principal.by_certificate {
+            let principal = OnceLock::from(principal.clone());
+            let app = app.clone();
+            let until = Box::pin(async move { revoked(&app, &principal, &mut revocations).await });
+            response = response.map(|body| {
+                UntilRevoked {
+                    body,
+                    revoked: Mutex::new(until),
+                }
+                .boxed()
+            });
+        }
+    }
     response
 }
 
-async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, ApiError> {
+/// Resolves once the request's key has been revoked (never for certificates, or before
+/// the request authenticated: [`principal`] checks that window itself).
+async fn revoked(
+    app: &App,
+    principal: &OnceLock<Principal>,
+    revocations: &mut watch::Receiver<u64>,
+) {
+    loop {
+        if revocations.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(principal) = principal.get() {
+            if !principal.by_certificate && matches!(app.store.key(&principal.key_id), Ok(None)) {
+                return;
+            }
+        }
+    }
+}
+
+/// A response body that ends when its key is revoked.
+struct UntilRevoked {
+    body: Body,
+    /// In a mutex only so the body is `Sync`; it is never contended.
+    revoked: Mutex<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl hyper::body::Body for UntilRevoked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let revoked = self.revoked.get_mut().unwrap_or_else(|e| e.into_inner());
+        if revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
+fn rate_limited(app: &App, limited: Limited) -> ApiError {
+    app.metrics.rate_limited.fetch_add(1, Relaxed);
+    ApiError::rate_limited(limited.retry_after_secs())
+}
+
+async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, ApiError> {
+    let app = ctx.app;
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = request.method().clone();
@@ -51,8 +160,7 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
         }
         ["sync", action @ ("connect" | "poll" | "results")] => {
             only(&method, &[Method::POST], "POST")?;
-            let principal = principal(app, &request, false)?;
-            principal.require_role(Role::Daemon)?;
+            let principal = principal(ctx, &request, false, Access::Sync(None))?;
             let body = body(app, request).await?;
             match *action {
                 "connect" => sync::connect(app, &principal, &body).await,
@@ -62,18 +170,21 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
         }
         ["api", "v1", "daemons"] => {
             only(&method, &[Method::GET], "GET")?;
-            let principal = principal(app, &request, false)?;
-            principal.require_role(Role::Client)?;
+            let principal = principal(ctx, &request, false, Access::Client(None))?;
             client::list_daemons(app, &principal)
         }
         ["api", "v1", "daemons", daemon_id, rest @ ..] => {
             let daemon_id = daemon_id.to_string();
-            let is_sse = matches!(rest, ["stream", "events"]) && method == Method::GET;
-            let principal = principal(app, &request, is_sse)?;
+            let prefix_len = "/api/v1/daemons/".len() + daemon_id.len() + 1;
+            let rest_path = path.get(prefix_len..).unwrap_or("").to_owned();
+            // `?access_token=` only where a browser's EventSource cannot send headers.
+            let is_sse = method == Method::GET
+                && (matches!(rest, ["stream", "events"])
+                    || streams::is_stream_path(&app.config.streams.paths, &rest_path));
             if !valid_daemon_id(&daemon_id) {
                 return Err(ApiError::bad_request("invalid daemon id"));
             }
-            principal.require_scope(&daemon_id)?;
+            let principal = principal(ctx, &request, is_sse, Access::Client(Some(&daemon_id)))?;
             let query = request.uri().query().map(str::to_owned);
             match rest {
                 [] => {
@@ -99,8 +210,6 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
                     ApiError::bad_request("a path may not contain . or .. segments"),
                 ),
                 _ => {
-                    let prefix_len = "/api/v1/daemons/".len() + daemon_id.len() + 1;
-                    let rest_path = path.get(prefix_len..).unwrap_or("").to_owned();
                     if method == Method::GET
                         && streams::is_stream_path(&app.config.streams.paths, &rest_path)
                     {
@@ -117,13 +226,11 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
         }
         ["api", "v1", "commands", command_id] => {
             only(&method, &[Method::GET], "GET")?;
-            let principal = principal(app, &request, false)?;
-            principal.require_role(Role::Client)?;
+            let principal = principal(ctx, &request, false, Access::Client(None))?;
             client::get_command(app, &principal, command_id, request.uri().query()).await
         }
         ["admin", rest @ ..] => {
-            let principal = principal(app, &request, false)?;
-            principal.require_role(Role::Admin)?;
+            let principal = principal(ctx, &request, false, Access::Admin)?;
             match rest {
                 ["keys"] if method == Method::GET => admin_api::list_keys(app),
                 ["keys"] if method == Method::POST => {
@@ -148,7 +255,6 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response, A
 
 /// `/metrics`: counters only, no ids or keys, so it needs no credentials.
 fn metrics(app: &App) -> Response {
-    use std::sync::atomic::Ordering::Relaxed;
     let stats = app.store.commit_stats();
     let text = format!(
         "# TYPE syncrelay_connections_accepted_total counter\n\
@@ -160,12 +266,27 @@ fn metrics(app: &App) -> Response {
          # TYPE syncrelay_store_flushes_total counter\n\
          syncrelay_store_flushes_total {}\n\
          # TYPE syncrelay_store_commits_total counter\n\
-         syncrelay_store_commits_total {}\n",
+         syncrelay_store_commits_total {}\n\
+         # TYPE syncrelay_connections_refused_total counter\n\
+         syncrelay_connections_refused_total {}\n\
+         # TYPE syncrelay_tls_handshake_failures_total counter\n\
+         syncrelay_tls_handshake_failures_total {}\n\
+         # TYPE syncrelay_auth_failures_total counter\n\
+         syncrelay_auth_failures_total {}\n\
+         # TYPE syncrelay_rate_limited_total counter\n\
+         syncrelay_rate_limited_total {}\n\
+         # TYPE syncrelay_rate_limit_tracked gauge\n\
+         syncrelay_rate_limit_tracked {}\n",
         app.metrics.connections_accepted.load(Relaxed),
         app.metrics.connections_open.load(Relaxed),
         app.hub.polls_waiting(),
         stats.flushes,
         stats.commits,
+        app.metrics.connections_refused.load(Relaxed),
+        app.metrics.tls_handshake_failures.load(Relaxed),
+        app.metrics.auth_failures.load(Relaxed),
+        app.metrics.rate_limited.load(Relaxed),
+        app.limits.tracked(),
     );
     let mut response = Response::new(super::http::full(text));
     response.headers_mut().insert(
@@ -189,15 +310,44 @@ fn only(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), 
     }
 }
 
+/// Authenticates the request and authorizes it for `access`. Failed authentications
+/// count against the source address; the key's own rate limit applies after.
 fn principal(
-    app: &App,
+    ctx: &Ctx<'_>,
     request: &Request<Incoming>,
     allow_query_token: bool,
+    access: Access<'_>,
 ) -> Result<Principal, ApiError> {
-    authenticate(
-        &app.store,
-        bearer(request.headers(), request.uri().query(), allow_query_token),
-    )
+    let app = ctx.app;
+    let token = bearer(request.headers(), request.uri().query(), allow_query_token);
+    let principal = match (token, &ctx.connection.certificate_daemon) {
+        (None, Some(daemon_id)) => Principal::certificate(daemon_id.clone()),
+        (token, _) => match authenticate(&app.store, token) {
+            Ok(principal) => principal,
+            Err(err) if err.status == http::StatusCode::UNAUTHORIZED => {
+                app.metrics.auth_failures.fetch_add(1, Relaxed);
+                app.limits
+                    .auth_failed(ctx.connection.addr)
+                    .map_err(|limited| rate_limited(app, limited))?;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        },
+    };
+    app.limits
+        .check_key(&principal.key_id)
+        .map_err(|limited| rate_limited(app, limited))?;
+    // A revocation since the request began may have raced the lookup above; the
+    // revocation watch only covers what comes after this point.
+    if !principal.by_certificate
+        && app.hub.revocations.generation() != ctx.generation
+        && app.store.key(&principal.key_id)?.is_none()
+    {
+        return Err(ApiError::unauthorized("invalid or revoked key"));
+    }
+    authorize(&principal, access)?;
+    let _ = ctx.principal.set(principal.clone());
+    Ok(principal)
 }
 
 async fn body(app: &App, request: Request<Incoming>) -> Result<bytes::Bytes, ApiError> {

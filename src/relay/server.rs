@@ -1,38 +1,85 @@
-//! The accept loop: one hyper-util auto connection (HTTP/1.1 or prior-knowledge HTTP/2,
-//! detected from the first bytes) per TCP connection, every connection watched for graceful
-//! shutdown.
+//! The accept loop. Each TCP connection gets a place under the connection caps (or is
+//! closed at once), a TLS handshake bounded by `header_read_timeout` when TLS is on, and
+//! then one hyper-util auto connection: HTTP/2 when ALPN or the prior-knowledge preface
+//! says so, HTTP/1.1 otherwise. CORS (tower-http) wraps the router when origins are
+//! configured. Every connection is watched for graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use http::header::{HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use http::{HeaderValue, Method};
+use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use super::limits::{AddrKey, ConnectionLimits};
+use super::tls::{daemon_of_certificate, TlsState};
 use super::{router, App};
+use crate::config::CorsConfig;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// HTTP/2 PINGs keep idle long-poll connections alive through NATs and detect dead peers.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// What the router knows of a request's connection.
+#[derive(Debug)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The source address as the limits group it.
+    pub addr: AddrKey,
+    /// The daemon a verified TLS client certificate names.
+    pub certificate_daemon: Option<String>,
+}
+
+/// Everything a connection task needs.
+struct Shared {
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<Arc<TlsState>>,
+    cors: Option<CorsLayer>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<Arc<TlsState>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let limits = &app.config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.limits.header_read_timeout)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let shared = Arc::new(Shared {
+        cors: cors_layer(&app.config.cors),
+        app: app.clone(),
+        builder,
+        tls,
+    });
+    let connection_limits = Arc::new(ConnectionLimits::new(limits));
     let graceful = GracefulShutdown::new();
     // Every connection task, so that none can outlive `serve` and write to a closed store.
     let mut connections = JoinSet::new();
@@ -51,26 +98,65 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = &mut shutdown => break,
         };
+        let Some(permit) = connection_limits.admit(peer.ip()) else {
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection cap reached; closing");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         app.metrics
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-        let conn_app = app.clone();
-        let service = service_fn(move |request| {
-            let app = conn_app.clone();
-            async move { Ok::<_, Infallible>(router::handle(app, request).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let conn_app = app.clone();
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
         connections.spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            let _permit = permit;
+            let mut connection = Connection {
+                peer,
+                addr: AddrKey::of(peer.ip()),
+                certificate_daemon: None,
+            };
+            match &shared.tls {
+                None => serve_io(&shared, watcher, TokioIo::new(stream), connection).await,
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        shared.app.config.limits.header_read_timeout,
+                        tls.acceptor().accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            connection.certificate_daemon = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(daemon_of_certificate);
+                            serve_io(&shared, watcher, TokioIo::new(stream), connection).await;
+                        }
+                        Ok(Err(err)) => {
+                            shared
+                                .app
+                                .metrics
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            shared
+                                .app
+                                .metrics
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                }
             }
-            conn_app
+            shared
+                .app
                 .metrics
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
@@ -87,4 +173,76 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves HTTP on one (plain or TLS) stream until it closes.
+async fn serve_io<I>(shared: &Shared, watcher: Watcher, io: I, connection: Connection)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let peer = connection.peer;
+    let app = shared.app.clone();
+    let connection = Arc::new(connection);
+    let router = tower::service_fn(move |request: http::Request<Incoming>| {
+        let app = app.clone();
+        let connection = connection.clone();
+        async move { Ok::<_, Infallible>(router::handle(app, connection, request).await) }
+    });
+    let service = ServiceBuilder::new()
+        .option_layer(shared.cors.clone())
+        .service(router);
+    let connection = shared
+        .builder
+        .serve_connection(io, TowerToHyperService::new(service))
+        .into_owned();
+    if let Err(err) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
+}
+
+/// The CORS policy for browser clients; `None` when no origin is allowed.
+fn cors_layer(config: &CorsConfig) -> Option<CorsLayer> {
+    if config.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    let header = HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                AUTHORIZATION,
+                CONTENT_TYPE,
+                CACHE_CONTROL,
+                header("prefer"),
+                header("idempotency-key"),
+                header("last-event-id"),
+                header("x-syncrelay-if-offline"),
+            ])
+            .expose_headers([
+                LOCATION,
+                AGE,
+                http::header::RETRY_AFTER,
+                header("preference-applied"),
+                header("x-syncrelay-source"),
+            ])
+            .max_age(config.max_age),
+    )
 }

@@ -9,7 +9,7 @@ use rand::RngCore;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use super::auth::Principal;
+use super::auth::{authorize, Access, Principal};
 use super::http::{json, parse_json, ApiError};
 use super::{App, Response};
 use crate::protocol::{
@@ -382,7 +382,7 @@ fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> 
             "daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
-    principal.require_daemon(daemon_id)
+    authorize(principal, Access::Sync(Some(daemon_id)))
 }
 
 fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Duration, ApiError> {

@@ -33,7 +33,8 @@ pub struct AgentConfig {
     /// Base URL of the relay (`http://` uses h2c prior knowledge, `https://` ALPN).
     pub relay: reqwest::Url,
     pub daemon_id: String,
-    pub key: Secret,
+    /// The daemon key; `None` when a client certificate authenticates instead.
+    pub key: Option<Secret>,
     /// The URL that stands for the daemon's `/api/v1`.
     pub target: reqwest::Url,
     /// The daemon's SSE path relative to `target`; `None` disables event watching.
@@ -41,6 +42,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// PEM file of a CA to trust for an `https://` relay with a private certificate.
     pub relay_ca: Option<PathBuf>,
+    /// Mutual TLS: PEM certificate (CN = the daemon id) and private key presented to an
+    /// `https://` relay whose `client_ca` signed it.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     pub methods: BTreeMap<String, MethodRoute>,
     /// Commands executed at once.
     pub concurrency: usize,
@@ -65,6 +69,8 @@ pub struct RawAgent {
     pub events: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub relay_ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     pub concurrency: Option<usize>,
     pub request_timeout: Option<String>,
     pub poll_timeout: Option<String>,
@@ -132,10 +138,21 @@ impl RawAgent {
         if !valid_daemon_id(&daemon_id) {
             problems.push("agent.daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into());
         }
+        let client_cert = match (self.client_cert, self.client_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                problems.push("agent.client_cert and agent.client_key go together".into());
+                None
+            }
+        };
+        if client_cert.is_some() && relay.as_ref().is_some_and(|r| r.scheme() != "https") {
+            problems.push("agent.client_cert needs an https:// relay".into());
+        }
         let key = match (self.key, self.key_file) {
-            (Some(key), None) => Some(key),
+            (Some(key), None) => Some(Some(key)),
             (None, Some(file)) => match std::fs::read_to_string(&file) {
-                Ok(text) => Some(text.trim().to_owned()),
+                Ok(text) => Some(Some(text.trim().to_owned())),
                 Err(err) => {
                     problems.push(format!("agent.key_file {}: {err}", file.display()));
                     None
@@ -145,8 +162,10 @@ impl RawAgent {
                 problems.push("agent.key and agent.key_file are exclusive".into());
                 None
             }
+            (None, None) if client_cert.is_some() => Some(None),
             (None, None) => {
-                problems.push("agent.key or agent.key_file is required".into());
+                problems
+                    .push("agent.key or agent.key_file (or agent.client_cert) is required".into());
                 None
             }
         };
@@ -196,13 +215,14 @@ impl RawAgent {
             (Some(relay), Some(target), Some(key)) if problems.is_empty() => Ok(AgentConfig {
                 relay,
                 daemon_id,
-                key: Secret(key),
+                key: key.map(Secret),
                 target,
                 events,
                 state_dir: self
                     .state_dir
                     .unwrap_or_else(|| PathBuf::from("./agent-state")),
                 relay_ca: self.relay_ca,
+                client_cert,
                 methods,
                 concurrency,
                 request_timeout,
@@ -233,7 +253,7 @@ mod tests {
         let config = raw.validate("test").unwrap();
         assert_eq!(config.target.as_str(), "http://127.0.0.1:7777/api/v1");
         assert_eq!(config.events.as_deref(), Some("stream/events"));
-        assert_eq!(format!("{:?}", config.key), "MASKED");
+        assert_eq!(format!("{:?}", config.key), "Some(MASKED)");
 
         let raw = RawAgent {
             relay: Some("ftp://x".into()),

@@ -67,7 +67,8 @@ pub struct RelayLink {
     http: reqwest::Client,
     base: reqwest::Url,
     daemon_id: String,
-    key: String,
+    /// `None` when the client certificate authenticates.
+    key: Option<String>,
 }
 
 impl RelayLink {
@@ -88,11 +89,22 @@ impl RelayLink {
                 .map_err(|err| format!("relay_ca {}: {err}", path.display()))?;
             builder = builder.add_root_certificate(certificate);
         }
+        if let Some((cert, key)) = &config.client_cert {
+            let mut pem = std::fs::read(cert)
+                .map_err(|err| format!("client_cert {}: {err}", cert.display()))?;
+            pem.push(b'\n');
+            pem.extend(
+                std::fs::read(key).map_err(|err| format!("client_key {}: {err}", key.display()))?,
+            );
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|err| format!("client_cert {}: {err}", cert.display()))?;
+            builder = builder.identity(identity);
+        }
         Ok(RelayLink {
             http: builder.build().map_err(|err| err.to_string())?,
             base: config.relay.clone(),
             daemon_id: config.daemon_id.clone(),
-            key: config.key.0.clone(),
+            key: config.key.as_ref().map(|key| key.0.clone()),
         })
     }
 
@@ -108,10 +120,11 @@ impl RelayLink {
             .map_err(|err| LinkError::Transient(err.to_string()))?;
         let mut throttled = 0;
         loop {
-            let response = self
-                .http
-                .post(url.clone())
-                .bearer_auth(&self.key)
+            let mut request = self.http.post(url.clone());
+            if let Some(key) = &self.key {
+                request = request.bearer_auth(key);
+            }
+            let response = request
                 .json(body)
                 .timeout(timeout)
                 .send()

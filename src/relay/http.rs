@@ -257,6 +257,20 @@ pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// The query string without the relay's own `access_token` parameter: a credential for
+/// the relay is never forwarded to a daemon, nor part of a cache key.
+pub fn forwarded_query(query: Option<&str>) -> String {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| {
+            !pair.is_empty()
+                && percent_decode(pair.split('=').next().unwrap_or("")) != "access_token"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -302,5 +316,15 @@ mod tests {
             query_value(Some("x=1&since=5"), "since").as_deref(),
             Some("5")
         );
+    }
+
+    #[test]
+    fn access_tokens_are_not_forwarded() {
+        assert_eq!(
+            forwarded_query(Some("access_token=srk_a_b&events=3&acc%65ss_token=x&b")),
+            "events=3&b"
+        );
+        assert_eq!(forwarded_query(None), "");
+        assert_eq!(forwarded_query(Some("access_token=x")), "");
     }
 }

@@ -59,7 +59,7 @@ pub async fn mirrored(
     let params = HttpParams {
         method: parts.method.as_str().to_owned(),
         path: format!("/api/v1/{rest}"),
-        query: parts.uri.query().unwrap_or("").to_owned(),
+        query: super::http::forwarded_query(parts.uri.query()),
         headers: forwarded_headers(&parts.headers)?,
         body: Value::Null,
         body_base64: None,

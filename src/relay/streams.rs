@@ -56,7 +56,7 @@ pub async fn serve(
     let params = HttpParams {
         method: "GET".into(),
         path: format!("/api/v1/{rest}"),
-        query: parts.uri.query().unwrap_or("").to_owned(),
+        query: super::http::forwarded_query(parts.uri.query()),
         headers: fetch_headers(&parts.headers)?,
         body: serde_json::Value::Null,
         body_base64: None,

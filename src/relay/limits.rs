@@ -203,6 +203,15 @@ impl RateLimits {
         self.check(self.per_address.as_ref(), &addr)
     }
 
+    /// Whether the address is blocked for failed authentication (checked before a TLS
+    /// handshake, which costs more than a key lookup).
+    pub fn is_blocked(&self, addr: AddrKey) -> bool {
+        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        blocked
+            .get(&addr)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     /// After a key authenticated: is it over its request rate?
     pub fn check_key(&self, key_id: &str) -> Result<(), Limited> {
         match &self.per_key {

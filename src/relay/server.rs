@@ -121,6 +121,14 @@ pub async fn serve(
             };
             match &shared.tls {
                 None => serve_io(&shared, watcher, TokioIo::new(stream), connection).await,
+                // An address blocked for failed authentication gets no TLS handshake.
+                Some(_) if shared.app.limits.is_blocked(connection.addr) => {
+                    shared
+                        .app
+                        .metrics
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Some(tls) => {
                     let handshake = tokio::time::timeout(
                         shared.app.config.limits.header_read_timeout,
@@ -142,6 +150,8 @@ pub async fn serve(
                                 .metrics
                                 .tls_handshake_failures
                                 .fetch_add(1, Ordering::Relaxed);
+                            // A refused client certificate is a failed authentication.
+                            let _ = shared.app.limits.auth_failed(connection.addr);
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
                         }
                         Err(_) => {

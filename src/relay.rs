@@ -13,6 +13,7 @@ mod admin_api;
 pub mod auth;
 mod changes;
 mod client;
+mod deadline;
 mod framer;
 pub mod http;
 mod hub;

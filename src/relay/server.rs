@@ -1,6 +1,7 @@
 //! The accept loop. Each TCP connection gets a place under the connection caps (or is
-//! closed at once), a TLS handshake bounded by `header_read_timeout` when TLS is on, and
-//! then one hyper-util auto connection: HTTP/2 when ALPN or the prior-knowledge preface
+//! closed at once), a TLS handshake bounded by `header_read_timeout` when TLS is on, the
+//! same bound on its first bytes ([`FirstBytesDeadline`]), and then one hyper-util auto
+//! connection: HTTP/2 when ALPN or the prior-knowledge preface
 //! says so, HTTP/1.1 otherwise. CORS (tower-http) wraps the router when origins are
 //! configured. Every connection is watched for graceful shutdown.
 
@@ -24,6 +25,7 @@ use tokio::task::JoinSet;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use super::deadline::FirstBytesDeadline;
 use super::limits::{AddrKey, ConnectionLimits};
 use super::tls::{daemon_of_certificate, TlsState};
 use super::{router, App};
@@ -114,13 +116,17 @@ pub async fn serve(
         let watcher = graceful.watcher();
         connections.spawn(async move {
             let _permit = permit;
+            let header_timeout = shared.app.config.limits.header_read_timeout;
             let mut connection = Connection {
                 peer,
                 addr: AddrKey::of(peer.ip()),
                 certificate_daemon: None,
             };
             match &shared.tls {
-                None => serve_io(&shared, watcher, TokioIo::new(stream), connection).await,
+                None => {
+                    let io = FirstBytesDeadline::new(stream, header_timeout);
+                    serve_io(&shared, watcher, TokioIo::new(io), connection).await;
+                }
                 // An address blocked for failed authentication gets no TLS handshake.
                 Some(_) if shared.app.limits.is_blocked(connection.addr) => {
                     shared
@@ -130,10 +136,8 @@ pub async fn serve(
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 Some(tls) => {
-                    let handshake = tokio::time::timeout(
-                        shared.app.config.limits.header_read_timeout,
-                        tls.acceptor().accept(stream),
-                    );
+                    let handshake =
+                        tokio::time::timeout(header_timeout, tls.acceptor().accept(stream));
                     match handshake.await {
                         Ok(Ok(stream)) => {
                             connection.certificate_daemon = stream
@@ -142,7 +146,8 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
                                 .and_then(daemon_of_certificate);
-                            serve_io(&shared, watcher, TokioIo::new(stream), connection).await;
+                            let io = FirstBytesDeadline::new(stream, header_timeout);
+                            serve_io(&shared, watcher, TokioIo::new(io), connection).await;
                         }
                         Ok(Err(err)) => {
                             shared

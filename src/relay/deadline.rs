@@ -35,10 +35,6 @@ impl<I> FirstBytesDeadline<I> {
         }
     }
 
-    pub fn get_ref(&self) -> &I {
-        &self.inner
-    }
-
     /// Follows the preface over newly read bytes; disarms once the protocol is known.
     fn observe(&mut self, bytes: &[u8]) {
         for &byte in bytes {

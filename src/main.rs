@@ -349,12 +349,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     let local = listener.local_addr()?;
+    // Before the relay is announced: from the listening line on, SIGHUP reloads TLS
+    // instead of killing the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(addr = %local, %scheme, data_dir = %data_dir.display(), "relay listening");
     // Scripts and tests read the bound address (port 0 picks one) from this line.
     println!("syncrelay listening on {scheme}://{local}");
     std::io::stdout().flush()?;
-    relay::run_with_tls(listener, config, store, tls, shutdown_signal()).await
+    relay::run_with_tls(
+        listener,
+        config,
+        store,
+        tls,
+        Some(hangups),
+        shutdown_signal(),
+    )
+    .await
 }
 
 async fn shutdown_signal() {

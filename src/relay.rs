@@ -78,7 +78,8 @@ impl App {
 }
 
 /// Serves the relay on `listener` until `shutdown` resolves, then closes `store`. TLS is
-/// loaded from `config.tls`; see [`run_with_tls`] to load it first.
+/// loaded from `config.tls`; see [`run_with_tls`] to load it first and reload it on
+/// SIGHUP.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -89,15 +90,18 @@ pub async fn run(
         Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
         None => None,
     };
-    run_with_tls(listener, config, store, tls, shutdown).await
+    run_with_tls(listener, config, store, tls, None, shutdown).await
 }
 
-/// [`run`] with TLS already loaded (`None`: plaintext). With TLS, SIGHUP reloads it.
+/// [`run`] with TLS already loaded (`None`: plaintext). Each signal on `hangups` (the
+/// caller installs it before announcing the relay, so an early SIGHUP cannot kill the
+/// process) reloads the TLS files.
 pub async fn run_with_tls(
     listener: TcpListener,
     config: Config,
     store: Arc<Store>,
     tls: Option<Arc<tls::TlsState>>,
+    hangups: Option<tokio::signal::unix::Signal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let app = Arc::new(App {
@@ -110,9 +114,8 @@ pub async fn run_with_tls(
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
     let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));
-    let reloads = tls
-        .clone()
-        .map(|tls| tokio::spawn(reload_on_sighup(tls, app.shutdown.clone())));
+    let reloads = hangups
+        .map(|hangups| tokio::spawn(reload_on_sighup(hangups, tls.clone(), app.shutdown.clone())));
     server::serve(listener, app.clone(), tls, shutdown).await;
     // `serve` cancelled the token: the loops end (the sweep after the one in progress).
     let _ = retention.await;
@@ -126,23 +129,20 @@ pub async fn run_with_tls(
 }
 
 /// Re-reads the TLS files on each SIGHUP; a failed reload keeps the old ones.
-async fn reload_on_sighup(tls: Arc<tls::TlsState>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot watch SIGHUP; TLS files will not be reloaded");
-            return;
-        }
-    };
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    tls: Option<Arc<tls::TlsState>>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             Some(()) = hangups.recv() => {}
             _ = shutdown.cancelled() => return,
         }
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-            Err(err) => {
+        match tls.as_ref().map(|tls| tls.reload()) {
+            None => tracing::info!("SIGHUP: no [tls] configured; nothing to reload"),
+            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+            Some(Err(err)) => {
                 tracing::error!(error = %format!("{err:#}"), "SIGHUP: TLS reload failed; keeping the old certificate")
             }
         }

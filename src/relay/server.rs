@@ -111,10 +111,11 @@ pub async fn serve(
         app.metrics
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenConnection::new(&app);
         let shared = shared.clone();
         let watcher = graceful.watcher();
         connections.spawn(async move {
+            let _open = open;
             let _permit = permit;
             let header_timeout = shared.app.config.limits.header_read_timeout;
             let mut connection = Connection {
@@ -138,7 +139,12 @@ pub async fn serve(
                 Some(tls) => {
                     let handshake =
                         tokio::time::timeout(header_timeout, tls.acceptor().accept(stream));
-                    match handshake.await {
+                    // Shutdown does not wait for handshakes: they have nothing to finish.
+                    let handshake = tokio::select! {
+                        handshake = handshake => handshake,
+                        _ = shared.app.shutdown.cancelled() => return,
+                    };
+                    match handshake {
                         Ok(Ok(stream)) => {
                             connection.certificate_daemon = stream
                                 .get_ref()
@@ -155,8 +161,11 @@ pub async fn serve(
                                 .metrics
                                 .tls_handshake_failures
                                 .fetch_add(1, Ordering::Relaxed);
-                            // A refused client certificate is a failed authentication.
-                            let _ = shared.app.limits.auth_failed(connection.addr);
+                            // A refused client certificate is a failed authentication;
+                            // probes and clients that dislike our certificate are not.
+                            if refused_client_certificate(&err) {
+                                let _ = shared.app.limits.auth_failed(connection.addr);
+                            }
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
                         }
                         Err(_) => {
@@ -170,11 +179,6 @@ pub async fn serve(
                     }
                 }
             }
-            shared
-                .app
-                .metrics
-                .connections_open
-                .fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(listener);
@@ -188,6 +192,37 @@ pub async fn serve(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// Counts a connection in `connections_open` for as long as it lives.
+struct OpenConnection(Arc<App>);
+
+impl OpenConnection {
+    fn new(app: &Arc<App>) -> OpenConnection {
+        app.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(app.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a failed handshake failed on the client's certificate.
+fn refused_client_certificate(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|err| {
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_)
+            )
+        })
 }
 
 /// Serves HTTP on one (plain or TLS) stream until it closes.

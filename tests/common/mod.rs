@@ -4,6 +4,7 @@
 //! without fixed sleeps.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod daemon;
 pub mod proxy;
 

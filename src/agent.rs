@@ -470,18 +470,25 @@ impl Shared {
     /// bounded by the reader's queue and one chunk. A chunk that fails to post is retried
     /// (the relay ignores duplicates); an `unknown` answer ends the stream.
     async fn post_stream(&self, command_id: &str, reply: StreamReply) {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(STREAM_READ_AHEAD);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(STREAM_READ_AHEAD);
         let mut body = reply.body;
-        // Ends when the body does, or when this function returns and drops `rx`.
+        // Ends when the body does (saying so with `Piece::End`), or when this function
+        // returns and drops `rx`.
         let reader = tokio::spawn(async move {
             while let Some(item) = body.next().await {
-                if tx.send(item).await.is_err() {
+                let piece = match item {
+                    Ok(bytes) => Piece::Data(bytes),
+                    Err(message) => Piece::Failed(message),
+                };
+                if tx.send(piece).await.is_err() {
                     return;
                 }
             }
+            let _ = tx.send(Piece::End).await;
         });
         let _reader = AbortOnDrop(reader);
+        // A reader gone without `End` (it panicked) must not pass for a complete body.
+        let lost = || Piece::Failed("the agent stopped reading the response".into());
         let mut head = Some((reply.status, reply.headers));
         let mut leftover: Option<bytes::Bytes> = None;
         // The body's end (with its error, if any), seen while filling a chunk.
@@ -491,24 +498,26 @@ impl Shared {
             let next = match (leftover.take(), ended.take()) {
                 (Some(bytes), end) => {
                     ended = end;
-                    Some(Ok(bytes))
+                    Piece::Data(bytes)
                 }
-                (None, Some(None)) => None,
-                (None, Some(Some(message))) => Some(Err(message)),
-                (None, None) => rx.recv().await,
+                (None, Some(None)) => Piece::End,
+                (None, Some(Some(message))) => Piece::Failed(message),
+                (None, None) => rx.recv().await.unwrap_or_else(lost),
             };
             let (piece, error, complete) = match next {
-                Some(Ok(first)) => {
+                Piece::Data(first) => {
                     let mut piece = bytes::BytesMut::from(first.as_ref());
                     // Take what is already there, without waiting, up to the limit.
                     while piece.len() < limit && ended.is_none() {
-                        match rx.try_recv() {
-                            Ok(Ok(more)) => piece.extend_from_slice(&more),
-                            Ok(Err(message)) => ended = Some(Some(message)),
-                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                                ended = Some(None)
-                            }
+                        let more = match rx.try_recv() {
+                            Ok(more) => more,
+                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => lost(),
                             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        };
+                        match more {
+                            Piece::Data(more) => piece.extend_from_slice(&more),
+                            Piece::Failed(message) => ended = Some(Some(message)),
+                            Piece::End => ended = Some(None),
                         }
                     }
                     let mut piece = piece.freeze();
@@ -517,8 +526,8 @@ impl Shared {
                     }
                     (piece, None, false)
                 }
-                Some(Err(message)) => (bytes::Bytes::new(), Some(message), true),
-                None => (bytes::Bytes::new(), None, true),
+                Piece::Failed(message) => (bytes::Bytes::new(), Some(message), true),
+                Piece::End => (bytes::Bytes::new(), None, true),
             };
             let mut entry = json!({ "command_id": command_id, "chunk": index });
             if let Some((status, headers)) = head.take() {
@@ -562,6 +571,13 @@ impl Shared {
     fn lock_unsent(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
         self.unsent.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What the reader of a streamed body hands to the poster.
+enum Piece {
+    Data(bytes::Bytes),
+    Failed(String),
+    End,
 }
 
 /// Aborts a task when dropped.

@@ -148,6 +148,8 @@ pub struct LimitsConfig {
     pub max_connections_per_address: usize,
     /// Concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +259,7 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub max_connections_per_address: Option<usize>,
     pub max_streams_per_connection: Option<u32>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,7 +509,12 @@ impl Config {
                 raw.limits.max_streams_per_connection,
                 128,
             ),
+            idle_timeout: check.duration("limits.idle_timeout", &raw.limits.idle_timeout, "2m"),
         };
+        check.require(
+            limits.idle_timeout >= Duration::from_secs(1),
+            "limits.idle_timeout must be at least 1s",
+        );
         check.require(
             (8192..=1 << 20).contains(&limits.max_header_bytes),
             "limits.max_header_bytes must be between 8192 and 1048576",

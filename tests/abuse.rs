@@ -857,10 +857,11 @@ async fn revoking_a_key_ends_its_event_stream() {
     }
 
     revoke(&relay, &viewer.key).await;
+    let mut tail = String::new();
     let ended = timeout(Duration::from_secs(5), async {
         loop {
             match stream.chunk().await {
-                Ok(Some(_)) => continue,
+                Ok(Some(chunk)) => tail.push_str(&String::from_utf8_lossy(&chunk)),
                 Ok(None) | Err(_) => return,
             }
         }
@@ -869,6 +870,11 @@ async fn revoking_a_key_ends_its_event_stream() {
     assert!(
         ended.is_ok(),
         "the stream is open 5 s after its key was revoked"
+    );
+    // It ends with an error event, never as if it were complete.
+    assert!(
+        tail.contains("event: error") && tail.contains("\"unauthorized\""),
+        "the last events: {tail:?}"
     );
     let reply = send(viewer.get("/api/v1/daemons/d1/stream/events")).await;
     assert_eq!(reply.status, 401, "{}", reply.body);
@@ -928,4 +934,101 @@ async fn rotating_addresses_keep_rate_limit_memory_bounded() {
     assert!(tracked <= 155, "{tracked} tracked after 400 addresses");
     let reply = get(&relay.http, &relay.url, "/healthz", None).await;
     assert_eq!(reply.status, 200);
+}
+
+/// HTTP/2 has no header timeout: a connection that opens HTTP/2 (preface and SETTINGS)
+/// and never sends a request is closed after `header_read_timeout`; one that served a
+/// request is closed after `idle_timeout` with nothing in flight, but never while a long
+/// poll is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed() {
+    let relay =
+        TestRelay::start_with("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n")
+            .await;
+
+    // Preface and an empty SETTINGS frame, then silence.
+    let mut silent = TcpStream::connect(relay.addr).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let closed = timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = silent.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a silent HTTP/2 connection is still open after 10 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+
+    // A real HTTP/2 client: one request, then idle.
+    let daemon_key = relay.key("daemon", Some("d"), None).await;
+    let stream = TcpStream::connect(relay.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = closed_tx.send(Instant::now());
+    });
+    let post = |path: &str, body: Value| {
+        http::Request::post(format!("http://{}{path}", relay.addr))
+            .header("authorization", format!("Bearer {daemon_key}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap()
+    };
+    let response = sender
+        .send_request(post(
+            "/sync/connect",
+            json!({ "daemon_id": "d", "version": "1", "capabilities": [] }),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let hello: Value = serde_json::from_slice(&body).unwrap();
+    // A 3 s long poll outlasts the 1 s idle timeout: the connection stays up for it.
+    let poll_started = Instant::now();
+    let response = sender
+        .send_request(post(
+            "/sync/poll",
+            json!({
+                "daemon_id": "d",
+                "connection_id": hello["connection_id"],
+                "timeout": 3,
+                "wait_for_commands": true,
+                "updates": []
+            }),
+        ))
+        .await
+        .expect("the long poll's connection stays open");
+    assert_eq!(response.status(), 200);
+    http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    assert!(answered - poll_started >= Duration::from_millis(2500));
+    // Then idle: closed about a second later.
+    let closed_at = timeout(Duration::from_secs(10), closed_rx)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert!(closed_at - answered >= Duration::from_millis(800));
 }

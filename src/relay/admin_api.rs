@@ -94,8 +94,10 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
     if !app.store.remove_key(key_id)? {
         return Err(ApiError::not_found(format!("no key {key_id}")));
     }
-    app.store.commit().await?;
+    // Signal first: open requests of the key look it up again, and the removal is already
+    // visible to lookups, even if the commit below fails.
     app.hub.revocations.revoked();
+    app.store.commit().await?;
     tracing::info!(%key_id, "key revoked");
     Ok(json(
         StatusCode::OK,

@@ -28,16 +28,19 @@ use crate::config::{LimitsConfig, RateLimitConfig};
 
 /// A source address as limits see it: an IPv4 address, or the /64 of an IPv6 address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AddrKey(u128);
+pub enum AddrKey {
+    V4(u32),
+    /// The top 64 bits: the /64.
+    V6(u64),
+}
 
 impl AddrKey {
     pub fn of(ip: IpAddr) -> AddrKey {
         match ip {
-            IpAddr::V4(v4) => AddrKey(u32::from(v4) as u128),
+            IpAddr::V4(v4) => AddrKey::V4(u32::from(v4)),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddrKey(u32::from(v4) as u128),
-                // The top bit marks IPv6 so no /64 collides with an IPv4 address.
-                None => AddrKey((u128::from(v6) & !((1u128 << 64) - 1)) | 1),
+                Some(v4) => AddrKey::V4(u32::from(v4)),
+                None => AddrKey::V6((u128::from(v6) >> 64) as u64),
             },
         }
     }
@@ -203,15 +206,6 @@ impl RateLimits {
         self.check(self.per_address.as_ref(), &addr)
     }
 
-    /// Whether the address is blocked for failed authentication (checked before a TLS
-    /// handshake, which costs more than a key lookup).
-    pub fn is_blocked(&self, addr: AddrKey) -> bool {
-        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        blocked
-            .get(&addr)
-            .is_some_and(|until| *until > Instant::now())
-    }
-
     /// After a key authenticated: is it over its request rate?
     pub fn check_key(&self, key_id: &str) -> Result<(), Limited> {
         match &self.per_key {
@@ -366,6 +360,10 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(AddrKey::of(v4), AddrKey::of(mapped));
         assert_ne!(AddrKey::of("::".parse().unwrap()), AddrKey::of(v4));
+        assert_ne!(
+            AddrKey::of("::1".parse().unwrap()),
+            AddrKey::of("0.0.0.1".parse().unwrap())
+        );
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub async fn handle(
             response = response.map(|body| {
                 UntilRevoked {
                     body,
-                    revoked: Mutex::new(until),
+                    revoked: Mutex::new(Some(until)),
                 }
                 .boxed()
             });
@@ -101,12 +101,16 @@ async fn revoked(
     }
 }
 
-/// A response body that ends when its key is revoked.
+/// An event-stream body that ends when its key is revoked, with an `error` event first,
+/// so that a client never takes a cut-off stream (a context) for a complete one.
 struct UntilRevoked {
     body: Body,
-    /// In a mutex only so the body is `Sync`; it is never contended.
-    revoked: Mutex<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// `None` once revoked. In a mutex only so the body is `Sync`; never contended.
+    revoked: Mutex<Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
 }
+
+const REVOKED_EVENT: &str =
+    "event: error\ndata: {\"code\":\"unauthorized\",\"message\":\"the key was revoked\"}\n\n";
 
 impl hyper::body::Body for UntilRevoked {
     type Data = Bytes;
@@ -117,8 +121,13 @@ impl hyper::body::Body for UntilRevoked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let revoked = self.revoked.get_mut().unwrap_or_else(|e| e.into_inner());
-        if revoked.as_mut().poll(cx).is_ready() {
+        let Some(future) = revoked else {
             return Poll::Ready(None);
+        };
+        if future.as_mut().poll(cx).is_ready() {
+            *revoked = None;
+            let event = Frame::data(Bytes::from_static(REVOKED_EVENT.as_bytes()));
+            return Poll::Ready(Some(Ok(event)));
         }
         Pin::new(&mut self.body).poll_frame(cx)
     }

@@ -8,24 +8,26 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use http::{HeaderValue, Method};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::deadline::FirstBytesDeadline;
+use super::http::Body;
 use super::limits::{AddrKey, ConnectionLimits};
 use super::tls::{daemon_of_certificate, TlsState};
 use super::{router, App};
@@ -82,7 +84,6 @@ pub async fn serve(
         tls,
     });
     let connection_limits = Arc::new(ConnectionLimits::new(limits));
-    let graceful = GracefulShutdown::new();
     // Every connection task, so that none can outlive `serve` and write to a closed store.
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -113,7 +114,6 @@ pub async fn serve(
             .fetch_add(1, Ordering::Relaxed);
         let open = OpenConnection::new(&app);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
         connections.spawn(async move {
             let _open = open;
             let _permit = permit;
@@ -126,10 +126,12 @@ pub async fn serve(
             match &shared.tls {
                 None => {
                     let io = FirstBytesDeadline::new(stream, header_timeout);
-                    serve_io(&shared, watcher, TokioIo::new(io), connection).await;
+                    serve_io(&shared, TokioIo::new(io), connection).await;
                 }
-                // An address blocked for failed authentication gets no TLS handshake.
-                Some(_) if shared.app.limits.is_blocked(connection.addr) => {
+                // A handshake costs more than a request: it is charged to the address's
+                // request budget, and an address blocked for failed authentication or
+                // over its budget gets none.
+                Some(_) if shared.app.limits.check_address(connection.addr).is_err() => {
                     shared
                         .app
                         .metrics
@@ -153,7 +155,7 @@ pub async fn serve(
                                 .and_then(|chain| chain.first())
                                 .and_then(daemon_of_certificate);
                             let io = FirstBytesDeadline::new(stream, header_timeout);
-                            serve_io(&shared, watcher, TokioIo::new(io), connection).await;
+                            serve_io(&shared, TokioIo::new(io), connection).await;
                         }
                         Ok(Err(err)) => {
                             shared
@@ -183,9 +185,10 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: answering waiting requests");
+    // Every connection task sees the token and shuts its connection down gracefully.
     app.shutdown.cancel();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = async { while connections.join_next().await.is_some() {} } => {}
         _ = tokio::time::sleep(app.config.server.shutdown_grace) => {
             tracing::warn!("connections still open after the grace period; closing them");
         }
@@ -225,31 +228,151 @@ fn refused_client_certificate(err: &std::io::Error) -> bool {
         })
 }
 
-/// Serves HTTP on one (plain or TLS) stream until it closes.
-async fn serve_io<I>(shared: &Shared, watcher: Watcher, io: I, connection: Connection)
+/// Requests in flight on one connection; a connection with none for a while is closed.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Whether any request has begun on the connection.
+    served: AtomicBool,
+    changed: Notify,
+}
+
+/// One request in flight, until its response body is done (or dropped).
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.served.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        InFlight(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `idle` (for `first` while none
+    /// has begun yet).
+    async fn idle(&self, first: Duration, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                changed.await;
+                continue;
+            }
+            let limit = if self.served.load(Ordering::SeqCst) {
+                idle
+            } else {
+                first
+            };
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(limit) => return,
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done.
+struct CountedBody {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves HTTP on one (plain or TLS) stream until it closes: gracefully (in-flight
+/// requests finish) at shutdown, or once idle for `idle_timeout` (`header_read_timeout`
+/// before the first request: HTTP/2 has no header timeout of its own).
+async fn serve_io<I>(shared: &Shared, io: I, connection: Connection)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
     let peer = connection.peer;
     let app = shared.app.clone();
     let connection = Arc::new(connection);
+    let activity = Arc::new(Activity::default());
+    let counted = activity.clone();
     let router = tower::service_fn(move |request: http::Request<Incoming>| {
         let app = app.clone();
         let connection = connection.clone();
-        async move { Ok::<_, Infallible>(router::handle(app, connection, request).await) }
+        let in_flight = counted.begin();
+        async move {
+            let response = router::handle(app, connection, request).await;
+            Ok::<_, Infallible>(response.map(|body| {
+                CountedBody {
+                    body,
+                    _in_flight: in_flight,
+                }
+                .boxed()
+            }))
+        }
     });
     let service = ServiceBuilder::new()
         .option_layer(shared.cors.clone())
         .service(router);
+    let limits = &shared.app.config.limits;
     let connection = shared
         .builder
-        .serve_connection(io, TowerToHyperService::new(service))
-        .into_owned();
-    if let Err(err) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %err, "connection ended with an error");
+        .serve_connection(io, TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let mut closing = false;
+    // An idle connection closing gracefully has nothing in flight: if the peer does not
+    // take part (HTTP/2 waits for a PING answer), it is dropped after this.
+    let idle_close = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(idle_close);
+    let mut idle_closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shared.app.shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle(limits.header_read_timeout, limits.idle_timeout), if !closing => {
+                closing = true;
+                idle_closing = true;
+                idle_close
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + limits.header_read_timeout);
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_close, if idle_closing => {
+                tracing::debug!(%peer, "idle connection did not close gracefully; dropping it");
+                return;
+            }
+        }
     }
 }
-
 /// The CORS policy for browser clients; `None` when no origin is allowed.
 fn cors_layer(config: &CorsConfig) -> Option<CorsLayer> {
     if config.allowed_origins.is_empty() {

@@ -1032,3 +1032,62 @@ async fn idle_http2_connections_are_closed() {
         .unwrap();
     assert!(closed_at - answered >= Duration::from_millis(800));
 }
+
+/// Behind a trusted proxy, limits apply to the client named by `X-Forwarded-For`: one
+/// brute-forcing client is blocked while another behind the same proxy is served. From
+/// an untrusted peer the header is ignored, so rotating it does not escape the block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_limit_the_forwarded_client() {
+    let relay = TestRelay::start_with(
+        "[server]\ntrusted_proxies = [\"127.0.0.2\"]\n\
+         [rate_limit]\nauth_failures_per_minute = 5\nauth_failures_burst = 5\n",
+    )
+    .await;
+    let good = relay.key("client", None, Some(&["d"])).await;
+    let proxy = client_from(loopback(2));
+    let via_proxy = |client: &str, key: &str| {
+        proxy
+            .get(format!("{}/api/v1/daemons", relay.url))
+            .header("x-forwarded-for", format!("{client}, 127.0.0.2"))
+            .bearer_auth(key)
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(
+            send(via_proxy("203.0.113.9", &random_bad_key()))
+                .await
+                .status,
+        );
+    }
+    assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
+    assert_rate_limited(
+        &send(via_proxy("203.0.113.9", &good)).await,
+        "blocked client",
+    );
+    let other = send(via_proxy("203.0.113.10", &good)).await;
+    assert_eq!(
+        other.status, 200,
+        "another client behind the proxy: {}",
+        other.body
+    );
+
+    // Not a trusted proxy: the header is ignored and the peer itself is blocked.
+    let spoofer = client_from(loopback(3));
+    for i in 0..10u8 {
+        spoofer
+            .get(format!("{}/api/v1/daemons", relay.url))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .bearer_auth(random_bad_key())
+            .send()
+            .await
+            .unwrap();
+    }
+    let reply = send(
+        spoofer
+            .get(format!("{}/api/v1/daemons", relay.url))
+            .header("x-forwarded-for", "198.51.100.200")
+            .bearer_auth(&good),
+    )
+    .await;
+    assert_rate_limited(&reply, "a spoofed X-Forwarded-For");
+}

@@ -930,6 +930,22 @@ async fn sighup_reloads_the_certificate_and_open_connections_survive() {
     })
     .await;
 
+    // A daemon authenticated by a certificate from the first client CA, on a connection
+    // the client keeps open.
+    let by_cert = https(served.addr, &[&ca1, &ca2])
+        .identity(client_ca1.client("c").reqwest_identity())
+        .build()
+        .unwrap();
+    let (status, body) = post(
+        &by_cert,
+        &format!("{url}/sync/connect"),
+        None,
+        &connect_body("c"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+
     // Swap in cert B (from CA2) and a new client CA, then SIGHUP.
     ca2.server().write(dir.path(), "server");
     client_ca2.write(dir.path(), "client-ca.pem");
@@ -945,6 +961,19 @@ async fn sighup_reloads_the_certificate_and_open_connections_survive() {
         "cert A is no longer served"
     );
     assert!(served.is_running());
+
+    // The certificate from the rotated-out client CA is cut off on its open connection:
+    // an answer at all shows the connection is the old one (a new handshake would fail).
+    let (status, body) = post(
+        &by_cert,
+        &format!("{url}/sync/connect"),
+        None,
+        &connect_body("c"),
+    )
+    .await
+    .expect("the connection opened before the reload is still open");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
 
     // The client CA was re-read too: certificates from the new one authenticate.
     let by_new_ca = https(served.addr, &[&ca2])
@@ -1426,4 +1455,32 @@ async fn plaintext_on_a_public_address_is_refused_but_tls_starts() {
     let served = serve(&tls_config, &data_dir, &["--listen", "0.0.0.0:0"], "https");
     let http = https(served.addr, &[&ca]).build().unwrap();
     assert!(healthy(&http, &base(served.addr)).await);
+}
+
+/// A client certificate that expires while its connection is open stops authenticating
+/// at once: the relay checks the expiry at each request, not only at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_expiring_on_an_open_connection_stops_authenticating() {
+    let pki = Pki::new();
+    let relay = TestRelay::start_with(&pki.mtls()).await;
+    let now = time::OffsetDateTime::now_utc();
+    // X.509 times have whole seconds: valid for 2 to 3 more seconds.
+    let leaf = pki.client_ca.client_valid(
+        "d",
+        now - time::Duration::hours(1),
+        now + time::Duration::seconds(2),
+    );
+    let http = pki.client(relay.addr, Some(&leaf));
+    let url = base(relay.addr);
+    let connect_url = format!("{url}/sync/connect");
+    let hello = connect_body("d");
+    let connect = || post(&http, &connect_url, None, &hello);
+    let (status, body) = connect().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), || async {
+        matches!(connect().await, Ok((401, _)))
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_secs(1));
 }

@@ -5,6 +5,7 @@
 //! 401. Every response carries `X-Syncrelay-Source`; every failure is the design's error
 //! JSON.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,9 +19,10 @@ use tokio::sync::watch;
 
 use super::auth::{authenticate, authorize, bearer, Access, Principal};
 use super::http::{json, read_body, ApiError, Body, Source, SOURCE};
-use super::limits::Limited;
+use super::limits::{AddrKey, Limited};
 use super::server::Connection;
 use super::{admin_api, changes, client, mirror, streams, sync, App, Response};
+use crate::config::IpNet;
 use crate::protocol::valid_daemon_id;
 
 /// One request's authentication state, shared with the revocation watch.
@@ -31,6 +33,8 @@ struct Ctx<'a> {
     principal: OnceLock<Principal>,
     /// The revocation generation when the request began.
     generation: u64,
+    /// The client's address as rate limits see it.
+    addr: AddrKey,
 }
 
 pub async fn handle(
@@ -39,13 +43,15 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response {
     let mut revocations = app.hub.revocations.subscribe();
+    let addr = client_address(&app.config.server.trusted_proxies, &connection, &request);
     let ctx = Ctx {
+        addr,
         app: &app,
         connection: &connection,
         principal: OnceLock::new(),
         generation: *revocations.borrow_and_update(),
     };
-    let result = match app.limits.check_address(connection.addr) {
+    let result = match app.limits.check_address(addr) {
         Err(limited) => Err(rate_limited(&app, limited)),
         Ok(()) => tokio::select! {
             result = route(&ctx, request) => result,
@@ -135,6 +141,36 @@ impl hyper::body::Body for UntilRevoked {
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
     }
+}
+
+/// The client's address: the peer's, or behind a trusted proxy the last address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+fn client_address(
+    trusted: &[IpNet],
+    connection: &Connection,
+    request: &Request<Incoming>,
+) -> AddrKey {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(connection.peer.ip()) {
+        return connection.addr;
+    }
+    let forwarded = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|hop| hop.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    for hop in forwarded.into_iter().rev() {
+        match hop {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return AddrKey::of(ip),
+            // A hop we cannot read: stop trusting the chain here.
+            None => break,
+        }
+    }
+    connection.addr
 }
 
 fn rate_limited(app: &App, limited: Limited) -> ApiError {
@@ -329,14 +365,22 @@ fn principal(
 ) -> Result<Principal, ApiError> {
     let app = ctx.app;
     let token = bearer(request.headers(), request.uri().query(), allow_query_token);
-    let principal = match (token, &ctx.connection.certificate_daemon) {
-        (None, Some(daemon_id)) => Principal::certificate(daemon_id.clone()),
+    let principal = match (token, &ctx.connection.certificate) {
+        (None, Some(identity)) if identity.still_valid() => {
+            Principal::certificate(identity.daemon_id.clone())
+        }
+        (None, Some(_)) => {
+            app.metrics.auth_failures.fetch_add(1, Relaxed);
+            return Err(ApiError::unauthorized(
+                "the client certificate has expired or is no longer trusted",
+            ));
+        }
         (token, _) => match authenticate(&app.store, token) {
             Ok(principal) => principal,
             Err(err) if err.status == http::StatusCode::UNAUTHORIZED => {
                 app.metrics.auth_failures.fetch_add(1, Relaxed);
                 app.limits
-                    .auth_failed(ctx.connection.addr)
+                    .auth_failed(ctx.addr)
                     .map_err(|limited| rate_limited(app, limited))?;
                 return Err(err);
             }

@@ -29,7 +29,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::deadline::FirstBytesDeadline;
 use super::http::Body;
 use super::limits::{AddrKey, ConnectionLimits};
-use super::tls::{daemon_of_certificate, TlsState};
+use super::tls::{ClientIdentity, TlsState};
 use super::{router, App};
 use crate::config::CorsConfig;
 
@@ -45,7 +45,7 @@ pub struct Connection {
     /// The source address as the limits group it.
     pub addr: AddrKey,
     /// The daemon a verified TLS client certificate names.
-    pub certificate_daemon: Option<String>,
+    pub certificate: Option<ClientIdentity>,
 }
 
 /// Everything a connection task needs.
@@ -121,7 +121,7 @@ pub async fn serve(
             let mut connection = Connection {
                 peer,
                 addr: AddrKey::of(peer.ip()),
-                certificate_daemon: None,
+                certificate: None,
             };
             match &shared.tls {
                 None => {
@@ -148,12 +148,11 @@ pub async fn serve(
                     };
                     match handshake {
                         Ok(Ok(stream)) => {
-                            connection.certificate_daemon = stream
+                            connection.certificate = stream
                                 .get_ref()
                                 .1
                                 .peer_certificates()
-                                .and_then(|chain| chain.first())
-                                .and_then(daemon_of_certificate);
+                                .and_then(|chain| tls.identity(chain));
                             let io = FirstBytesDeadline::new(stream, header_timeout);
                             serve_io(&shared, TokioIo::new(io), connection).await;
                         }

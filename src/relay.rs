@@ -54,7 +54,6 @@ pub struct App {
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
-#[derive(Default)]
 pub struct Metrics {
     pub connections_accepted: std::sync::atomic::AtomicU64,
     pub connections_open: std::sync::atomic::AtomicI64,
@@ -63,6 +62,64 @@ pub struct Metrics {
     pub tls_handshake_failures: std::sync::atomic::AtomicU64,
     pub auth_failures: std::sync::atomic::AtomicU64,
     pub rate_limited: std::sync::atomic::AtomicU64,
+    /// Seconds from request to response head, by route family ([`RouteFamily`]).
+    pub request_seconds: [crate::metrics::Histogram; RouteFamily::ALL.len()],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections_accepted: Default::default(),
+            connections_open: Default::default(),
+            connections_refused: Default::default(),
+            tls_handshake_failures: Default::default(),
+            auth_failures: Default::default(),
+            rate_limited: Default::default(),
+            request_seconds: std::array::from_fn(|_| {
+                crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS)
+            }),
+        }
+    }
+}
+
+/// Route families, as latency metrics label them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteFamily {
+    Sync,
+    Client,
+    Admin,
+    Health,
+    Other,
+}
+
+impl RouteFamily {
+    pub const ALL: [RouteFamily; 5] = [
+        RouteFamily::Sync,
+        RouteFamily::Client,
+        RouteFamily::Admin,
+        RouteFamily::Health,
+        RouteFamily::Other,
+    ];
+
+    pub fn of(path: &str) -> RouteFamily {
+        match path.trim_start_matches('/').split('/').next() {
+            Some("sync") => RouteFamily::Sync,
+            Some("api") => RouteFamily::Client,
+            Some("admin") => RouteFamily::Admin,
+            Some("healthz" | "readyz" | "metrics") => RouteFamily::Health,
+            _ => RouteFamily::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteFamily::Sync => "sync",
+            RouteFamily::Client => "client",
+            RouteFamily::Admin => "admin",
+            RouteFamily::Health => "health",
+            RouteFamily::Other => "other",
+        }
+    }
 }
 
 /// How often rate-limit state that has refilled is dropped.

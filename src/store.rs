@@ -169,6 +169,11 @@ impl Store {
         self.committer.stats()
     }
 
+    /// Appends the flush latency and batch size histograms (Prometheus text).
+    pub fn render_commit_histograms(&self, out: &mut String) {
+        self.committer.render_histograms(out);
+    }
+
     /// Flushes and stops the flusher thread; later commits fail with `Closed`.
     pub fn close(&self) -> Result<()> {
         self.committer.stop();

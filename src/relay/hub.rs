@@ -171,6 +171,14 @@ impl Hub {
             .map(|signals| *signals.changes.borrow())
     }
 
+    /// Daemons online now (of those this process has seen).
+    pub fn daemons_online(&self, grace: Duration) -> usize {
+        self.lock_daemons()
+            .values()
+            .filter(|signals| signals.online(grace))
+            .count()
+    }
+
     /// Number of polls waiting across all daemons.
     pub fn polls_waiting(&self) -> usize {
         self.lock_daemons()

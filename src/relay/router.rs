@@ -42,6 +42,8 @@ pub async fn handle(
     connection: Arc<Connection>,
     request: Request<Incoming>,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let family = super::RouteFamily::of(request.uri().path());
     let mut revocations = app.hub.revocations.subscribe();
     let addr = client_address(&app.config.server.trusted_proxies, &connection, &request);
     let ctx = Ctx {
@@ -61,6 +63,7 @@ pub async fn handle(
         },
     };
     let mut response = result.unwrap_or_else(ApiError::into_response);
+    app.metrics.request_seconds[family as usize].observe(started.elapsed().as_secs_f64());
     if !response.headers().contains_key(SOURCE) {
         response
             .headers_mut()
@@ -300,39 +303,82 @@ async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, Ap
 
 /// `/metrics`: counters only, no ids or keys, so it needs no credentials.
 fn metrics(app: &App) -> Response {
+    use std::fmt::Write;
     let stats = app.store.commit_stats();
-    let text = format!(
-        "# TYPE syncrelay_connections_accepted_total counter\n\
-         syncrelay_connections_accepted_total {}\n\
-         # TYPE syncrelay_connections_open gauge\n\
-         syncrelay_connections_open {}\n\
-         # TYPE syncrelay_polls_waiting gauge\n\
-         syncrelay_polls_waiting {}\n\
-         # TYPE syncrelay_store_flushes_total counter\n\
-         syncrelay_store_flushes_total {}\n\
-         # TYPE syncrelay_store_commits_total counter\n\
-         syncrelay_store_commits_total {}\n\
-         # TYPE syncrelay_connections_refused_total counter\n\
-         syncrelay_connections_refused_total {}\n\
-         # TYPE syncrelay_tls_handshake_failures_total counter\n\
-         syncrelay_tls_handshake_failures_total {}\n\
-         # TYPE syncrelay_auth_failures_total counter\n\
-         syncrelay_auth_failures_total {}\n\
-         # TYPE syncrelay_rate_limited_total counter\n\
-         syncrelay_rate_limited_total {}\n\
-         # TYPE syncrelay_rate_limit_tracked gauge\n\
-         syncrelay_rate_limit_tracked {}\n",
-        app.metrics.connections_accepted.load(Relaxed),
-        app.metrics.connections_open.load(Relaxed),
-        app.hub.polls_waiting(),
-        stats.flushes,
-        stats.commits,
-        app.metrics.connections_refused.load(Relaxed),
-        app.metrics.tls_handshake_failures.load(Relaxed),
-        app.metrics.auth_failures.load(Relaxed),
-        app.metrics.rate_limited.load(Relaxed),
-        app.limits.tracked(),
+    let m = &app.metrics;
+    let mut text = String::new();
+    let mut series = |name: &str, kind: &str, value: String| {
+        let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
+    };
+    series(
+        "syncrelay_connections_accepted_total",
+        "counter",
+        m.connections_accepted.load(Relaxed).to_string(),
     );
+    series(
+        "syncrelay_connections_open",
+        "gauge",
+        m.connections_open.load(Relaxed).to_string(),
+    );
+    series(
+        "syncrelay_connections_refused_total",
+        "counter",
+        m.connections_refused.load(Relaxed).to_string(),
+    );
+    series(
+        "syncrelay_tls_handshake_failures_total",
+        "counter",
+        m.tls_handshake_failures.load(Relaxed).to_string(),
+    );
+    series(
+        "syncrelay_auth_failures_total",
+        "counter",
+        m.auth_failures.load(Relaxed).to_string(),
+    );
+    series(
+        "syncrelay_rate_limited_total",
+        "counter",
+        m.rate_limited.load(Relaxed).to_string(),
+    );
+    series(
+        "syncrelay_rate_limit_tracked",
+        "gauge",
+        app.limits.tracked().to_string(),
+    );
+    series(
+        "syncrelay_daemons_online",
+        "gauge",
+        app.hub
+            .daemons_online(app.config.sync.online_grace)
+            .to_string(),
+    );
+    series(
+        "syncrelay_polls_waiting",
+        "gauge",
+        app.hub.polls_waiting().to_string(),
+    );
+    series(
+        "syncrelay_store_flushes_total",
+        "counter",
+        stats.flushes.to_string(),
+    );
+    series(
+        "syncrelay_store_commits_total",
+        "counter",
+        stats.commits.to_string(),
+    );
+    if let Ok(bytes) = app.store.size_on_disk() {
+        series("syncrelay_store_disk_bytes", "gauge", bytes.to_string());
+    }
+    text.push_str("# TYPE syncrelay_request_duration_seconds histogram\n");
+    for family in super::RouteFamily::ALL {
+        m.request_seconds[family as usize].render(
+            &mut text,
+            "syncrelay_request_duration_seconds",
+            &format!("family=\"{}\"", family.label()),
+        );
+    }
+    app.store.render_commit_histograms(&mut text);
     let mut response = Response::new(super::http::full(text));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -29,11 +29,14 @@ pub struct CommitStats {
     pub flush_micros: u64,
 }
 
-#[derive(Default)]
 struct Counters {
     flushes: AtomicU64,
     commits: AtomicU64,
     flush_micros: AtomicU64,
+    /// Seconds per flush.
+    flush_seconds: crate::metrics::Histogram,
+    /// Commits answered per flush.
+    batch_size: crate::metrics::Histogram,
 }
 
 pub struct GroupCommit {
@@ -46,7 +49,13 @@ pub struct GroupCommit {
 impl GroupCommit {
     pub fn start(db: sled::Db) -> GroupCommit {
         let (waiters_tx, waiters_rx) = mpsc::channel::<Waiter>();
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters {
+            flushes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            flush_micros: AtomicU64::new(0),
+            flush_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            batch_size: crate::metrics::Histogram::new(crate::metrics::BATCH_BUCKETS),
+        });
         let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("syncrelay-flush".into())
@@ -71,6 +80,18 @@ impl GroupCommit {
             Ok(Err(message)) => Err(StoreError::Unavailable(message)),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// Appends the flush latency and batch size histograms in Prometheus text format.
+    pub fn render_histograms(&self, out: &mut String) {
+        out.push_str("# TYPE syncrelay_store_flush_seconds histogram\n");
+        self.counters
+            .flush_seconds
+            .render(out, "syncrelay_store_flush_seconds", "");
+        out.push_str("# TYPE syncrelay_store_flush_batch_size histogram\n");
+        self.counters
+            .batch_size
+            .render(out, "syncrelay_store_flush_batch_size", "");
     }
 
     pub fn stats(&self) -> CommitStats {
@@ -107,9 +128,12 @@ fn flush_loop(db: &sled::Db, waiters_rx: &mpsc::Receiver<Waiter>, counters: &Cou
         counters
             .commits
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let elapsed = started.elapsed();
         counters
             .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        counters.flush_seconds.observe(elapsed.as_secs_f64());
+        counters.batch_size.observe(batch.len() as f64);
         for waiter in batch {
             let _ = waiter.send(outcome.clone());
         }

@@ -147,7 +147,11 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("start the tokio runtime");
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = runtime.block_on(dispatch(cli.command));
+    // Do not wait on blocking work that cannot finish (a wedged store flush, given up on
+    // at shutdown after everything acknowledged was flushed).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("syncrelay: {err:#}");

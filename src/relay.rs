@@ -122,6 +122,9 @@ impl RouteFamily {
     }
 }
 
+/// Longest shutdown waits for the store's final flush.
+const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// How often rate-limit state that has refilled is dropped.
 const LIMITS_HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -180,8 +183,20 @@ pub async fn run_with_tls(
     if let Some(reloads) = reloads {
         let _ = reloads.await;
     }
-    tokio::task::spawn_blocking(move || store.close()).await??;
-    tracing::info!("store closed");
+    // Bounded: a store whose flush is wedged (sled after a failed write) must not keep
+    // the process from exiting. Everything acknowledged was flushed before its answer.
+    let close = tokio::task::spawn_blocking(move || store.close());
+    match tokio::time::timeout(STORE_CLOSE_TIMEOUT, close).await {
+        Ok(closed) => {
+            closed??;
+            tracing::info!("store closed");
+        }
+        Err(_) => tracing::error!(
+            "the store did not close within {}s; exiting without the final flush \
+             (everything acknowledged was flushed already)",
+            STORE_CLOSE_TIMEOUT.as_secs()
+        ),
+    }
     Ok(())
 }
 

@@ -39,6 +39,9 @@ struct Counters {
     batch_size: crate::metrics::Histogram,
 }
 
+/// Longest a commit waits for its flush before it is answered as a failure.
+const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct GroupCommit {
     /// `None` once stopped. The lock only guards taking the sender out on stop.
     waiters_tx: Mutex<Option<mpsc::Sender<Waiter>>>,
@@ -75,10 +78,17 @@ impl GroupCommit {
             let sender = guard.as_ref().ok_or(StoreError::Closed)?;
             sender.send(done_tx).map_err(|_| StoreError::Closed)?;
         }
-        match done_rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::Unavailable(message)),
-            Err(_) => Err(StoreError::Closed),
+        // sled's flush can wait forever once a write failed (seen with ENOSPC): a commit
+        // that takes this long is answered as a failure, so no request hangs on it and
+        // nothing is acknowledged.
+        match tokio::time::timeout(COMMIT_TIMEOUT, done_rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(message))) => Err(StoreError::Unavailable(message)),
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the store did not flush within {}s",
+                COMMIT_TIMEOUT.as_secs()
+            ))),
         }
     }
 

@@ -73,8 +73,31 @@ impl From<sled::Error> for StoreError {
     fn from(err: sled::Error) -> Self {
         match err {
             sled::Error::Corruption { .. } => StoreError::Corrupt(err.to_string()),
+            sled::Error::Io(_) => {
+                let message = err.to_string();
+                storage_failed(&message);
+                StoreError::Unavailable(message)
+            }
             other => StoreError::Unavailable(other.to_string()),
         }
+    }
+}
+
+/// What to do when the store's disk fails (a write's I/O error, a flush that fails or
+/// stalls). sled 0.34 does not recover from that in-process: after ENOSPC its flush waits
+/// forever and its locks stay taken. `syncrelay serve` installs a hook that exits, so a
+/// supervisor's restart recovers the store (everything acknowledged is already on disk).
+type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+static STORAGE_FAILURE_HOOK: std::sync::OnceLock<FailureHook> = std::sync::OnceLock::new();
+
+/// Installs the storage-failure hook (once per process; later calls are ignored).
+pub fn on_storage_failure(hook: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = STORAGE_FAILURE_HOOK.set(Box::new(hook));
+}
+
+pub(crate) fn storage_failed(message: &str) {
+    if let Some(hook) = STORAGE_FAILURE_HOOK.get() {
+        hook(message);
     }
 }
 

@@ -83,12 +83,19 @@ impl GroupCommit {
         // nothing is acknowledged.
         match tokio::time::timeout(COMMIT_TIMEOUT, done_rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(message))) => Err(StoreError::Unavailable(message)),
+            Ok(Ok(Err(message))) => {
+                super::storage_failed(&message);
+                Err(StoreError::Unavailable(message))
+            }
             Ok(Err(_)) => Err(StoreError::Closed),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "the store did not flush within {}s",
-                COMMIT_TIMEOUT.as_secs()
-            ))),
+            Err(_) => {
+                let message = format!(
+                    "the store did not flush within {}s",
+                    COMMIT_TIMEOUT.as_secs()
+                );
+                super::storage_failed(&message);
+                Err(StoreError::Unavailable(message))
+            }
         }
     }
 

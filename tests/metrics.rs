@@ -92,6 +92,15 @@ async fn metrics_expose_the_named_series_and_they_move() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+    // One write queued for "d" and not yet taken: an unfinished command.
+    let queued = client
+        .post("/api/v1/daemons/d/things")
+        .header("prefer", "respond-async")
+        .json(&serde_json::json!({ "n": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 202);
 
     eventually(Duration::from_secs(10), || async {
         scrape(&relay).await.samples["syncrelay_polls_waiting"] >= 1.0
@@ -105,6 +114,8 @@ async fn metrics_expose_the_named_series_and_they_move() {
         ("syncrelay_auth_failures_total", "counter"),
         ("syncrelay_rate_limited_total", "counter"),
         ("syncrelay_store_disk_bytes", "gauge"),
+        ("syncrelay_daemons", "gauge"),
+        ("syncrelay_commands_unfinished", "gauge"),
         ("syncrelay_request_duration_seconds", "histogram"),
         ("syncrelay_store_flush_seconds", "histogram"),
         ("syncrelay_store_flush_batch_size", "histogram"),
@@ -112,6 +123,8 @@ async fn metrics_expose_the_named_series_and_they_move() {
         assert_eq!(m.types.get(name).map(String::as_str), Some(kind), "{name}");
     }
     assert!(m.samples["syncrelay_daemons_online"] >= 2.0);
+    assert_eq!(m.samples["syncrelay_daemons"], 2.0);
+    assert_eq!(m.samples["syncrelay_commands_unfinished"], 1.0);
     assert!(m.samples["syncrelay_auth_failures_total"] >= 1.0);
     assert!(m.samples["syncrelay_store_disk_bytes"] > 0.0);
     assert!(m.samples["syncrelay_store_flush_seconds_count"] >= 1.0);

@@ -25,6 +25,9 @@ use super::{admin_api, changes, client, mirror, streams, sync, App, Response};
 use crate::config::IpNet;
 use crate::protocol::valid_daemon_id;
 
+/// The OpenAPI 3.1 document of the relay's own routes.
+const OPENAPI: &str = include_str!("openapi.json");
+
 /// One request's authentication state, shared with the revocation watch.
 struct Ctx<'a> {
     app: &'a Arc<App>,
@@ -193,6 +196,15 @@ async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, Ap
                 http::StatusCode::OK,
                 &serde_json::json!({ "status": "ok" }),
             ))
+        }
+        ["openapi.json"] => {
+            only(&method, &[Method::GET], "GET")?;
+            let mut response = Response::new(super::http::full(OPENAPI));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok(response)
         }
         ["metrics"] => {
             only(&method, &[Method::GET], "GET")?;
@@ -367,6 +379,16 @@ fn metrics(app: &App) -> Response {
         "counter",
         stats.commits.to_string(),
     );
+    if let Ok(daemons) = app.store.daemons() {
+        series("syncrelay_daemons", "gauge", daemons.len().to_string());
+        // Totals only: /metrics needs no key, so it names no daemon.
+        let unfinished: u64 = daemons.iter().map(|d| d.queued).sum();
+        series(
+            "syncrelay_commands_unfinished",
+            "gauge",
+            unfinished.to_string(),
+        );
+    }
     if let Ok(bytes) = app.store.size_on_disk() {
         series("syncrelay_store_disk_bytes", "gauge", bytes.to_string());
     }

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{eventually, serve_daemon, Client, Daemon, TestRelay};
-use reqwest::header::HeaderMap;
+use common::{eventually, serve_daemon, Client, Daemon, Reply, TestRelay};
 use reqwest::{Method, RequestBuilder};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,37 +23,6 @@ const QUICK_OFFLINE: &str = "[sync]\nonline_grace = \"300ms\"\n";
 
 /// Upper bound for any single request in these tests.
 const REQUEST_LIMIT: Duration = Duration::from_secs(20);
-
-/// A response read in full.
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!(
-                "status {}: body is not JSON ({err}): {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8(self.body.clone()).expect("UTF-8 body")
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn source(&self) -> &str {
-        self.header("x-syncrelay-source").unwrap()
-    }
-}
 
 /// Sends a request (bounded), reads the whole body and checks that the response says where
 /// it came from, as every response must.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, TestRelay};
+use common::{eventually, Reply, TestRelay};
 use reqwest::header::HeaderMap;
 use reqwest::RequestBuilder;
 use serde_json::{json, Value};
@@ -36,29 +36,6 @@ const HTTP_METHODS: &[&str] = &[
 struct Spec {
     doc: Value,
     covered: Mutex<BTreeMap<(String, String), BTreeSet<u16>>>,
-}
-
-/// A response read in full (event streams: headers only).
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!(
-                "status {}: body is not JSON ({err}): {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
 }
 
 impl Spec {

@@ -521,3 +521,35 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A response read in full (event streams: headers only, where a test says so).
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "status {}: body is not JSON ({err}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("UTF-8 body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// `X-Syncrelay-Source`, which every response carries.
+    pub fn source(&self) -> &str {
+        self.header("x-syncrelay-source").unwrap()
+    }
+}

@@ -4,9 +4,7 @@
 //! started from any directory. Agents and clients trust the certificate file itself.
 //! Existing files are never replaced unless asked to.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -88,20 +86,9 @@ pub fn self_signed(
     Ok(written)
 }
 
-/// Writes via a temporary file and a rename, so a crash never leaves half a key.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::files::write_atomic(path, contents, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

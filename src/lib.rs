@@ -9,6 +9,7 @@
 //! - [`admin`]: the operator CLI (`syncrelay keys …`) talking to a running relay.
 //! - [`init`]: `syncrelay init --self-signed`, a quick-start certificate and config.
 //! - [`metrics`]: the Prometheus histogram behind `/metrics`.
+//! - [`files`]: atomic, permission-safe file writes.
 //!
 //! Data flow: a client request becomes a command in the store (committed to disk before
 //! any acknowledgement), the hub wakes the daemon's waiting poll, the daemon posts the
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod files;
 pub mod init;
 pub mod metrics;
 pub mod protocol;

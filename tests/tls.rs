@@ -671,23 +671,29 @@ async fn unverifiable_client_certificates_fail_and_keys_still_work() {
     assert_eq!(status, 401, "{body}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_client_certificates_count_as_failed_authentications() {
-    let pki = Pki::new();
+/// An mTLS relay allowing 3 failed authentications per address, with a daemon key for
+/// "d": returns the relay, its base URL and the key.
+async fn strict_mtls_relay(pki: &Pki) -> (TestRelay, String, String) {
     let relay = TestRelay::start_with(&format!(
         "{}\n[rate_limit]\nauth_failures_per_minute = 1\nauth_failures_burst = 3\n",
         pki.mtls()
     ))
     .await;
     let url = base(relay.addr);
-    let plain = pki.client(relay.addr, None);
     let key_d = create_key(
-        &plain,
+        &pki.client(relay.addr, None),
         &url,
         &relay.admin_token,
         json!({ "role": "daemon", "daemon": "d" }),
     )
     .await;
+    (relay, url, key_d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_certificates_count_as_failed_authentications() {
+    let pki = Pki::new();
+    let (relay, url, key_d) = strict_mtls_relay(&pki).await;
     let connect = format!("{url}/sync/connect");
     let stranger = Ca::new("unknown CA").client("d");
     for _ in 0..5 {
@@ -712,20 +718,7 @@ async fn refused_client_certificates_count_as_failed_authentications() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_and_clients_rejecting_the_server_certificate_do_not_block_the_address() {
     let pki = Pki::new();
-    let relay = TestRelay::start_with(&format!(
-        "{}\n[rate_limit]\nauth_failures_per_minute = 1\nauth_failures_burst = 3\n",
-        pki.mtls()
-    ))
-    .await;
-    let url = base(relay.addr);
-    let plain = pki.client(relay.addr, None);
-    let key_d = create_key(
-        &plain,
-        &url,
-        &relay.admin_token,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
+    let (relay, url, key_d) = strict_mtls_relay(&pki).await;
     // Watches /metrics from another loopback address, which nothing here counts against.
     let observer = https(relay.addr, &[&pki.server_ca])
         .local_address(std::net::IpAddr::from([127, 0, 0, 2]))

@@ -190,26 +190,11 @@ pub async fn ensure_admin_key(
     let path = data_dir.join("admin.key");
     // The file first: a crash before the key is stored leaves no keys, so the next start
     // makes a new key and overwrites it; never a stored admin key nobody can read.
-    write_private(&path, &format!("{}\n", key.token.0))
+    crate::files::write_atomic(&path, format!("{}\n", key.token.0).as_bytes(), 0o600)
         .map_err(|err| StoreError::Unavailable(format!("{}: {err}", path.display())))?;
     store.put_key(&key.record)?;
     store.commit().await?;
     Ok(Some(path))
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("key.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

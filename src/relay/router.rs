@@ -319,78 +319,80 @@ fn metrics(app: &App) -> Response {
     let stats = app.store.commit_stats();
     let m = &app.metrics;
     let mut text = String::new();
-    let mut series = |name: &str, kind: &str, value: String| {
-        let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
-    };
-    series(
-        "syncrelay_connections_accepted_total",
-        "counter",
-        m.connections_accepted.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_connections_open",
-        "gauge",
-        m.connections_open.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_connections_refused_total",
-        "counter",
-        m.connections_refused.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_tls_handshake_failures_total",
-        "counter",
-        m.tls_handshake_failures.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_auth_failures_total",
-        "counter",
-        m.auth_failures.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_rate_limited_total",
-        "counter",
-        m.rate_limited.load(Relaxed).to_string(),
-    );
-    series(
-        "syncrelay_rate_limit_tracked",
-        "gauge",
-        app.limits.tracked().to_string(),
-    );
-    series(
-        "syncrelay_daemons_online",
-        "gauge",
-        app.hub
-            .daemons_online(app.config.sync.online_grace)
-            .to_string(),
-    );
-    series(
-        "syncrelay_polls_waiting",
-        "gauge",
-        app.hub.polls_waiting().to_string(),
-    );
-    series(
-        "syncrelay_store_flushes_total",
-        "counter",
-        stats.flushes.to_string(),
-    );
-    series(
-        "syncrelay_store_commits_total",
-        "counter",
-        stats.commits.to_string(),
-    );
-    if let Ok(daemons) = app.store.daemons() {
-        series("syncrelay_daemons", "gauge", daemons.len().to_string());
-        // Totals only: /metrics needs no key, so it names no daemon.
-        let unfinished: u64 = daemons.iter().map(|d| d.queued).sum();
-        series(
-            "syncrelay_commands_unfinished",
+    let series = [
+        (
+            "syncrelay_connections_accepted_total",
+            "counter",
+            m.connections_accepted.load(Relaxed),
+        ),
+        (
+            "syncrelay_connections_open",
             "gauge",
-            unfinished.to_string(),
-        );
-    }
-    if let Ok(bytes) = app.store.size_on_disk() {
-        series("syncrelay_store_disk_bytes", "gauge", bytes.to_string());
+            m.connections_open.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "syncrelay_connections_refused_total",
+            "counter",
+            m.connections_refused.load(Relaxed),
+        ),
+        (
+            "syncrelay_tls_handshake_failures_total",
+            "counter",
+            m.tls_handshake_failures.load(Relaxed),
+        ),
+        (
+            "syncrelay_auth_failures_total",
+            "counter",
+            m.auth_failures.load(Relaxed),
+        ),
+        (
+            "syncrelay_rate_limited_total",
+            "counter",
+            m.rate_limited.load(Relaxed),
+        ),
+        (
+            "syncrelay_rate_limit_tracked",
+            "gauge",
+            app.limits.tracked() as u64,
+        ),
+        (
+            "syncrelay_daemons_online",
+            "gauge",
+            app.hub.daemons_online(app.config.sync.online_grace) as u64,
+        ),
+        (
+            "syncrelay_polls_waiting",
+            "gauge",
+            app.hub.polls_waiting() as u64,
+        ),
+        ("syncrelay_store_flushes_total", "counter", stats.flushes),
+        ("syncrelay_store_commits_total", "counter", stats.commits),
+    ];
+    let mut series: Vec<_> = series
+        .into_iter()
+        .map(|(n, k, v)| (n, k, Some(v)))
+        .collect();
+    // Totals only: /metrics needs no key, so it names no daemon.
+    let daemons = app.store.daemons().ok();
+    series.push((
+        "syncrelay_daemons",
+        "gauge",
+        daemons.as_ref().map(|d| d.len() as u64),
+    ));
+    series.push((
+        "syncrelay_commands_unfinished",
+        "gauge",
+        daemons.as_ref().map(|d| d.iter().map(|d| d.queued).sum()),
+    ));
+    series.push((
+        "syncrelay_store_disk_bytes",
+        "gauge",
+        app.store.size_on_disk().ok(),
+    ));
+    for (name, kind, value) in series {
+        if let Some(value) = value {
+            let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
+        }
     }
     text.push_str("# TYPE syncrelay_request_duration_seconds histogram\n");
     for family in super::RouteFamily::ALL {

@@ -69,12 +69,15 @@ impl TlsState {
         TlsAcceptor::from(self.loaded().config.clone())
     }
 
-    /// The identity a verified client certificate chain gives its connection.
+    /// The identity a verified client certificate chain gives its connection: the leaf's
+    /// subject CN, when that is a valid daemon id. (The verifier has already checked the
+    /// chain and validity dates.)
     pub fn identity(self: &Arc<Self>, chain: &[CertificateDer<'_>]) -> Option<ClientIdentity> {
         let leaf = chain.first()?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
         Some(ClientIdentity {
-            daemon_id: daemon_of_certificate(leaf)?,
+            daemon_id: valid_daemon_id(cn).then(|| cn.to_owned())?,
             not_after: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             verified_generation: AtomicU64::new(self.loaded().generation),
@@ -129,14 +132,6 @@ impl ClientIdentity {
             .store(loaded.generation, Ordering::Release);
         true
     }
-}
-
-/// The daemon a verified client certificate names: its subject CN, when that is a valid
-/// daemon id. (The verifier has already checked the chain and validity dates.)
-pub fn daemon_of_certificate(leaf: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    valid_daemon_id(cn).then(|| cn.to_owned())
 }
 
 fn load(files: &TlsConfig, generation: u64) -> anyhow::Result<Loaded> {

@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::KeyView;
 
+/// The admin key's file in the data dir.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
 /// An admin-key HTTP client for one relay.
 pub struct AdminClient {
     base_url: String,
@@ -23,7 +26,7 @@ pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
             return Ok(token.trim().to_owned());
         }
     }
-    let path = data_dir.join("admin.key");
+    let path = data_dir.join(ADMIN_KEY_FILE);
     let token = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "no admin key: set SYNCRELAY_ADMIN_KEY or start the relay once so it writes {}",
@@ -102,6 +105,56 @@ impl AdminClient {
         Ok(())
     }
 
+    /// `syncrelay backup`: asks the relay to copy its database into `to` (a path on the
+    /// relay's host) and hands each progress line to `progress`. Returns the final line
+    /// (`{"done": true, …}`); an error line or a cut-off stream is an error.
+    pub async fn backup(
+        &self,
+        to: &Path,
+        mut progress: impl FnMut(&serde_json::Value),
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut response = self
+            .http
+            .post(format!("{}/admin/backup", self.base_url))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "to": to }))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the relay at {}", self.base_url))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            let message = body["error"]["message"].as_str().unwrap_or("");
+            bail!("the relay answered {status}: {code}: {message}");
+        }
+        let mut pending = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("the connection to the relay broke during the backup")?
+        {
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let value: serde_json::Value =
+                    serde_json::from_slice(&line).context("unexpected answer from the relay")?;
+                if value["done"] == true {
+                    return Ok(value);
+                }
+                if let Some(error) = value.get("error") {
+                    bail!(
+                        "the backup failed: {}: {}",
+                        error["code"].as_str().unwrap_or("error"),
+                        error["message"].as_str().unwrap_or("")
+                    );
+                }
+                progress(&value);
+            }
+        }
+        bail!("the relay ended the backup without saying it finished; do not use the copy")
+    }
+
     pub async fn daemons(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let body: serde_json::Value = self
             .call(self.http.get(format!("{}/admin/daemons", self.base_url)))
@@ -152,4 +205,81 @@ pub fn format_daemons(daemons: &[serde_json::Value]) -> String {
         );
     }
     out
+}
+
+/// `syncrelay backup`'s progress bar on a terminal; nothing otherwise (logs stay clean).
+pub struct ProgressBar {
+    terminal: bool,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    pub fn new(terminal: bool) -> ProgressBar {
+        ProgressBar {
+            terminal,
+            drawn: false,
+        }
+    }
+
+    pub fn show(&mut self, copied: u64, estimated: u64) {
+        if !self.terminal {
+            return;
+        }
+        eprint!("\r{}", progress_line(copied, estimated));
+        self.drawn = true;
+    }
+
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}
+
+/// `[#########...........]  45%  450.0 MiB of about 1.0 GiB`.
+pub fn progress_line(copied: u64, estimated: u64) -> String {
+    const WIDTH: u64 = 30;
+    let estimated = estimated.max(copied).max(1);
+    let filled = copied * WIDTH / estimated;
+    format!(
+        "[{}{}] {:>3}%  {} of about {}",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize),
+        copied * 100 / estimated,
+        human_bytes(copied),
+        human_bytes(estimated)
+    )
+}
+
+/// Bytes in binary units with one decimal (`1.5 GiB`).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_fills_in_proportion() {
+        assert_eq!(
+            progress_line(512 << 20, 1 << 30),
+            "[###############...............]  50%  512.0 MiB of about 1.0 GiB"
+        );
+        assert_eq!(human_bytes(999), "999 B");
+        // An estimate that turns out low never shows more than 100%.
+        assert!(progress_line(10, 5).contains("100%"));
+    }
 }

@@ -1,6 +1,7 @@
 //! The `syncrelay` binary: parses the command line, loads the config, starts tracing and
 //! hands over to the library (`relay::run` for `serve`, `admin` for the operator commands).
 
+use std::io::IsTerminal;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,15 @@ enum Command {
     Status {
         #[command(flatten)]
         target: RelayTarget,
+    },
+    /// Copy a running relay's database, consistently, into a new directory on the relay's
+    /// host (writes pause while entries are copied). Restore by starting a relay on it.
+    Backup {
+        #[command(flatten)]
+        target: RelayTarget,
+        /// The directory to create (or an empty one), as a path on the relay's host.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
     },
     /// Write a quick-start TLS setup: a self-signed certificate and key for HOSTNAME, and
     /// a config serving HTTPS with them.
@@ -238,6 +248,31 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status { target } => {
             let client = admin_client(&target)?;
             print!("{}", admin::format_daemons(&client.daemons().await?));
+            Ok(())
+        }
+        Command::Backup { target, to } => {
+            let client = admin_client(&target)?;
+            let to = std::path::absolute(&to)?;
+            let mut bar = admin::ProgressBar::new(std::io::stderr().is_terminal());
+            let done = client
+                .backup(&to, |line| {
+                    bar.show(
+                        line["copied_bytes"].as_u64().unwrap_or(0),
+                        line["estimated_bytes"].as_u64().unwrap_or(0),
+                    )
+                })
+                .await;
+            bar.finish();
+            let done = done?;
+            println!(
+                "backed up {} entries ({}) to {} in {} ms (writes paused {} ms)",
+                done["entries"],
+                admin::human_bytes(done["bytes"].as_u64().unwrap_or(0)),
+                to.display(),
+                done["elapsed_ms"],
+                done["writes_paused_ms"],
+            );
+            println!("restore: syncrelay serve --data-dir {}", to.display());
             Ok(())
         }
         Command::Init {

@@ -51,6 +51,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
     pub limits: limits::RateLimits,
+    /// Set while an online backup runs (one at a time).
+    pub backup_running: std::sync::atomic::AtomicBool,
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
@@ -171,6 +173,7 @@ pub async fn run_with_tls(
         hub: Arc::new(Hub::default()),
         shutdown: CancellationToken::new(),
         metrics: Metrics::default(),
+        backup_running: Default::default(),
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
     let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));

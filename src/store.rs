@@ -16,6 +16,7 @@
 //! transactions so a crash never leaves half of one.
 
 mod agent_state;
+mod backup;
 mod changes;
 mod codec;
 mod commands;
@@ -23,6 +24,7 @@ mod commit;
 mod contexts;
 mod credentials;
 mod daemons;
+mod gate;
 mod layout;
 mod responses;
 mod retention;
@@ -34,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use agent_state::{AgentStore, OutboxEvent, StoredResult};
+pub use backup::{BackupProgress, BackupSummary};
 pub use changes::{ChangeEntry, NewChange};
 pub use commands::{
     CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch, NewCommand,
@@ -132,6 +135,14 @@ pub struct Store {
     /// Serialises read-modify-write sequences on one daemon's records; guards no data of
     /// its own. Striped so memory does not grow with the number of daemons.
     daemon_locks: Vec<Mutex<()>>,
+    /// Held shared by every mutation, exclusively by an online backup.
+    gate: gate::Gate,
+}
+
+/// A daemon's mutation lock, inside the write gate.
+pub(crate) struct DaemonGuard<'a> {
+    _gate: gate::Shared<'a>,
+    _lock: MutexGuard<'a, ()>,
 }
 
 impl Store {
@@ -176,6 +187,7 @@ impl Store {
             context_garbage: db.open_tree("context_garbage")?,
             committer: commit::GroupCommit::start(db.clone()),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            gate: gate::Gate::default(),
             db,
         };
         Ok(store)
@@ -209,7 +221,9 @@ impl Store {
         Ok(self.db.size_on_disk()?)
     }
 
-    fn lock_daemon(&self, daemon_id: &str) -> MutexGuard<'_, ()> {
+    fn lock_daemon(&self, daemon_id: &str) -> DaemonGuard<'_> {
+        // The gate first: a backup waits for held daemon locks, never the other way round.
+        let gate = self.gate.shared();
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in daemon_id.bytes() {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
@@ -217,9 +231,12 @@ impl Store {
         let stripe = &self.daemon_locks[(hash % LOCK_STRIPES as u64) as usize];
         // A panic while holding the guard leaves no torn data (sled transactions are
         // atomic), so a poisoned lock is safe to keep using.
-        stripe
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        DaemonGuard {
+            _gate: gate,
+            _lock: stripe
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        }
     }
 }
 

@@ -12,6 +12,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{create_key, Daemon, RelayProcess};
@@ -499,4 +501,247 @@ async fn copy_of_a_killed_relay_loses_nothing_acknowledged() {
     tokio::time::timeout(Duration::from_secs(60), backup_and_restore(Stop::Sigkill))
         .await
         .expect("bounded in time");
+}
+
+/// What the load acknowledged: change-log seqs and queued command ids.
+#[derive(Default)]
+struct Acked {
+    last_seq: u64,
+    /// (daemon id, command id).
+    commands: Vec<(&'static str, String)>,
+}
+
+/// Daemon-side load: batches of 1 KiB updates, one poll each; records the seqs acked.
+async fn post_updates(daemon: Daemon, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBool>) {
+    let mut next = 1;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Value = (next..next + 20)
+            .map(|seq| json!({ "type": "session_updated", "seq": seq, "data": { "pad": "x".repeat(1024), "n": seq } }))
+            .collect::<Vec<_>>()
+            .into();
+        let (status, body) = daemon.poll_raw(batch, false, 0.0).await;
+        if status == 200 {
+            let seq = body["last_update_seq"].as_u64().unwrap();
+            assert_eq!(seq, next + 19, "{body}");
+            acked.lock().unwrap().last_seq = seq;
+            next += 20;
+        } else {
+            assert_eq!(status, 429, "only rate limits may refuse the load: {body}");
+        }
+    }
+}
+
+/// Client-side load: queued writes; records the command ids acked with 202.
+async fn queue_writes(
+    url: String,
+    key: String,
+    daemon_id: &'static str,
+    acked: Arc<Mutex<Acked>>,
+    stop: Arc<AtomicBool>,
+) {
+    let http = reqwest::Client::new();
+    while !stop.load(Ordering::Relaxed) {
+        let response = http
+            .post(format!("{url}/api/v1/daemons/{daemon_id}/jobs"))
+            .bearer_auth(&key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "job": "x".repeat(512) }))
+            .send()
+            .await
+            .expect("relay reachable");
+        match response.status().as_u16() {
+            202 => {
+                let view: Value = response.json().await.unwrap();
+                let id = view["id"].as_str().unwrap().to_owned();
+                acked.lock().unwrap().commands.push((daemon_id, id));
+            }
+            429 => {}
+            other => panic!("write answered {other}"),
+        }
+    }
+}
+
+/// Runs `syncrelay backup --to DIR` against `relay` (its admin key from its data dir).
+async fn run_backup(relay: &RelayProcess, to: &Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .args(["backup", "--url", &relay.url, "--data-dir"])
+        .arg(&relay.data_dir)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// `syncrelay backup --to DIR` while a daemon posts updates and clients queue writes: the
+/// copy, started as a relay of its own, holds everything acknowledged before the backup
+/// began, and is consistent (no seq holes, every queued command deliverable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_backup_under_load_restores_everything_acknowledged() {
+    tokio::time::timeout(Duration::from_secs(120), online_backup_under_load())
+        .await
+        .expect("bounded in time");
+}
+
+async fn online_backup_under_load() {
+    let original = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::spawn(original.path());
+    let admin = relay.admin_token();
+    let daemon_key = create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "daemon", "daemon": "d" }),
+    )
+    .await;
+    let client_key = create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "client", "scope": ["d", "e"] }),
+    )
+    .await;
+    let mut daemon = Daemon::new(&relay.url, "d", &daemon_key);
+    daemon.connect().await;
+    // Daemon e connects once and then stays away: its writes stay queued.
+    let e_key = create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "daemon", "daemon": "e" }),
+    )
+    .await;
+    Daemon::new(&relay.url, "e", &e_key).connect().await;
+
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = [
+        tokio::spawn(post_updates(daemon, acked.clone(), stop.clone())),
+        tokio::spawn(queue_writes(
+            relay.url.clone(),
+            client_key.clone(),
+            "d",
+            acked.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(queue_writes(
+            relay.url.clone(),
+            client_key.clone(),
+            "e",
+            acked.clone(),
+            stop.clone(),
+        )),
+    ];
+    // Some megabytes in the store first, so the copy takes a while under load.
+    common::eventually(Duration::from_secs(30), || {
+        let acked = acked.clone();
+        async move {
+            let acked = acked.lock().unwrap();
+            acked.last_seq >= 10_000 && acked.commands.len() >= 1_000
+        }
+    })
+    .await;
+
+    let (seq_before, commands_before) = {
+        let acked = acked.lock().unwrap();
+        (acked.last_seq, acked.commands.clone())
+    };
+    let copies = tempfile::tempdir().unwrap();
+    let copy = copies.path().join("backup");
+    let output = run_backup(&relay, &copy).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "backup: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("backed up "), "{stdout}");
+    eprintln!("{stdout}");
+    // The load went on during the backup and after it.
+    let seq_after_backup = acked.lock().unwrap().last_seq;
+    common::eventually(Duration::from_secs(30), || {
+        let acked = acked.clone();
+        async move { acked.lock().unwrap().last_seq > seq_after_backup }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    // A second backup into the same directory is refused, naming the problem.
+    let again = run_backup(&relay, &copy).await;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("is not empty"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    relay.kill();
+    original.close().unwrap();
+
+    let restored = RelayProcess::spawn(&copy);
+    assert_eq!(
+        restored.admin_token(),
+        admin,
+        "the admin key is in the copy"
+    );
+    // The change log: every seq acknowledged before the backup, and no holes.
+    let mut since = 0;
+    let mut seen = 0;
+    loop {
+        let page = get_ok(
+            &restored.url,
+            &client_key,
+            &format!("/api/v1/daemons/d/changes?since={since}&limit=1000"),
+        )
+        .await;
+        let changes = page["changes"].as_array().unwrap();
+        if changes.is_empty() {
+            break;
+        }
+        for change in changes {
+            seen += 1;
+            assert_eq!(change["seq"], json!(seen), "no holes in the change log");
+            assert_eq!(change["data"]["n"], json!(seen));
+        }
+        since = seen;
+    }
+    assert!(
+        seen >= seq_before,
+        "{seen} changes restored, {seq_before} acknowledged before"
+    );
+    // Every command acknowledged before the backup (the load's polls took some).
+    let mut queued = BTreeSet::new();
+    for (daemon_id, id) in &commands_before {
+        let (status, view) = get(
+            &restored.url,
+            &client_key,
+            &format!("/api/v1/commands/{id}"),
+        )
+        .await;
+        assert_eq!(status, 200, "command {id}: {view}");
+        match view["state"].as_str() {
+            Some("queued") => {
+                queued.insert(id.clone());
+            }
+            Some("delivered") if *daemon_id == "d" => {}
+            _ => panic!("command {id}: {view}"),
+        }
+    }
+    assert!(!queued.is_empty());
+    // Queue and commands agree: the daemon receives every queued command, each whole.
+    let mut daemon = Daemon::new(&restored.url, "e", &e_key);
+    daemon.connect().await;
+    let mut delivered = BTreeSet::new();
+    loop {
+        let commands = daemon.poll(0.0).await;
+        if commands.is_empty() {
+            break;
+        }
+        for command in &commands {
+            assert_eq!(command["params"]["method"], "POST", "{command}");
+            delivered.insert(command["id"].as_str().unwrap().to_owned());
+        }
+    }
+    for id in &queued {
+        assert!(delivered.contains(id), "command {id} was not delivered");
+    }
+    restored.kill();
 }

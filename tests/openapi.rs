@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -347,7 +348,8 @@ impl Spec {
         }
         let content = entry.get("content").and_then(Value::as_object);
         let media_type = content_type(&reply.headers);
-        let is_json = media_type.contains("json");
+        let ndjson = media_type == "application/x-ndjson";
+        let is_json = media_type.contains("json") && !ndjson;
         if media_type == "text/event-stream" {
             assert!(
                 content.is_some_and(|c| c.contains_key("text/event-stream")),
@@ -360,10 +362,18 @@ impl Spec {
                 .get(&media_type)
                 .or_else(|| content.get("*/*"))
                 .unwrap_or_else(|| panic!("{what}: content type {media_type:?} not documented"));
+            let schema = media.get("schema").cloned().unwrap_or(json!({}));
             if is_json {
-                let schema = media.get("schema").cloned().unwrap_or(json!({}));
                 self.check(&schema, &reply.json(), "body")
                     .unwrap_or_else(|err| panic!("{what}: {err}"));
+            }
+            if ndjson {
+                for line in String::from_utf8_lossy(&reply.body).lines() {
+                    let value: Value = serde_json::from_str(line)
+                        .unwrap_or_else(|err| panic!("{what}: line {line:?}: {err}"));
+                    self.check(&schema, &value, "line")
+                        .unwrap_or_else(|err| panic!("{what}: {err}"));
+                }
             }
         }
         // A request the relay accepted must match its documented request body.
@@ -651,6 +661,7 @@ const ROUTES: &[(&str, &[(&str, &str)])] = &[
     (r#"["keys"]"#, &[]),
     (r#"["keys", key_id]"#, &[("/admin/keys/{key_id}", "DELETE")]),
     (r#"["daemons"]"#, &[("/admin/daemons", "GET")]),
+    (r#"["backup"]"#, &[("/admin/backup", "POST")]),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -887,6 +898,25 @@ async fn real_traffic_matches_the_document() {
     spec.expect(admin(&relay, Method::POST, "/admin/daemons"), 405)
         .await;
     spec.expect(get("/admin/daemons", &client), 403).await;
+    let backups = tempfile::tempdir().unwrap();
+    let into = backups.path().join("copy");
+    let backup =
+        |to: &Path| admin(&relay, Method::POST, "/admin/backup").json(&json!({ "to": to }));
+    let lines = spec.expect(backup(&into), 200).await.text();
+    let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true, "{lines}");
+    assert!(into.join("db").is_dir() && into.join("admin.key").is_file());
+    let again = spec.expect(backup(&into), 400).await;
+    assert!(again.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not empty"));
+    spec.expect(backup(Path::new("relative/dir")), 400).await;
+    spec.expect(admin(&relay, Method::GET, "/admin/backup"), 405)
+        .await;
+    let as_client = authed(&relay, Method::POST, "/admin/backup", &client)
+        .json(&json!({ "to": backups.path().join("other") }));
+    spec.expect(as_client, 403).await;
 
     // The sync protocol, daemon d1 driven by hand.
     let d1 = Daemon::connect(&spec, &relay, "d1", &d1_key).await;

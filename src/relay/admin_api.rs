@@ -2,13 +2,24 @@
 //! takes effect on the next request, since every request looks its key up) and the
 //! operator's view of all daemons.
 
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 use super::auth::new_key;
-use super::http::{json, parse_json, ApiError};
+use super::http::{json, parse_json, ApiError, Source, SOURCE};
 use super::{App, Response};
 use crate::protocol::{rfc3339, valid_daemon_id, CreateKeyRequest, KeyView};
-use crate::store::{now_ms, KeyRecord, Role};
+use crate::store::{now_ms, KeyRecord, Role, StoreError};
 
 fn key_view(record: &KeyRecord, token: Option<String>) -> KeyView {
     KeyView {
@@ -103,4 +114,127 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
         StatusCode::OK,
         &serde_json::json!({ "revoked": key_id }),
     ))
+}
+
+/// `POST /admin/backup` `{"to": "/abs/dir"}`: copies the database, consistently, into a
+/// directory on the relay's host while the relay keeps serving, with the admin key next to
+/// it, so the directory is a data dir to start a relay on. The answer streams NDJSON:
+/// progress lines, then `{"done": true, …}` once the copy is on disk, or `{"error": …}`.
+/// Only that last line says the backup exists; the 200 only says it started.
+pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BackupRequest {
+        to: PathBuf,
+    }
+    let request: BackupRequest = parse_json(body)?;
+    let to = request.to;
+    if !to.is_absolute() {
+        return Err(ApiError::bad_request(
+            "`to` must be an absolute path on the relay's host",
+        ));
+    }
+    let data_dir = std::path::absolute(&app.config.server.data_dir)
+        .map_err(|err| StoreError::Unavailable(err.to_string()))?;
+    if to.starts_with(&data_dir) || data_dir.starts_with(&to) {
+        return Err(ApiError::bad_request(format!(
+            "{} overlaps the data dir {}",
+            to.display(),
+            data_dir.display()
+        )));
+    }
+    match std::fs::read_dir(&to).map(|mut entries| entries.next().is_none()) {
+        Ok(false) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is not empty; back up into a new directory",
+                to.display()
+            )))
+        }
+        Ok(true) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(ApiError::bad_request(format!("{}: {err}", to.display())));
+        }
+    }
+    if app.backup_running.swap(true, Ordering::AcqRel) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_in_progress",
+            "another backup is running; try again when it has finished",
+        ));
+    }
+    let (lines_tx, lines_rx) = mpsc::channel::<Bytes>(8);
+    let task_app = app.clone();
+    tokio::spawn(async move {
+        let app = task_app;
+        let store = app.store.clone();
+        let progress_tx = lines_tx.clone();
+        let dir = to.clone();
+        let admin_key = data_dir.join(crate::admin::ADMIN_KEY_FILE);
+        let copy = tokio::task::spawn_blocking(move || {
+            let summary = store.backup_to(&dir, |progress| {
+                // Progress is best effort: a slow reader must not slow the copy.
+                let _ = progress_tx.try_send(ndjson(&serde_json::json!({
+                    "copied_bytes": progress.copied_bytes,
+                    "estimated_bytes": progress.estimated_bytes,
+                    "entries": progress.entries,
+                })));
+            })?;
+            if admin_key.exists() {
+                let copied = dir.join(crate::admin::ADMIN_KEY_FILE);
+                std::fs::copy(&admin_key, &copied)
+                    .and_then(|_| std::fs::File::open(&copied)?.sync_all())
+                    .map_err(|err| {
+                        StoreError::Unavailable(format!("{}: {err}", copied.display()))
+                    })?;
+            }
+            Ok::<_, StoreError>(summary)
+        })
+        .await;
+        app.backup_running.store(false, Ordering::Release);
+        let last = match copy {
+            Ok(Ok(summary)) => {
+                tracing::info!(
+                    to = %to.display(),
+                    bytes = summary.bytes,
+                    entries = summary.entries,
+                    writes_paused_ms = summary.writes_paused.as_millis() as u64,
+                    "backup written"
+                );
+                serde_json::json!({
+                    "done": true,
+                    "to": to,
+                    "bytes": summary.bytes,
+                    "entries": summary.entries,
+                    "writes_paused_ms": summary.writes_paused.as_millis() as u64,
+                    "elapsed_ms": summary.elapsed.as_millis() as u64,
+                })
+            }
+            Ok(Err(err)) => {
+                tracing::error!(to = %to.display(), error = %err, "backup failed");
+                serde_json::json!({ "error": { "code": "storage_unavailable", "message": err.to_string() } })
+            }
+            Err(err) => {
+                tracing::error!(to = %to.display(), error = %err, "backup panicked");
+                serde_json::json!({ "error": { "code": "storage_unavailable", "message": "the backup stopped unexpectedly" } })
+            }
+        };
+        let _ = lines_tx.send(ndjson(&last)).await;
+    });
+    let stream = ReceiverStream::new(lines_rx).map(|line| Ok::<_, Infallible>(Frame::data(line)));
+    let mut response = Response::new(StreamBody::new(stream).boxed());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+        .headers_mut()
+        .insert(SOURCE, Source::Relay.header());
+    Ok(response)
+}
+
+fn ndjson(value: &serde_json::Value) -> Bytes {
+    let mut line = value.to_string();
+    line.push('\n');
+    Bytes::from(line)
 }

@@ -187,7 +187,7 @@ pub async fn ensure_admin_key(
         Vec::new(),
         Some("created on first start".into()),
     );
-    let path = data_dir.join("admin.key");
+    let path = data_dir.join(crate::admin::ADMIN_KEY_FILE);
     // The file first: a crash before the key is stored leaves no keys, so the next start
     // makes a new key and overwrites it; never a stored admin key nobody can read.
     crate::files::write_atomic(&path, format!("{}\n", key.token.0).as_bytes(), 0o600)

@@ -306,6 +306,11 @@ async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, Ap
                     only(&method, &[Method::GET], "GET")?;
                     client::list_daemons(app, &principal)
                 }
+                ["backup"] => {
+                    only(&method, &[Method::POST], "POST")?;
+                    let body = body(app, request).await?;
+                    admin_api::backup(app, &body).await
+                }
                 _ => Err(ApiError::not_found(format!("no route {path}"))),
             }
         }

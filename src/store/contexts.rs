@@ -433,6 +433,7 @@ impl Store {
             let mut id = [0u8; 8];
             id.copy_from_slice(&id_bytes);
             let context_id = u64::from_be_bytes(id);
+            let _gate = self.gate.shared();
             let mut batch = sled::Batch::default();
             for chunk in self
                 .context_chunks

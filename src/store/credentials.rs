@@ -47,6 +47,7 @@ pub struct KeyRecord {
 impl Store {
     /// Stores a key; call [`Store::commit`] before handing out its token.
     pub fn put_key(&self, record: &KeyRecord) -> Result<()> {
+        let _gate = self.gate.shared();
         self.credentials
             .insert(record.key_id.as_bytes(), encoded(record))?;
         Ok(())
@@ -68,6 +69,7 @@ impl Store {
 
     /// Removes a key; false when there was none.
     pub fn remove_key(&self, key_id: &str) -> Result<bool> {
+        let _gate = self.gate.shared();
         Ok(self.credentials.remove(key_id.as_bytes())?.is_some())
     }
 

@@ -20,6 +20,7 @@ impl Store {
         path_and_query: &str,
         response: &CachedResponse,
     ) -> Result<()> {
+        let _gate = self.gate.shared();
         self.responses.insert(
             layout::daemon_text_key(daemon_id, &[path_and_query]),
             encoded(response),

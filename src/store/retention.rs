@@ -68,7 +68,10 @@ impl Store {
                     break;
                 }
             }
-            self.changes.apply_batch(batch)?;
+            {
+                let _gate = self.gate.shared();
+                self.changes.apply_batch(batch)?;
+            }
             removed += in_batch as u64;
             if done {
                 return Ok(removed);
@@ -126,6 +129,7 @@ impl Store {
             }
             // Index last: a crash in between leaves an index entry that the next sweep
             // removes, never a command that no sweep would find.
+            let _gate = self.gate.shared();
             self.idempotency.apply_batch(idempotency)?;
             self.commands.apply_batch(commands)?;
             self.finished.apply_batch(index)?;
@@ -144,6 +148,7 @@ impl Store {
                 removed += 1;
             }
         }
+        let _gate = self.gate.shared();
         self.responses.apply_batch(batch)?;
         Ok(removed)
     }

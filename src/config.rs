@@ -212,6 +212,8 @@ pub struct RetentionConfig {
     pub results_max_age: Duration,
     /// Offline copies of GET responses older than this are dropped.
     pub get_cache_max_age: Duration,
+    /// Bytes one daemon may occupy (0: no budget).
+    pub daemon_max_bytes: u64,
 }
 
 /// Reasons a configuration is rejected; every message names the key.
@@ -356,6 +358,7 @@ pub struct RawRetention {
     pub changes_max_age: Option<String>,
     pub results_max_age: Option<String>,
     pub get_cache_max_age: Option<String>,
+    pub daemon_max_bytes: Option<u64>,
 }
 
 /// Collects problems so that every bad key is reported at once.
@@ -661,6 +664,7 @@ impl Config {
                 &raw.retention.get_cache_max_age,
                 "7days",
             ),
+            daemon_max_bytes: raw.retention.daemon_max_bytes.unwrap_or(1 << 30),
         };
         check.require(
             retention.interval >= Duration::from_millis(10),

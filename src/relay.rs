@@ -53,6 +53,8 @@ pub struct App {
     pub limits: limits::RateLimits,
     /// Set while an online backup runs (one at a time).
     pub backup_running: std::sync::atomic::AtomicBool,
+    /// The retention sweep's last census of the store, and when it was taken (ms).
+    pub usage: std::sync::Mutex<Option<(u64, crate::store::Usage)>>,
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
@@ -174,6 +176,7 @@ pub async fn run_with_tls(
         shutdown: CancellationToken::new(),
         metrics: Metrics::default(),
         backup_running: Default::default(),
+        usage: Default::default(),
     });
     let retention = tokio::spawn(retention_loop(app.clone()));
     let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));
@@ -253,6 +256,7 @@ async fn retention_loop(app: Arc<App>) {
         }
         let store = app.store.clone();
         let streams = app.config.streams.clone();
+        let daemon_max_bytes = app.config.retention.daemon_max_bytes;
         let sweep = move || {
             let now = now_ms();
             let stats = store.sweep(&policy, now)?;
@@ -262,13 +266,19 @@ async fn retention_loop(app: Arc<App>) {
                 CONTEXT_GARBAGE_GRACE.as_millis() as u64,
                 now,
             )?;
-            Ok::<_, crate::store::StoreError>(stats)
+            let usage = store.census(daemon_max_bytes, now)?;
+            Ok::<_, crate::store::StoreError>((stats, usage, now))
         };
         match tokio::task::spawn_blocking(sweep).await {
-            Ok(Ok(stats)) if stats != Default::default() => {
-                tracing::debug!(?stats, "retention sweep");
+            Ok(Ok((stats, usage, at_ms))) => {
+                tracing::debug!(
+                    ?stats,
+                    trimmed_bytes = usage.trimmed_bytes,
+                    pieces_collected = usage.pieces_collected,
+                    "retention sweep"
+                );
+                *app.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some((at_ms, usage));
             }
-            Ok(Ok(_)) => {}
             Ok(Err(err)) => tracing::warn!(error = %err, "retention sweep failed"),
             Err(err) => tracing::warn!(error = %err, "retention sweep panicked"),
         }

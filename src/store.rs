@@ -28,12 +28,14 @@ mod gate;
 mod layout;
 mod responses;
 mod retention;
+mod spill;
+mod usage;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 
 pub use agent_state::{AgentStore, OutboxEvent, StoredResult};
 pub use backup::{BackupProgress, BackupSummary};
@@ -47,6 +49,7 @@ pub use credentials::{KeyRecord, Role};
 pub use daemons::DaemonRecord;
 pub use responses::CachedResponse;
 pub use retention::{RetentionPolicy, SweepStats};
+pub use usage::{TreeUsage, Usage};
 
 /// sled's page cache.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
@@ -63,6 +66,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the queue of daemon {daemon_id} is full ({limit} commands)")]
     QueueFull { daemon_id: String, limit: u64 },
+    /// The daemon's unfinished commands alone exceed its disk budget.
+    #[error("daemon {0} is over its disk budget")]
+    OverBudget(String),
     #[error("unknown daemon {0}")]
     UnknownDaemon(String),
     /// A newer connect replaced the connection a poll belongs to.
@@ -131,12 +137,16 @@ pub struct Store {
     context_commands: sled::Tree,
     context_chunks: sled::Tree,
     context_garbage: sled::Tree,
+    /// Large values, as pieces (see `spill`).
+    spill: spill::Spill,
     committer: commit::GroupCommit,
     /// Serialises read-modify-write sequences on one daemon's records; guards no data of
     /// its own. Striped so memory does not grow with the number of daemons.
     daemon_locks: Vec<Mutex<()>>,
     /// Held shared by every mutation, exclusively by an online backup.
     gate: gate::Gate,
+    /// Daemons the last census found over their disk budget: no new commands for them.
+    over_budget: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A daemon's mutation lock, inside the write gate.
@@ -185,9 +195,11 @@ impl Store {
             context_commands: db.open_tree("context_commands")?,
             context_chunks: db.open_tree("context_chunks")?,
             context_garbage: db.open_tree("context_garbage")?,
+            spill: spill::Spill::open(&db)?,
             committer: commit::GroupCommit::start(db.clone()),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             gate: gate::Gate::default(),
+            over_budget: Mutex::default(),
             db,
         };
         Ok(store)
@@ -254,15 +266,19 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn get_decoded<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {
-    match tree.get(key)? {
-        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-        None => Ok(None),
+impl Store {
+    /// A record as stored: large ones as pieces (`spill`).
+    fn encoded<T: Serialize>(&self, value: &T) -> Result<Vec<u8>> {
+        self.spill.encoded(value)
     }
-}
 
-fn encoded<T: Serialize>(value: &T) -> Vec<u8> {
-    codec::encode(value)
+    fn decode<T: DeserializeOwned>(&self, value: &[u8]) -> Result<T> {
+        self.spill.decode(value)
+    }
+
+    fn get_decoded<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {
+        self.spill.get_decoded(tree, key)
+    }
 }
 
 #[cfg(test)]

@@ -65,7 +65,8 @@ async fn scrape(relay: &TestRelay) -> Exposition {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_the_named_series_and_they_move() {
-    let relay = TestRelay::start().await;
+    // Sweeps (and their census: commands by state, bytes per tree) every 100 ms.
+    let relay = TestRelay::start_with("[retention]\ninterval = \"100ms\"").await;
     let mut daemon = relay.daemon("d").await;
     daemon.connect().await;
     let client = relay.client(&["d"]).await;
@@ -103,7 +104,9 @@ async fn metrics_expose_the_named_series_and_they_move() {
     assert_eq!(queued.status(), 202);
 
     eventually(Duration::from_secs(10), || async {
-        scrape(&relay).await.samples["syncrelay_polls_waiting"] >= 1.0
+        let m = scrape(&relay).await;
+        m.samples["syncrelay_polls_waiting"] >= 1.0
+            && m.samples.get("syncrelay_commands{state=\"queued\"}") == Some(&1.0)
     })
     .await;
     let m = scrape(&relay).await;
@@ -119,6 +122,11 @@ async fn metrics_expose_the_named_series_and_they_move() {
         ("syncrelay_request_duration_seconds", "histogram"),
         ("syncrelay_store_flush_seconds", "histogram"),
         ("syncrelay_store_flush_batch_size", "histogram"),
+        ("syncrelay_commands", "gauge"),
+        ("syncrelay_store_tree_bytes", "gauge"),
+        ("syncrelay_store_tree_entries", "gauge"),
+        ("syncrelay_store_census_timestamp_seconds", "gauge"),
+        ("syncrelay_daemons_over_budget", "gauge"),
     ] {
         assert_eq!(m.types.get(name).map(String::as_str), Some(kind), "{name}");
     }
@@ -129,6 +137,17 @@ async fn metrics_expose_the_named_series_and_they_move() {
     assert!(m.samples["syncrelay_store_disk_bytes"] > 0.0);
     assert!(m.samples["syncrelay_store_flush_seconds_count"] >= 1.0);
     assert!(m.samples["syncrelay_store_flush_batch_size_count"] >= 1.0);
+    for state in ["delivered", "completed", "failed", "expired"] {
+        assert_eq!(
+            m.samples[&format!("syncrelay_commands{{state=\"{state}\"}}")],
+            0.0
+        );
+    }
+    for tree in ["commands", "queue", "daemons", "credentials"] {
+        assert!(m.samples[&format!("syncrelay_store_tree_bytes{{tree=\"{tree}\"}}")] > 0.0);
+        assert!(m.samples[&format!("syncrelay_store_tree_entries{{tree=\"{tree}\"}}")] >= 1.0);
+    }
+    assert_eq!(m.samples["syncrelay_daemons_over_budget"], 0.0);
     for family in ["sync", "client", "admin", "health", "other"] {
         let mut previous = 0.0;
         let mut buckets = 0;

@@ -183,6 +183,18 @@ impl From<StoreError> for ApiError {
                 api.retry_after = Some(30);
                 api
             }
+            StoreError::OverBudget(daemon_id) => {
+                let mut api = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    format!(
+                        "daemon {daemon_id} has used its disk budget with unfinished commands; \
+                         try again once it has taken some"
+                    ),
+                );
+                api.retry_after = Some(30);
+                api
+            }
             StoreError::UnknownDaemon(id) => ApiError::not_found(format!("no daemon {id}")),
             StoreError::Superseded => ApiError::superseded(),
             other => {

@@ -408,6 +408,40 @@ fn metrics(app: &App) -> Response {
         );
     }
     app.store.render_commit_histograms(&mut text);
+    // The last census of the retention sweep (totals, by state and by tree; no daemon ids).
+    if let Some((at_ms, usage)) = app.usage.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let _ = writeln!(
+            text,
+            "# TYPE syncrelay_store_census_timestamp_seconds gauge\n\
+             syncrelay_store_census_timestamp_seconds {:.3}",
+            *at_ms as f64 / 1000.0
+        );
+        text.push_str("# TYPE syncrelay_commands gauge\n");
+        for (state, count) in &usage.commands {
+            let _ = writeln!(text, "syncrelay_commands{{state=\"{state}\"}} {count}");
+        }
+        text.push_str("# TYPE syncrelay_store_tree_bytes gauge\n");
+        for (tree, tree_usage) in &usage.trees {
+            let _ = writeln!(
+                text,
+                "syncrelay_store_tree_bytes{{tree=\"{tree}\"}} {}",
+                tree_usage.bytes
+            );
+        }
+        text.push_str("# TYPE syncrelay_store_tree_entries gauge\n");
+        for (tree, tree_usage) in &usage.trees {
+            let _ = writeln!(
+                text,
+                "syncrelay_store_tree_entries{{tree=\"{tree}\"}} {}",
+                tree_usage.entries
+            );
+        }
+        let _ = writeln!(
+            text,
+            "# TYPE syncrelay_daemons_over_budget gauge\nsyncrelay_daemons_over_budget {}",
+            usage.over_budget.len()
+        );
+    }
     let mut response = Response::new(super::http::full(text));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
-use super::{codec, commit, encoded, get_decoded, Result, StoreError};
+use super::{codec, commit, spill::Spill, Result, StoreError};
 
 const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 const ACKED_KEY: &[u8] = b"acked_seq";
@@ -45,14 +45,23 @@ pub struct AgentStore {
     outbox: sled::Tree,
     results: sled::Tree,
     meta: sled::Tree,
+    /// Large outbox events and results, as pieces (see `store::spill`).
+    spill: Spill,
     committer: commit::GroupCommit,
     /// Serialises appends and acknowledgements, which read and then write the outbox's
     /// numbering. Held only across synchronous sled calls.
     writer: std::sync::Mutex<()>,
 }
 
+/// A small value of the `meta` tree.
+fn read_meta<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {
+    tree.get(key)?
+        .map(|value| codec::decode(&value))
+        .transpose()
+}
+
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
-    Ok(get_decoded::<u64>(tree, key)?.unwrap_or(0))
+    Ok(read_meta::<u64>(tree, key)?.unwrap_or(0))
 }
 
 impl AgentStore {
@@ -64,6 +73,7 @@ impl AgentStore {
             outbox: db.open_tree("outbox")?,
             results: db.open_tree("results")?,
             meta: db.open_tree("meta")?,
+            spill: Spill::open(&db)?,
             committer: commit::GroupCommit::start(db.clone()),
             writer: std::sync::Mutex::new(()),
             db,
@@ -94,16 +104,16 @@ impl AgentStore {
         let rows: Vec<([u8; 8], Vec<u8>)> = events
             .iter()
             .zip(first..)
-            .map(|(event, seq)| (seq.to_be_bytes(), encoded(event)))
-            .collect();
+            .map(|(event, seq)| Ok((seq.to_be_bytes(), self.spill.encoded(event)?)))
+            .collect::<Result<_>>()?;
         let next = first + events.len() as u64;
-        let event_id = last_event_id.map(|id| encoded(&id.to_owned()));
+        let event_id = last_event_id.map(|id| codec::encode(&id.to_owned()));
         (&self.outbox, &self.meta).transaction(
             |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
                 for (key, value) in &rows {
                     outbox.insert(key, value.as_slice())?;
                 }
-                meta.insert(NEXT_SEQ_KEY, encoded(&next))?;
+                meta.insert(NEXT_SEQ_KEY, codec::encode(&next))?;
                 if let Some(id) = &event_id {
                     meta.insert(EVENT_ID_KEY, id.as_slice())?;
                 }
@@ -115,11 +125,11 @@ impl AgentStore {
 
     /// The daemon stream's position recorded with the last append.
     pub fn last_event_id(&self) -> Result<Option<String>> {
-        get_decoded(&self.meta, EVENT_ID_KEY)
+        read_meta(&self.meta, EVENT_ID_KEY)
     }
 
     fn next_seq(&self) -> Result<u64> {
-        Ok(get_decoded::<u64>(&self.meta, NEXT_SEQ_KEY)?.unwrap_or(1))
+        Ok(read_meta::<u64>(&self.meta, NEXT_SEQ_KEY)?.unwrap_or(1))
     }
 
     /// Up to `limit` unacknowledged events, oldest first, with their seqs.
@@ -132,7 +142,7 @@ impl AgentStore {
                 let (key, value) = item?;
                 let mut seq = [0u8; 8];
                 seq.copy_from_slice(&key);
-                Ok((u64::from_be_bytes(seq), codec::decode(&value)?))
+                Ok((u64::from_be_bytes(seq), self.spill.decode(&value)?))
             })
             .collect()
     }
@@ -177,8 +187,8 @@ impl AgentStore {
                 for (key, value) in &inserts {
                     outbox.insert(key, value)?;
                 }
-                meta.insert(ACKED_KEY, encoded(&new_acked))?;
-                meta.insert(NEXT_SEQ_KEY, encoded(&new_next))?;
+                meta.insert(ACKED_KEY, codec::encode(&new_acked))?;
+                meta.insert(NEXT_SEQ_KEY, codec::encode(&new_next))?;
                 meta.insert(SYNCED_KEY, &[1])?;
                 Ok(())
             },
@@ -192,12 +202,12 @@ impl AgentStore {
 
     pub fn put_result(&self, command_id: &str, result: &StoredResult) -> Result<()> {
         self.results
-            .insert(command_id.as_bytes(), encoded(result))?;
+            .insert(command_id.as_bytes(), self.spill.encoded(result)?)?;
         Ok(())
     }
 
     pub fn result(&self, command_id: &str) -> Result<Option<StoredResult>> {
-        get_decoded(&self.results, command_id.as_bytes())
+        self.spill.get_decoded(&self.results, command_id.as_bytes())
     }
 
     /// Results the relay has not accepted yet, e.g. after a restart.
@@ -205,7 +215,7 @@ impl AgentStore {
         let mut out = Vec::new();
         for item in self.results.iter() {
             let (key, value) = item?;
-            let result: StoredResult = codec::decode(&value)?;
+            let result: StoredResult = self.spill.decode(&value)?;
             if !result.delivered {
                 out.push((String::from_utf8_lossy(&key).into_owned(), result));
             }
@@ -213,19 +223,30 @@ impl AgentStore {
         Ok(out)
     }
 
-    /// Forgets results finished before `cutoff_ms`; returns how many.
+    /// Forgets results finished before `cutoff_ms`, and deletes the pieces of large values
+    /// nothing points at any more; returns how many results went.
     pub fn prune_results(&self, cutoff_ms: u64) -> Result<usize> {
+        let watermark = self.spill.watermark()?;
         let mut batch = sled::Batch::default();
         let mut removed = 0;
+        let mut referenced = std::collections::HashSet::new();
         for item in self.results.iter() {
             let (key, value) = item?;
-            let result: StoredResult = codec::decode(&value)?;
+            let result: StoredResult = self.spill.decode(&value)?;
             if result.delivered && result.finished_at_ms < cutoff_ms {
                 batch.remove(key);
                 removed += 1;
+            } else if let Some((owner, _)) = super::spill::spilled(&value) {
+                referenced.insert(owner);
             }
         }
         self.results.apply_batch(batch)?;
+        for item in self.outbox.iter() {
+            if let Some((owner, _)) = super::spill::spilled(&item?.1) {
+                referenced.insert(owner);
+            }
+        }
+        self.spill.collect(&referenced, watermark)?;
         Ok(removed)
     }
 }

@@ -7,7 +7,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
-use super::{codec, encoded, get_decoded, layout, Result, Store, StoreError};
+use super::{codec, layout, Result, Store, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ChangeRecord {
@@ -69,7 +69,8 @@ impl Store {
         now_ms: u64,
     ) -> Result<AppendOutcome> {
         let _guard = self.lock_daemon(daemon_id);
-        let mut daemon: DaemonRecord = get_decoded(&self.daemons, daemon_id.as_bytes())?
+        let mut daemon: DaemonRecord = self
+            .get_decoded(&self.daemons, daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(daemon_id.to_owned()))?;
         let mut rows = Vec::with_capacity(updates.len());
         for update in updates {
@@ -89,7 +90,7 @@ impl Store {
             };
             rows.push((
                 layout::daemon_seq_key(daemon_id, daemon.last_change_seq),
-                encoded(&record),
+                self.encoded(&record)?,
             ));
         }
         let outcome = AppendOutcome {
@@ -100,7 +101,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(outcome);
         }
-        let daemon_bytes = encoded(&daemon);
+        let daemon_bytes = self.encoded(&daemon)?;
         (&self.daemons, &self.changes).transaction(
             |(daemons, changes)| -> ConflictableTransactionResult<(), StoreError> {
                 daemons.insert(daemon_id.as_bytes(), daemon_bytes.as_slice())?;
@@ -127,7 +128,7 @@ impl Store {
             .take(limit)
             .map(|item| {
                 let (key, value) = item?;
-                ChangeEntry::from_stored(&key, &value)
+                ChangeEntry::from_stored(&key, &self.spill.resolve(&value)?)
             })
             .collect()
     }
@@ -138,7 +139,7 @@ impl Store {
         let mut last = 0;
         for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (key, value) = item?;
-            let entry = ChangeEntry::from_stored(&key, &value)?;
+            let entry = ChangeEntry::from_stored(&key, &self.spill.resolve(&value)?)?;
             if entry.timestamp_ms >= time_ms {
                 return Ok(entry.seq - 1);
             }

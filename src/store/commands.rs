@@ -12,7 +12,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
-use super::{encoded, get_decoded, layout, Result, Store, StoreError};
+use super::{layout, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandState {
@@ -168,15 +168,16 @@ impl Store {
     /// `Idempotency-Key` already names. Call [`Store::commit`] before acknowledging.
     pub fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
         let _guard = self.lock_daemon(&new.daemon_id);
-        let mut daemon: DaemonRecord = get_decoded(&self.daemons, new.daemon_id.as_bytes())?
-            .ok_or_else(|| StoreError::UnknownDaemon(new.daemon_id.clone()))?;
+        let mut daemon: DaemonRecord =
+            self.get_decoded(&self.daemons, new.daemon_id.as_bytes())?
+                .ok_or_else(|| StoreError::UnknownDaemon(new.daemon_id.clone()))?;
         let idempotency_key = new
             .idempotency
             .as_ref()
             .map(|(key_id, key)| layout::daemon_text_key(&new.daemon_id, &[key_id, key]));
         if let Some(index_key) = &idempotency_key {
             if let Some(command_id) = self.idempotency.get(index_key)? {
-                if let Some(command) = get_decoded(&self.commands, &command_id)? {
+                if let Some(command) = self.get_decoded(&self.commands, &command_id)? {
                     return Ok(EnqueueOutcome {
                         command,
                         created: false,
@@ -184,9 +185,10 @@ impl Store {
                 }
             }
         }
+        self.check_budget(&new.daemon_id)?;
         let command = prepare_command(&mut daemon, new, now_ms)?;
-        let daemon_bytes = encoded(&daemon);
-        let command_bytes = encoded(&command);
+        let daemon_bytes = self.encoded(&daemon)?;
+        let command_bytes = self.encoded(&command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
             |(daemons, commands, queue, idempotency)| -> ConflictableTransactionResult<(), StoreError> {
@@ -221,7 +223,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<LeaseBatch> {
         let _guard = self.lock_daemon(daemon_id);
-        let daemon: Option<DaemonRecord> = get_decoded(&self.daemons, daemon_id.as_bytes())?;
+        let daemon: Option<DaemonRecord> = self.get_decoded(&self.daemons, daemon_id.as_bytes())?;
         if daemon.and_then(|d| d.connection_id).as_deref() != connection_id {
             return Err(StoreError::Superseded);
         }
@@ -231,7 +233,8 @@ impl Store {
                 break;
             }
             let (queue_key, command_id) = item?;
-            let Some(mut command) = get_decoded::<CommandRecord>(&self.commands, &command_id)?
+            let Some(mut command) =
+                self.get_decoded::<CommandRecord>(&self.commands, &command_id)?
             else {
                 // A queue entry outlived its command (purged by retention): drop it.
                 self.queue.remove(queue_key)?;
@@ -253,7 +256,7 @@ impl Store {
                 command.state = CommandState::Delivered;
                 command.lease_until_ms = now_ms.saturating_add(lease_ms);
                 command.deliveries += 1;
-                self.commands.insert(&command_id, encoded(&command))?;
+                self.commands.insert(&command_id, self.encoded(&command)?)?;
                 batch.commands.push(command);
             }
         }
@@ -271,7 +274,7 @@ impl Store {
     ) -> Result<CompleteOutcome> {
         let _guard = self.lock_daemon(daemon_id);
         let Some(mut command) =
-            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+            self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
         else {
             return Ok(CompleteOutcome::Unknown);
         };
@@ -294,7 +297,7 @@ impl Store {
     }
 
     pub fn command(&self, command_id: &str) -> Result<Option<CommandRecord>> {
-        get_decoded(&self.commands, command_id.as_bytes())
+        self.get_decoded(&self.commands, command_id.as_bytes())
     }
 
     /// The command as of `now_ms`: one whose TTL has passed is expired first, so readers
@@ -330,16 +333,18 @@ impl Store {
         now_ms: u64,
     ) -> Result<()> {
         let daemon: Option<DaemonRecord> =
-            get_decoded(&self.daemons, command.daemon_id.as_bytes())?;
-        let daemon_bytes = daemon.map(|mut daemon| {
-            daemon.queued = daemon.queued.saturating_sub(1);
-            encoded(&daemon)
-        });
+            self.get_decoded(&self.daemons, command.daemon_id.as_bytes())?;
+        let daemon_bytes = daemon
+            .map(|mut daemon| {
+                daemon.queued = daemon.queued.saturating_sub(1);
+                self.encoded(&daemon)
+            })
+            .transpose()?;
         command.state = state;
         command.finished_at_ms = now_ms;
         command.result_json = result_json;
         command.error_json = error_json;
-        let command_bytes = encoded(&*command);
+        let command_bytes = self.encoded(&*command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let finished_key = layout::finished_key(now_ms, &command.id);
         let command = &*command;

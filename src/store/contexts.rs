@@ -14,10 +14,7 @@ use sled::Transactional;
 
 use super::commands::prepare_command;
 use super::daemons::DaemonRecord;
-use super::{
-    codec, encoded, get_decoded, layout, CommandRecord, CommandState, NewCommand, Result, Store,
-    StoreError,
-};
+use super::{codec, layout, CommandRecord, CommandState, NewCommand, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContextState {
@@ -120,7 +117,7 @@ impl Store {
         let _guard = self.lock_daemon(&request.daemon_id);
         let index_key = layout::daemon_text_key(&request.daemon_id, &[&request.key]);
         let current: Option<ContextRecord> = match self.context_index.get(&index_key)? {
-            Some(id) => get_decoded(&self.contexts, &id)?,
+            Some(id) => self.get_decoded(&self.contexts, &id)?,
             None => None,
         };
         if let Some(record) = &current {
@@ -128,8 +125,10 @@ impl Store {
                 return Ok(Opened::Existing(record.clone()));
             }
         }
-        let mut daemon: DaemonRecord = get_decoded(&self.daemons, request.daemon_id.as_bytes())?
+        let mut daemon: DaemonRecord = self
+            .get_decoded(&self.daemons, request.daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(request.daemon_id.clone()))?;
+        self.check_budget(&request.daemon_id)?;
         let command = prepare_command(
             &mut daemon,
             NewCommand {
@@ -158,8 +157,11 @@ impl Store {
             error_json: None,
         };
         let id_bytes = record.context_id.to_be_bytes();
-        let (daemon_bytes, command_bytes, record_bytes) =
-            (encoded(&daemon), encoded(&command), encoded(&record));
+        let (daemon_bytes, command_bytes, record_bytes) = (
+            self.encoded(&daemon)?,
+            self.encoded(&command)?,
+            self.encoded(&record)?,
+        );
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let replaced = current.map(|old| old.context_id.to_be_bytes());
         (
@@ -180,7 +182,7 @@ impl Store {
                     index.insert(index_key.as_slice(), &id_bytes)?;
                     by_command.insert(command.id.as_bytes(), &id_bytes)?;
                     if let Some(old) = &replaced {
-                        garbage.insert(old, encoded(&now_ms))?;
+                        garbage.insert(old, codec::encode(&now_ms))?;
                     }
                     Ok(())
                 },
@@ -197,7 +199,7 @@ impl Store {
             ContextState::Complete => Ok(record.created_at_ms.saturating_add(ttl_ms) > now_ms),
             ContextState::Fetching => {
                 let command: Option<CommandRecord> =
-                    get_decoded(&self.commands, record.command_id.as_bytes())?;
+                    self.get_decoded(&self.commands, record.command_id.as_bytes())?;
                 Ok(command.is_some_and(|c| !c.state.is_final() && !c.due_to_expire(now_ms)))
             }
             ContextState::Failed => Ok(false),
@@ -210,13 +212,13 @@ impl Store {
             .context_index
             .get(layout::daemon_text_key(daemon_id, &[key]))?
         {
-            Some(id) => get_decoded(&self.contexts, &id),
+            Some(id) => self.get_decoded(&self.contexts, &id),
             None => Ok(None),
         }
     }
 
     pub fn context(&self, context_id: u64) -> Result<Option<ContextRecord>> {
-        get_decoded(&self.contexts, &context_id.to_be_bytes())
+        self.get_decoded(&self.contexts, &context_id.to_be_bytes())
     }
 
     /// Up to `limit` chunks from index `from`.
@@ -226,7 +228,7 @@ impl Store {
             .take(limit)
             .map(|item| {
                 let (_, value) = item?;
-                codec::decode::<Vec<u8>>(&value)
+                self.decode::<Vec<u8>>(&value)
             })
             .collect()
     }
@@ -247,11 +249,11 @@ impl Store {
         let Some(id_bytes) = self.context_commands.get(command_id.as_bytes())? else {
             return Ok(ChunkOutcome::Unknown);
         };
-        let Some(mut record) = get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
+        let Some(mut record) = self.get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
             return Ok(ChunkOutcome::Unknown);
         };
         let Some(mut command) =
-            get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+            self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
         else {
             return Ok(ChunkOutcome::Unknown);
         };
@@ -267,7 +269,7 @@ impl Store {
                 .context_chunks
                 .get(chunk_key(record.context_id, chunk.index))?;
             let same = stored
-                .map(|bytes| codec::decode::<Vec<u8>>(&bytes))
+                .map(|bytes| self.decode::<Vec<u8>>(&bytes))
                 .transpose()?
                 .is_some_and(|bytes| bytes == chunk.data);
             if !same {
@@ -277,7 +279,7 @@ impl Store {
                     serde_json::json!({ "code": "stream_restarted", "message": "the daemon's response was fetched again and differs" })
                         .to_string(),
                 );
-                self.contexts.insert(&id_bytes, encoded(&record))?;
+                self.contexts.insert(&id_bytes, self.encoded(&record)?)?;
                 self.finish_stream_command(&mut command, &record, now_ms)?;
                 return Ok(ChunkOutcome::Unknown);
             }
@@ -324,8 +326,11 @@ impl Store {
             }
         }
         let key = chunk_key(record.context_id, chunk.index);
-        let data = (!too_large).then(|| encoded(&chunk.data.to_vec()));
-        let record_bytes = encoded(&record);
+        let data = match too_large {
+            true => None,
+            false => Some(self.encoded(&chunk.data.to_vec())?),
+        };
+        let record_bytes = self.encoded(&record)?;
         (&self.contexts, &self.context_chunks).transaction(
             |(contexts, chunks)| -> ConflictableTransactionResult<(), StoreError> {
                 contexts.insert(&id_bytes, record_bytes.as_slice())?;
@@ -339,7 +344,7 @@ impl Store {
             // Chunks flowing: the daemon is working on it, keep the lease.
             command.lease_until_ms = now_ms.saturating_add(lease_ms);
             self.commands
-                .insert(command_id.as_bytes(), encoded(&command))?;
+                .insert(command_id.as_bytes(), self.encoded(&command)?)?;
         } else {
             self.finish_stream_command(&mut command, &record, now_ms)?;
         }
@@ -403,7 +408,7 @@ impl Store {
         for item in self.contexts.iter() {
             let (id, value) = item?;
             if !self.context_garbage.contains_key(&id)? {
-                listed.push(codec::decode(&value)?);
+                listed.push(self.decode(&value)?);
             }
         }
         listed.sort_by_key(|r| r.created_at_ms);
@@ -412,7 +417,8 @@ impl Store {
         for record in &listed {
             // A fetch whose command ended without completing it will never go on.
             let abandoned = record.state == ContextState::Fetching
-                && get_decoded::<CommandRecord>(&self.commands, record.command_id.as_bytes())?
+                && self
+                    .get_decoded::<CommandRecord>(&self.commands, record.command_id.as_bytes())?
                     .is_none_or(|c| c.state.is_final() || c.due_to_expire(now_ms));
             let finished = record.state != ContextState::Fetching || abandoned;
             let expired = finished && record.created_at_ms.saturating_add(ttl_ms) <= now_ms;
@@ -426,7 +432,7 @@ impl Store {
         let mut deleted = 0;
         for item in self.context_garbage.iter() {
             let (id_bytes, value) = item?;
-            let retired_at: u64 = codec::decode(&value)?;
+            let retired_at: u64 = self.decode(&value)?;
             if retired_at.saturating_add(garbage_grace_ms) > now_ms {
                 continue;
             }
@@ -444,7 +450,7 @@ impl Store {
                 deleted += 1;
             }
             self.context_chunks.apply_batch(batch)?;
-            if let Some(record) = get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? {
+            if let Some(record) = self.get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? {
                 self.context_commands.remove(record.command_id.as_bytes())?;
             }
             self.contexts.remove(&id_bytes)?;
@@ -454,7 +460,7 @@ impl Store {
     }
 
     /// Unlists a context (new requests fetch again) and schedules its chunks for deletion.
-    fn retire_context(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
+    pub(super) fn retire_context(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
         let _guard = self.lock_daemon(&record.daemon_id);
         let index_key = layout::daemon_text_key(&record.daemon_id, &[&record.key]);
         let id_bytes = record.context_id.to_be_bytes();
@@ -470,7 +476,7 @@ impl Store {
                 if listed {
                     index.remove(index_key.as_slice())?;
                 }
-                garbage.insert(&id_bytes, encoded(&now_ms))?;
+                garbage.insert(&id_bytes, codec::encode(&now_ms))?;
                 Ok(())
             },
         )?;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, encoded, get_decoded, Result, Store};
+use super::{Result, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -49,12 +49,12 @@ impl Store {
     pub fn put_key(&self, record: &KeyRecord) -> Result<()> {
         let _gate = self.gate.shared();
         self.credentials
-            .insert(record.key_id.as_bytes(), encoded(record))?;
+            .insert(record.key_id.as_bytes(), self.encoded(record)?)?;
         Ok(())
     }
 
     pub fn key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
-        get_decoded(&self.credentials, key_id.as_bytes())
+        self.get_decoded(&self.credentials, key_id.as_bytes())
     }
 
     pub fn keys(&self) -> Result<Vec<KeyRecord>> {
@@ -62,7 +62,7 @@ impl Store {
             .iter()
             .map(|item| {
                 let (_, value) = item?;
-                codec::decode(&value)
+                self.decode(&value)
             })
             .collect()
     }

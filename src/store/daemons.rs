@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{encoded, get_decoded, layout, CommandRecord, CommandState, Result, Store};
+use super::{layout, CommandRecord, CommandState, Result, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonRecord {
@@ -47,12 +47,12 @@ impl Store {
     /// Creates the daemon's record if it has none; returns the record.
     pub fn ensure_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<DaemonRecord> {
         let _guard = self.lock_daemon(daemon_id);
-        if let Some(record) = get_decoded(&self.daemons, daemon_id.as_bytes())? {
+        if let Some(record) = self.get_decoded(&self.daemons, daemon_id.as_bytes())? {
             return Ok(record);
         }
         let record = DaemonRecord::new(daemon_id, now_ms);
         self.daemons
-            .insert(daemon_id.as_bytes(), encoded(&record))?;
+            .insert(daemon_id.as_bytes(), self.encoded(&record)?)?;
         Ok(record)
     }
 
@@ -67,7 +67,8 @@ impl Store {
         now_ms: u64,
     ) -> Result<DaemonRecord> {
         let _guard = self.lock_daemon(daemon_id);
-        let mut record = get_decoded(&self.daemons, daemon_id.as_bytes())?
+        let mut record = self
+            .get_decoded(&self.daemons, daemon_id.as_bytes())?
             .unwrap_or_else(|| DaemonRecord::new(daemon_id, now_ms));
         record.version = version;
         record.capabilities = capabilities;
@@ -75,33 +76,36 @@ impl Store {
         record.connection_id = Some(connection_id.to_owned());
         for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (_, command_id) = item?;
-            if let Some(mut command) = get_decoded::<CommandRecord>(&self.commands, &command_id)? {
+            if let Some(mut command) =
+                self.get_decoded::<CommandRecord>(&self.commands, &command_id)?
+            {
                 if command.state == CommandState::Delivered {
                     command.state = CommandState::Queued;
                     command.lease_until_ms = 0;
-                    self.commands.insert(&command_id, encoded(&command))?;
+                    self.commands.insert(&command_id, self.encoded(&command)?)?;
                 }
             }
         }
         self.daemons
-            .insert(daemon_id.as_bytes(), encoded(&record))?;
+            .insert(daemon_id.as_bytes(), self.encoded(&record)?)?;
         Ok(record)
     }
 
     /// Records that the daemon was heard from.
     pub fn touch_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<()> {
         let _guard = self.lock_daemon(daemon_id);
-        if let Some(mut record) = get_decoded::<DaemonRecord>(&self.daemons, daemon_id.as_bytes())?
+        if let Some(mut record) =
+            self.get_decoded::<DaemonRecord>(&self.daemons, daemon_id.as_bytes())?
         {
             record.last_seen_ms = Some(now_ms);
             self.daemons
-                .insert(daemon_id.as_bytes(), encoded(&record))?;
+                .insert(daemon_id.as_bytes(), self.encoded(&record)?)?;
         }
         Ok(())
     }
 
     pub fn daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>> {
-        get_decoded(&self.daemons, daemon_id.as_bytes())
+        self.get_decoded(&self.daemons, daemon_id.as_bytes())
     }
 
     /// Every daemon, ordered by id.
@@ -110,7 +114,7 @@ impl Store {
             .iter()
             .map(|item| {
                 let (_, value) = item?;
-                super::codec::decode(&value)
+                self.decode(&value)
             })
             .collect()
     }

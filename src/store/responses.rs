@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{encoded, get_decoded, layout, Result, Store};
+use super::{layout, Result, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedResponse {
@@ -23,7 +23,7 @@ impl Store {
         let _gate = self.gate.shared();
         self.responses.insert(
             layout::daemon_text_key(daemon_id, &[path_and_query]),
-            encoded(response),
+            self.encoded(response)?,
         )?;
         Ok(())
     }
@@ -33,7 +33,7 @@ impl Store {
         daemon_id: &str,
         path_and_query: &str,
     ) -> Result<Option<CachedResponse>> {
-        get_decoded(
+        self.get_decoded(
             &self.responses,
             &layout::daemon_text_key(daemon_id, &[path_and_query]),
         )

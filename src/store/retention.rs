@@ -4,7 +4,7 @@
 //! GET responses. Deletions are not acknowledgements, so the sweep never commits; it works
 //! in small batches and takes a daemon's lock only to expire a command.
 
-use super::{codec, get_decoded, layout, ChangeEntry, CommandRecord, CommandState, Result, Store};
+use super::{layout, ChangeEntry, CommandRecord, CommandState, Result, Store};
 use crate::store::responses::CachedResponse;
 
 /// Entries removed per sled batch.
@@ -57,7 +57,7 @@ impl Store {
             let mut done = true;
             for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
                 let (key, value) = item?;
-                let entry = ChangeEntry::from_stored(&key, &value)?;
+                let entry = ChangeEntry::from_stored(&key, &self.spill.resolve(&value)?)?;
                 if entry.seq >= keep_from_seq && entry.stored_at_ms >= cutoff_ms {
                     break;
                 }
@@ -83,7 +83,7 @@ impl Store {
         let mut due = Vec::new();
         for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (_, command_id) = item?;
-            if let Some(command) = get_decoded::<CommandRecord>(&self.commands, &command_id)? {
+            if let Some(command) = self.get_decoded::<CommandRecord>(&self.commands, &command_id)? {
                 if command.due_to_expire(now_ms) {
                     due.push(command.id);
                 }
@@ -111,7 +111,9 @@ impl Store {
             for item in self.finished.range(..end.as_slice()) {
                 let (key, _) = item?;
                 let command_id = &key[8..];
-                if let Some(command) = get_decoded::<CommandRecord>(&self.commands, command_id)? {
+                if let Some(command) =
+                    self.get_decoded::<CommandRecord>(&self.commands, command_id)?
+                {
                     if let Some((key_id, idem)) = &command.idempotency {
                         idempotency
                             .remove(layout::daemon_text_key(&command.daemon_id, &[key_id, idem]));
@@ -142,7 +144,7 @@ impl Store {
         let mut removed = 0;
         for item in self.responses.iter() {
             let (key, value) = item?;
-            let response: CachedResponse = codec::decode(&value)?;
+            let response: CachedResponse = self.decode(&value)?;
             if response.stored_at_ms < cutoff_ms {
                 batch.remove(key);
                 removed += 1;

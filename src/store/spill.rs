@@ -1,0 +1,221 @@
+//! Large values, stored as small pieces. sled 0.34.7 writes any log item over a quarter of a
+//! segment (128 KiB: a large value, or a leaf holding several medium ones) to a blob file,
+//! and never deletes those files: overwritten or removed, they stay on disk for good
+//! (measured: 300 overwrites of one 1 MiB value left 300 MiB in `db/blobs`, and reopening
+//! did not reclaim it). So no value the store writes is larger than [`PIECE_BYTES`]: a
+//! record that encodes larger is written as pieces in the `pieces` tree, under an owner id
+//! from `generate_id`, and the record's tree holds a pointer `[SPILLED, owner, length]`.
+//!
+//! Pieces are written before their pointer, in log order, so a recovered pointer always
+//! has its pieces. They are never deleted with the record: the retention sweep collects
+//! owners that no value points at (replaced or removed records, or a write cut short by a
+//! crash) once they have stayed unreferenced for two sweeps, so a reader that has just
+//! read a pointer always finds its pieces.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::{codec, Result, StoreError};
+
+/// Largest value written to sled, and the size of a piece. A leaf of sled 0.34 holds up to
+/// 17 entries before it splits, so even a full leaf of pieces stays far below the blob
+/// threshold.
+pub const PIECE_BYTES: usize = 2048;
+/// First byte of a pointer (never a codec format version).
+const SPILLED: u8 = 0xF5;
+const POINTER_LEN: usize = 17;
+
+/// Large-value storage of one sled database.
+pub struct Spill {
+    db: sled::Db,
+    pieces: sled::Tree,
+    gc: std::sync::Mutex<SpillGc>,
+}
+
+/// The GC's memory between sweeps.
+#[derive(Default)]
+struct SpillGc {
+    /// Owners allocated before this id existed when the last sweep began.
+    watermark: u64,
+    /// Owners that were unreferenced at the last sweep.
+    candidates: HashSet<u64>,
+}
+
+/// `(owner, length)` of a pointer value.
+pub fn spilled(value: &[u8]) -> Option<(u64, u64)> {
+    if value.len() != POINTER_LEN || value[0] != SPILLED {
+        return None;
+    }
+    let owner = u64::from_be_bytes(value[1..9].try_into().ok()?);
+    let len = u64::from_be_bytes(value[9..17].try_into().ok()?);
+    Some((owner, len))
+}
+
+fn piece_key(owner: u64, index: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&owner.to_be_bytes());
+    key[8..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn owner_of(key: &[u8]) -> u64 {
+    let mut owner = [0u8; 8];
+    owner.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(owner)
+}
+
+impl Spill {
+    pub fn open(db: &sled::Db) -> Result<Spill> {
+        Ok(Spill {
+            pieces: db.open_tree("pieces")?,
+            db: db.clone(),
+            gc: Default::default(),
+        })
+    }
+
+    /// Encodes a record for storage, spilling it into pieces when it is large.
+    pub fn encoded<T: Serialize>(&self, value: &T) -> Result<Vec<u8>> {
+        self.spill(codec::encode(value))
+    }
+
+    /// `bytes`, or a pointer to pieces holding them. Needs no write gate: the pieces of a
+    /// pointer a backup copies were written before it, and pieces without a pointer are
+    /// garbage the copy's own sweep collects.
+    pub fn spill(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        if bytes.len() <= PIECE_BYTES {
+            return Ok(bytes);
+        }
+        let owner = self.db.generate_id()?;
+        let mut batch = sled::Batch::default();
+        for (index, piece) in bytes.chunks(PIECE_BYTES).enumerate() {
+            batch.insert(&piece_key(owner, index as u32), piece);
+        }
+        self.pieces.apply_batch(batch)?;
+        let mut pointer = Vec::with_capacity(POINTER_LEN);
+        pointer.push(SPILLED);
+        pointer.extend_from_slice(&owner.to_be_bytes());
+        pointer.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        Ok(pointer)
+    }
+
+    /// The bytes a stored value stands for.
+    pub fn resolve<'a>(&self, value: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        let Some((owner, len)) = spilled(value) else {
+            return Ok(Cow::Borrowed(value));
+        };
+        let mut bytes = Vec::with_capacity(len as usize);
+        for item in self
+            .pieces
+            .range(piece_key(owner, 0)..piece_key(owner + 1, 0))
+        {
+            let (_, piece) = item?;
+            bytes.extend_from_slice(&piece);
+        }
+        if bytes.len() as u64 != len {
+            return Err(StoreError::Corrupt(format!(
+                "a large value (owner {owner}) has {} of its {len} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(Cow::Owned(bytes))
+    }
+
+    pub fn decode<T: DeserializeOwned>(&self, value: &[u8]) -> Result<T> {
+        codec::decode(&self.resolve(value)?)
+    }
+
+    pub fn get_decoded<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+    ) -> Result<Option<T>> {
+        match tree.get(key)? {
+            Some(value) => Ok(Some(self.decode(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes the pieces of owners that no value has pointed at for two sweeps.
+    /// `referenced` holds every owner a value pointed at during this sweep's scan, and
+    /// `watermark` an id taken before that scan began. Returns the owners deleted.
+    /// An id below every owner allocated from now on: the `watermark` for the next
+    /// [`Spill::collect`], taken before its scan for references begins.
+    pub fn watermark(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    pub fn collect(&self, referenced: &HashSet<u64>, watermark: u64) -> Result<u64> {
+        let mut gc = self.gc.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = std::mem::take(&mut gc.candidates);
+        let mut candidates = HashSet::new();
+        let mut deleted = 0;
+        let mut cursor = 0u64;
+        loop {
+            let Some(item) = self.pieces.range(piece_key(cursor, 0)..).next() else {
+                break;
+            };
+            let (key, _) = item?;
+            let owner = owner_of(&key);
+            // Owners allocated since the last sweep began may not have their pointer yet.
+            if owner >= gc.watermark {
+                break;
+            }
+            if !referenced.contains(&owner) {
+                if previous.contains(&owner) {
+                    let mut batch = sled::Batch::default();
+                    for piece in self
+                        .pieces
+                        .range(piece_key(owner, 0)..piece_key(owner + 1, 0))
+                    {
+                        batch.remove(piece?.0);
+                    }
+                    self.pieces.apply_batch(batch)?;
+                    deleted += 1;
+                } else {
+                    candidates.insert(owner);
+                }
+            }
+            cursor = owner + 1;
+        }
+        gc.watermark = watermark;
+        gc.candidates = candidates;
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    #[test]
+    fn large_values_round_trip_as_pieces_and_unreferenced_pieces_go() {
+        let (_dir, store) = temp_store();
+        let store = &store.spill;
+        let small = store.encoded(&"x".repeat(100)).unwrap();
+        assert!(spilled(&small).is_none());
+        let big_value = "y".repeat(100_000);
+        let big = store.encoded(&big_value).unwrap();
+        let (owner, len) = spilled(&big).expect("a pointer");
+        assert!(len > 100_000);
+        assert_eq!(store.decode::<String>(&big).unwrap(), big_value);
+        assert_eq!(store.pieces.len(), 100_010usize.div_ceil(PIECE_BYTES));
+
+        // Referenced pieces stay; unreferenced ones go on the second sweep that sees them.
+        let watermark = store.watermark().unwrap();
+        let held = HashSet::from([owner]);
+        assert_eq!(store.collect(&held, watermark).unwrap(), 0);
+        assert_eq!(store.collect(&held, watermark).unwrap(), 0);
+        let none = HashSet::new();
+        assert_eq!(store.collect(&none, watermark).unwrap(), 0);
+        assert!(!store.pieces.is_empty(), "one sweep of grace");
+        assert_eq!(store.collect(&none, watermark).unwrap(), 1);
+        assert_eq!(store.pieces.len(), 0);
+        assert!(matches!(
+            store.decode::<String>(&big),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

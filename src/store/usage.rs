@@ -1,0 +1,227 @@
+//! The census: one pass over every tree, run by the retention sweep, that measures what the
+//! store holds (entries and bytes per tree, spilled pieces counted with the tree whose
+//! record they belong to; commands by state; bytes per daemon), collects the owners of
+//! spilled values that are still referenced (for the pieces GC), and enforces the
+//! per-daemon disk budget.
+//!
+//! Budget: a daemon over `daemon_max_bytes` loses its reclaimable data, oldest first:
+//! retired and finished contexts, cached GET responses, then change-log entries. Commands
+//! that are not finished are acknowledged work and are never dropped; a daemon whose
+//! unfinished commands alone exceed the budget is reported `over_budget`, and the relay
+//! refuses new commands for it (429 `queue_full`) until it is under again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::contexts::ContextRecord;
+use super::responses::CachedResponse;
+use super::spill::spilled;
+use super::{layout, CommandRecord, CommandState, Result, Store};
+
+/// What one tree holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeUsage {
+    pub entries: u64,
+    /// Keys and values, large values at their full length.
+    pub bytes: u64,
+}
+
+/// The census's findings.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub trees: BTreeMap<String, TreeUsage>,
+    /// Commands per state name (`queued`, `delivered`, …), every state listed.
+    pub commands: BTreeMap<&'static str, u64>,
+    /// Bytes per daemon: its change log, commands, queue and idempotency entries, cached
+    /// responses and contexts.
+    pub daemon_bytes: HashMap<String, u64>,
+    /// Daemons still over the budget after trimming.
+    pub over_budget: HashSet<String>,
+    /// Bytes freed by trimming daemons over their budget.
+    pub trimmed_bytes: u64,
+    /// Owners of spilled values deleted by the pieces GC.
+    pub pieces_collected: u64,
+}
+
+/// The daemon id of a `daemon_id ++ 0x00 ++ …` key.
+fn daemon_of(key: &[u8]) -> Option<&str> {
+    let end = key.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&key[..end]).ok()
+}
+
+impl Store {
+    /// Measures the store, collects unreferenced pieces, and trims daemons over
+    /// `daemon_max_bytes` (0: no budget).
+    pub fn census(&self, daemon_max_bytes: u64, now_ms: u64) -> Result<Usage> {
+        let watermark = self.spill.watermark()?;
+        let mut usage = Usage::default();
+        for state in [
+            CommandState::Queued,
+            CommandState::Delivered,
+            CommandState::Completed,
+            CommandState::Failed,
+            CommandState::Expired,
+        ] {
+            usage.commands.insert(state.as_str(), 0);
+        }
+        let mut referenced = HashSet::new();
+        let trees: [(&str, &sled::Tree); 13] = [
+            ("daemons", &self.daemons),
+            ("commands", &self.commands),
+            ("queue", &self.queue),
+            ("finished", &self.finished),
+            ("changes", &self.changes),
+            ("idempotency", &self.idempotency),
+            ("responses", &self.responses),
+            ("credentials", &self.credentials),
+            ("contexts", &self.contexts),
+            ("context_index", &self.context_index),
+            ("context_commands", &self.context_commands),
+            ("context_chunks", &self.context_chunks),
+            ("context_garbage", &self.context_garbage),
+        ];
+        let mut context_owner: HashMap<u64, String> = HashMap::new();
+        for (name, tree) in trees {
+            let mut tree_usage = TreeUsage::default();
+            for item in tree.iter() {
+                let (key, value) = item?;
+                let value_len = match spilled(&value) {
+                    Some((owner, len)) => {
+                        referenced.insert(owner);
+                        len
+                    }
+                    None => value.len() as u64,
+                };
+                let size = key.len() as u64 + value_len;
+                tree_usage.entries += 1;
+                tree_usage.bytes += size;
+                let daemon = match name {
+                    "changes" | "queue" | "idempotency" | "responses" | "context_index" => {
+                        daemon_of(&key).map(str::to_owned)
+                    }
+                    "commands" => {
+                        let command: CommandRecord = self.decode(&value)?;
+                        *usage.commands.entry(command.state.as_str()).or_default() += 1;
+                        Some(command.daemon_id)
+                    }
+                    "contexts" => {
+                        let record: ContextRecord = self.decode(&value)?;
+                        context_owner.insert(record.context_id, record.daemon_id.clone());
+                        Some(record.daemon_id)
+                    }
+                    "context_chunks" if key.len() >= 8 => {
+                        let id = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+                        context_owner.get(&id).cloned()
+                    }
+                    _ => None,
+                };
+                if let Some(daemon) = daemon {
+                    *usage.daemon_bytes.entry(daemon).or_default() += size;
+                }
+            }
+            usage.trees.insert(name.to_owned(), tree_usage);
+        }
+        usage.pieces_collected = self.spill.collect(&referenced, watermark)?;
+
+        if daemon_max_bytes > 0 {
+            let over: Vec<(String, u64)> = usage
+                .daemon_bytes
+                .iter()
+                .filter(|(_, &bytes)| bytes > daemon_max_bytes)
+                .map(|(daemon, &bytes)| (daemon.clone(), bytes))
+                .collect();
+            for (daemon, bytes) in over {
+                let excess = bytes - daemon_max_bytes;
+                let freed = self.trim_daemon(&daemon, excess, now_ms)?;
+                usage.trimmed_bytes += freed;
+                if freed < excess {
+                    usage.over_budget.insert(daemon.clone());
+                }
+                tracing::warn!(
+                    daemon_id = %daemon,
+                    bytes,
+                    budget = daemon_max_bytes,
+                    freed,
+                    "daemon over its disk budget: oldest contexts, cached responses and changes dropped"
+                );
+                if let Some(total) = usage.daemon_bytes.get_mut(&daemon) {
+                    *total -= freed.min(*total);
+                }
+            }
+        }
+        *self.over_budget.lock().unwrap_or_else(|p| p.into_inner()) = usage.over_budget.clone();
+        Ok(usage)
+    }
+
+    /// Refuses new commands for a daemon the last census found over its budget.
+    pub(super) fn check_budget(&self, daemon_id: &str) -> Result<()> {
+        let over = self.over_budget.lock().unwrap_or_else(|p| p.into_inner());
+        match over.contains(daemon_id) {
+            true => Err(super::StoreError::OverBudget(daemon_id.to_owned())),
+            false => Ok(()),
+        }
+    }
+
+    /// Frees at least `excess` bytes of a daemon's reclaimable data if it can: finished
+    /// contexts, then cached responses, then change-log entries, oldest first. Returns the
+    /// bytes freed.
+    fn trim_daemon(&self, daemon_id: &str, excess: u64, now_ms: u64) -> Result<u64> {
+        let mut freed = 0;
+        // Contexts: the oldest finished ones (their chunks go with the garbage sweep).
+        let mut contexts: Vec<ContextRecord> = Vec::new();
+        for item in self.contexts.iter() {
+            let (id, value) = item?;
+            let record: ContextRecord = self.decode(&value)?;
+            if record.daemon_id == daemon_id
+                && record.state != super::ContextState::Fetching
+                && !self.context_garbage.contains_key(&id)?
+            {
+                contexts.push(record);
+            }
+        }
+        contexts.sort_by_key(|record| record.created_at_ms);
+        for record in contexts {
+            if freed >= excess {
+                return Ok(freed);
+            }
+            self.retire_context(&record, now_ms)?;
+            freed += record.bytes;
+        }
+        // Cached GET responses, oldest first.
+        let mut responses: Vec<(sled::IVec, u64, u64)> = Vec::new();
+        for item in self.responses.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            let (key, value) = item?;
+            let size = key.len() as u64 + spilled(&value).map_or(value.len() as u64, |s| s.1);
+            let response: CachedResponse = self.decode(&value)?;
+            responses.push((key, response.stored_at_ms, size));
+        }
+        responses.sort_by_key(|(_, stored_at, _)| *stored_at);
+        for (key, _, size) in responses {
+            if freed >= excess {
+                return Ok(freed);
+            }
+            let _gate = self.gate.shared();
+            self.responses.remove(key)?;
+            freed += size;
+        }
+        // The change log, oldest first.
+        while freed < excess {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
+                let (key, value) = item?;
+                freed += key.len() as u64 + spilled(&value).map_or(value.len() as u64, |s| s.1);
+                batch.remove(key);
+                in_batch += 1;
+                if freed >= excess || in_batch == 1_000 {
+                    break;
+                }
+            }
+            if in_batch == 0 {
+                break;
+            }
+            let _gate = self.gate.shared();
+            self.changes.apply_batch(batch)?;
+        }
+        Ok(freed)
+    }
+}

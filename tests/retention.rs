@@ -1,0 +1,292 @@
+//! Retention and quotas on a real relay: items past their limits disappear (finished
+//! commands, change-log entries beyond the count, cached copies replaced), the disk space
+//! they took is reused so the data dir stays bounded under a steady workload of large
+//! values, and a daemon over its disk budget loses its oldest change-log entries and gets
+//! `queue_full` while its unfinished commands alone exceed the budget.
+//!
+//! `SYNCRELAY_SOAK_ROUNDS=N` runs the churn test for N rounds instead of 10 (a longer
+//! measurement, out of CI).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, serve_daemon, Client, TestRelay};
+use serde_json::{json, Value};
+
+/// Bytes the files under `dir` occupy on disk.
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            disk_usage(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    total
+}
+
+/// One sample of `/metrics`: `name{labels}` → value.
+async fn metric(relay: &TestRelay, series: &str) -> Option<f64> {
+    let text = relay
+        .http
+        .get(format!("{}/metrics", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits for a census taken after now.
+async fn next_census(relay: &TestRelay) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    eventually(Duration::from_secs(10), || async move {
+        metric(relay, "syncrelay_store_census_timestamp_seconds")
+            .await
+            .is_some_and(|at| at > now)
+    })
+    .await;
+}
+
+/// The seqs of a daemon's change log as clients see it.
+async fn change_seqs(client: &Client, daemon_id: &str) -> Vec<u64> {
+    let changes: Value = client
+        .get(&format!(
+            "/api/v1/daemons/{daemon_id}/changes?since=0&limit=1000"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect()
+}
+
+fn megabytes(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_space_is_reused_under_steady_churn_of_large_values() {
+    let rounds: usize = std::env::var("SYNCRELAY_SOAK_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10);
+    let relay = TestRelay::start_with(
+        r#"
+        [retention]
+        interval = "100ms"
+        results_max_age = "200ms"
+        changes_max_entries = 20
+        "#,
+    )
+    .await;
+    let client = relay.client(&["d", "u"]).await;
+    let result_body = "r".repeat(200 * 1024);
+    let page = "p".repeat(500 * 1024);
+    let daemon = relay.daemon("d").await;
+    let worker = serve_daemon(daemon, move |command| {
+        let body = if command["params"]["method"] == "GET" {
+            page.clone()
+        } else {
+            result_body.clone()
+        };
+        json!({ "status": 200, "headers": { "content-type": "text/plain" }, "body": body })
+    });
+    let updates = relay.daemon("u").await;
+    let write_body = json!({ "blob": "w".repeat(200 * 1024) });
+    let mut sizes = Vec::new();
+    let mut next_seq = 1;
+    let mut first_ids = Vec::new();
+    for round in 0..rounds {
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            let reply = client
+                .post("/api/v1/daemons/d/jobs")
+                .header("prefer", "respond-async")
+                .json(&write_body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(reply.status(), 202);
+            let view: Value = reply.json().await.unwrap();
+            ids.push(view["id"].as_str().unwrap().to_owned());
+        }
+        for _ in 0..2 {
+            let reply = client.get("/api/v1/daemons/d/big").send().await.unwrap();
+            assert_eq!(reply.status(), 200);
+            assert_eq!(reply.text().await.unwrap().len(), 500 * 1024);
+        }
+        let batch: Vec<Value> = (next_seq..next_seq + 10)
+            .map(|seq| json!({ "type": "session_updated", "seq": seq, "data": { "pad": "u".repeat(100 * 1024) } }))
+            .collect();
+        next_seq += 10;
+        let (status, body) = updates.poll_raw(Value::Array(batch), false, 0.0).await;
+        assert_eq!(status, 200, "{body}");
+        // Every write answered, then purged once past results_max_age.
+        for id in &ids {
+            eventually(Duration::from_secs(10), || async {
+                let reply = client
+                    .get(&format!("/api/v1/commands/{id}"))
+                    .send()
+                    .await
+                    .unwrap();
+                reply.status() == 404
+            })
+            .await;
+        }
+        if round == 0 {
+            first_ids = ids;
+        }
+        // Two more censuses: unreferenced pieces go on the second sweep that sees them.
+        next_census(&relay).await;
+        next_census(&relay).await;
+        next_census(&relay).await;
+        let size = disk_usage(relay.data_dir.path());
+        eprintln!("round {round}: data dir {:.1} MiB", megabytes(size));
+        sizes.push(size);
+    }
+    worker.abort();
+
+    // Items past their limits are gone: the change log keeps its newest 20 entries.
+    let seqs = change_seqs(&client, "u").await;
+    assert_eq!(seqs, (next_seq - 20..next_seq).collect::<Vec<_>>());
+    assert!(!first_ids.is_empty());
+    assert_eq!(
+        metric(&relay, "syncrelay_commands{state=\"completed\"}").await,
+        Some(0.0)
+    );
+
+    // The space is reused: about 6 MiB of large values per round, and the data dir
+    // stops growing after the first rounds (sled's own blob files would have kept all
+    // of it: 60 MiB after 10 rounds).
+    let written_per_round = 10 * 2 * 200 * 1024 + 2 * 500 * 1024 + 10 * 100 * 1024;
+    let settled = sizes[2];
+    let last = *sizes.last().unwrap();
+    eprintln!(
+        "written {:.1} MiB in {rounds} rounds; data dir after round 3 {:.1} MiB, at the end {:.1} MiB",
+        megabytes((written_per_round * rounds) as u64),
+        megabytes(settled),
+        megabytes(last)
+    );
+    assert!(
+        last <= settled + settled / 2,
+        "the data dir kept growing: {:?} MiB",
+        sizes
+            .iter()
+            .map(|s| megabytes(*s) as u64)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
+    let relay = TestRelay::start_with(
+        r#"
+        [retention]
+        interval = "100ms"
+        results_max_age = "200ms"
+        daemon_max_bytes = 2000000
+        "#,
+    )
+    .await;
+    let client = relay.client(&["d"]).await;
+    let daemon = relay.daemon("d").await;
+    // 4 MB of change log: the budget keeps the newest 2 MB or less.
+    for batch in 0..4u64 {
+        let updates: Vec<Value> = (0..10)
+            .map(|i| {
+                let seq = batch * 10 + i + 1;
+                json!({ "type": "e", "seq": seq, "data": { "pad": "c".repeat(100_000) } })
+            })
+            .collect();
+        let (status, body) = daemon.poll_raw(Value::Array(updates), false, 0.0).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    next_census(&relay).await;
+    let seqs = change_seqs(&client, "d").await;
+    assert_eq!(seqs.last(), Some(&40), "the newest entries stay");
+    assert!(
+        seqs.len() <= 20 && seqs.len() >= 10,
+        "about 2 MB of the change log left: {seqs:?}"
+    );
+    assert_eq!(seqs, (41 - seqs.len() as u64..41).collect::<Vec<_>>());
+
+    // Unfinished commands are never dropped; past the budget, new ones are refused.
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        let reply = client
+            .post("/api/v1/daemons/d/jobs")
+            .header("prefer", "respond-async")
+            .json(&json!({ "blob": "q".repeat(1_000_000) }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 202);
+        queued.push(
+            reply.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    next_census(&relay).await;
+    assert_eq!(
+        metric(&relay, "syncrelay_daemons_over_budget").await,
+        Some(1.0)
+    );
+    let small_write = || {
+        client
+            .post("/api/v1/daemons/d/jobs")
+            .header("prefer", "respond-async")
+            .json(&json!({ "small": true }))
+            .send()
+    };
+    let refused = small_write().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "queue_full", "{error}");
+    for id in &queued {
+        let reply = client
+            .get(&format!("/api/v1/commands/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200, "an unfinished command was dropped");
+    }
+
+    // The daemon takes and answers them; once the results are purged, writes go through.
+    let commands = daemon.next_commands().await;
+    assert_eq!(commands.len(), 3);
+    for command in &commands {
+        daemon
+            .answer(command["id"].as_str().unwrap(), 200, json!({ "ok": true }))
+            .await;
+    }
+    eventually(Duration::from_secs(10), || async {
+        metric(&relay, "syncrelay_daemons_over_budget").await == Some(0.0)
+    })
+    .await;
+    let accepted = small_write().await.unwrap();
+    assert_eq!(accepted.status(), 202);
+}

@@ -257,6 +257,7 @@ async fn retention_loop(app: Arc<App>) {
         let store = app.store.clone();
         let streams = app.config.streams.clone();
         let daemon_max_bytes = app.config.retention.daemon_max_bytes;
+        let interval = app.config.retention.interval;
         let sweep = move || {
             let now = now_ms();
             let stats = store.sweep(&policy, now)?;
@@ -266,7 +267,7 @@ async fn retention_loop(app: Arc<App>) {
                 CONTEXT_GARBAGE_GRACE.as_millis() as u64,
                 now,
             )?;
-            let usage = store.census(daemon_max_bytes, now)?;
+            let usage = store.census(daemon_max_bytes, interval, now)?;
             Ok::<_, crate::store::StoreError>((stats, usage, now))
         };
         match tokio::task::spawn_blocking(sweep).await {

@@ -246,7 +246,8 @@ impl AgentStore {
                 referenced.insert(owner);
             }
         }
-        self.spill.collect(&referenced, watermark)?;
+        self.spill
+            .collect(&referenced, watermark, std::time::Duration::from_secs(60))?;
         Ok(removed)
     }
 }

@@ -102,7 +102,7 @@ pub enum ChunkOutcome {
     TooLarge(ContextRecord),
 }
 
-fn chunk_key(context_id: u64, index: u64) -> [u8; 16] {
+pub(super) fn chunk_key(context_id: u64, index: u64) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&context_id.to_be_bytes());
     key[8..].copy_from_slice(&index.to_be_bytes());
@@ -143,7 +143,7 @@ impl Store {
             now_ms,
         )?;
         let record = ContextRecord {
-            context_id: self.db.generate_id()?,
+            context_id: self.spill.next_id()?,
             daemon_id: request.daemon_id.clone(),
             key: request.key,
             command_id: command.id.clone(),

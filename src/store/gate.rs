@@ -8,12 +8,12 @@
 //! does so through `tokio::task::block_in_place` when it runs on a multi-threaded runtime's
 //! worker, so other tasks on that worker (reads, waiting polls, event streams) keep going.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 thread_local! {
-    /// Shared entries this thread holds (of any store: there is one per process).
-    static HELD: Cell<u32> = const { Cell::new(0) };
+    /// The gates (by address) this thread holds shared, once per entry.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Default)]
@@ -23,27 +23,40 @@ pub struct Gate {
 
 /// Shared hold of the gate; the outermost one on a thread owns the lock guard.
 pub struct Shared<'a> {
+    gate: usize,
     _guard: Option<RwLockReadGuard<'a, ()>>,
 }
 
 impl Drop for Shared<'_> {
     fn drop(&mut self) {
-        HELD.with(|held| held.set(held.get() - 1));
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(at) = held.iter().rposition(|&gate| gate == self.gate) {
+                held.swap_remove(at);
+            }
+        });
     }
 }
 
 impl Gate {
     /// Enters for a mutation; waits while a backup copies.
     pub fn shared(&self) -> Shared<'_> {
-        let nested = HELD.with(|held| {
-            let nested = held.get() > 0;
-            held.set(held.get() + 1);
-            nested
-        });
-        if nested {
-            return Shared { _guard: None };
+        let gate = self as *const Gate as usize;
+        let nested = HELD.with(|held| held.borrow().contains(&gate));
+        let guard = match nested {
+            true => None,
+            false => Some(self.acquire_shared()),
+        };
+        // Counted only once held: a wait that panics leaves no entry behind.
+        HELD.with(|held| held.borrow_mut().push(gate));
+        Shared {
+            gate,
+            _guard: guard,
         }
-        let guard = match self.lock.try_read() {
+    }
+
+    fn acquire_shared(&self) -> RwLockReadGuard<'_, ()> {
+        match self.lock.try_read() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => block_on_worker(|| {
@@ -51,9 +64,6 @@ impl Gate {
                     .read()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
             }),
-        };
-        Shared {
-            _guard: Some(guard),
         }
     }
 

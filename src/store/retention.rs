@@ -100,6 +100,27 @@ impl Store {
         Ok(expired)
     }
 
+    /// Forgets one finished command: its record, its `finished` index entry and its
+    /// idempotency entry (as `purge_finished` does, for a disk budget).
+    pub(super) fn forget_finished(&self, command: &CommandRecord) -> Result<()> {
+        let _guard = self.lock_daemon(&command.daemon_id);
+        // Under the lock: only a command still finished is forgotten.
+        let still_finished = self
+            .get_decoded::<CommandRecord>(&self.commands, command.id.as_bytes())?
+            .is_some_and(|current| current.state.is_final());
+        if !still_finished {
+            return Ok(());
+        }
+        if let Some((key_id, idem)) = &command.idempotency {
+            self.idempotency
+                .remove(layout::daemon_text_key(&command.daemon_id, &[key_id, idem]))?;
+        }
+        self.commands.remove(command.id.as_bytes())?;
+        self.finished
+            .remove(layout::finished_key(command.finished_at_ms, &command.id))?;
+        Ok(())
+    }
+
     fn purge_finished(&self, cutoff_ms: u64) -> Result<u64> {
         let mut purged = 0;
         let end = cutoff_ms.to_be_bytes();

@@ -10,7 +10,14 @@
 //! has its pieces. They are never deleted with the record: the retention sweep collects
 //! owners that no value points at (replaced or removed records, or a write cut short by a
 //! crash) once they have stayed unreferenced for two sweeps, so a reader that has just
-//! read a pointer always finds its pieces.
+//! read a pointer always finds its pieces; and an owner spilled less than `hold` ago
+//! (the sweep passes two intervals, at least a second) is not collected before a sweep
+//! has seen it referenced, so a write that is slow to store its pointer keeps its pieces.
+//!
+//! Ids: sled's `generate_id` counter lives outside the trees, so a copy made by an online
+//! backup would count from zero again and hand out ids its data already uses. Ids are
+//! therefore `id_base` (in `meta`, written by the backup into the copy) plus
+//! `generate_id`.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -22,7 +29,9 @@ use super::{codec, Result, StoreError};
 /// Largest value written to sled, and the size of a piece. A leaf of sled 0.34 holds up to
 /// 17 entries before it splits, so even a full leaf of pieces stays far below the blob
 /// threshold.
-pub const PIECE_BYTES: usize = 2048;
+pub const PIECE_BYTES: usize = 4096;
+/// Key in `meta` of the id base (u64, big-endian).
+pub const ID_BASE_KEY: &[u8] = b"id_base";
 /// First byte of a pointer (never a codec format version).
 const SPILLED: u8 = 0xF5;
 const POINTER_LEN: usize = 17;
@@ -31,7 +40,10 @@ const POINTER_LEN: usize = 17;
 pub struct Spill {
     db: sled::Db,
     pieces: sled::Tree,
+    id_base: u64,
     gc: std::sync::Mutex<SpillGc>,
+    /// Owners spilled and not yet seen referenced by a sweep, with when.
+    in_flight: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 /// The GC's memory between sweeps.
@@ -68,11 +80,27 @@ fn owner_of(key: &[u8]) -> u64 {
 
 impl Spill {
     pub fn open(db: &sled::Db) -> Result<Spill> {
+        let id_base = match db.open_tree("meta")?.get(ID_BASE_KEY)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("the id base is not 8 bytes".into()))?,
+            ),
+            None => 0,
+        };
         Ok(Spill {
             pieces: db.open_tree("pieces")?,
             db: db.clone(),
+            id_base,
             gc: Default::default(),
+            in_flight: Default::default(),
         })
+    }
+
+    /// A new id, above every id this database (or the one it was backed up from) gave out.
+    pub fn next_id(&self) -> Result<u64> {
+        Ok(self.id_base + self.db.generate_id()?)
     }
 
     /// Encodes a record for storage, spilling it into pieces when it is large.
@@ -87,7 +115,11 @@ impl Spill {
         if bytes.len() <= PIECE_BYTES {
             return Ok(bytes);
         }
-        let owner = self.db.generate_id()?;
+        let owner = self.next_id()?;
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(owner, std::time::Instant::now());
         let mut batch = sled::Batch::default();
         for (index, piece) in bytes.chunks(PIECE_BYTES).enumerate() {
             batch.insert(&piece_key(owner, index as u32), piece);
@@ -137,17 +169,31 @@ impl Spill {
         }
     }
 
-    /// Deletes the pieces of owners that no value has pointed at for two sweeps.
-    /// `referenced` holds every owner a value pointed at during this sweep's scan, and
-    /// `watermark` an id taken before that scan began. Returns the owners deleted.
     /// An id below every owner allocated from now on: the `watermark` for the next
     /// [`Spill::collect`], taken before its scan for references begins.
     pub fn watermark(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        self.next_id()
     }
 
-    pub fn collect(&self, referenced: &HashSet<u64>, watermark: u64) -> Result<u64> {
+    /// Deletes the pieces of owners that no value has pointed at for two sweeps.
+    /// `referenced` holds every owner a value pointed at during this sweep's scan, and
+    /// `watermark` an id taken before that scan began; owners spilled within `hold` and
+    /// not seen referenced yet are kept. Returns the owners deleted.
+    pub fn collect(
+        &self,
+        referenced: &HashSet<u64>,
+        watermark: u64,
+        hold: std::time::Duration,
+    ) -> Result<u64> {
+        // Owners whose pointer may not be written yet hold the watermark below them.
+        let lowest_in_flight = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight.retain(|owner, at| !referenced.contains(owner) && at.elapsed() < hold);
+            in_flight.keys().min().copied()
+        };
         let mut gc = self.gc.lock().unwrap_or_else(|p| p.into_inner());
+        // Owners allocated since the last sweep began may not have their pointer yet.
+        let limit = lowest_in_flight.map_or(gc.watermark, |owner| owner.min(gc.watermark));
         let previous = std::mem::take(&mut gc.candidates);
         let mut candidates = HashSet::new();
         let mut deleted = 0;
@@ -158,8 +204,7 @@ impl Spill {
             };
             let (key, _) = item?;
             let owner = owner_of(&key);
-            // Owners allocated since the last sweep began may not have their pointer yet.
-            if owner >= gc.watermark {
+            if owner >= limit {
                 break;
             }
             if !referenced.contains(&owner) {
@@ -190,6 +235,8 @@ mod tests {
     use super::*;
     use crate::store::test_support::temp_store;
 
+    const HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
     #[test]
     fn large_values_round_trip_as_pieces_and_unreferenced_pieces_go() {
         let (_dir, store) = temp_store();
@@ -202,16 +249,18 @@ mod tests {
         assert!(len > 100_000);
         assert_eq!(store.decode::<String>(&big).unwrap(), big_value);
         assert_eq!(store.pieces.len(), 100_010usize.div_ceil(PIECE_BYTES));
+        // A sweep that sees the pointer referenced ends its in-flight protection.
+        assert_eq!(store.collect(&HashSet::from([owner]), 0, HOLD).unwrap(), 0);
 
         // Referenced pieces stay; unreferenced ones go on the second sweep that sees them.
         let watermark = store.watermark().unwrap();
         let held = HashSet::from([owner]);
-        assert_eq!(store.collect(&held, watermark).unwrap(), 0);
-        assert_eq!(store.collect(&held, watermark).unwrap(), 0);
+        assert_eq!(store.collect(&held, watermark, HOLD).unwrap(), 0);
+        assert_eq!(store.collect(&held, watermark, HOLD).unwrap(), 0);
         let none = HashSet::new();
-        assert_eq!(store.collect(&none, watermark).unwrap(), 0);
+        assert_eq!(store.collect(&none, watermark, HOLD).unwrap(), 0);
         assert!(!store.pieces.is_empty(), "one sweep of grace");
-        assert_eq!(store.collect(&none, watermark).unwrap(), 1);
+        assert_eq!(store.collect(&none, watermark, HOLD).unwrap(), 1);
         assert_eq!(store.pieces.len(), 0);
         assert!(matches!(
             store.decode::<String>(&big),

@@ -42,6 +42,11 @@ pub struct Usage {
     pub pieces_collected: u64,
 }
 
+/// Bytes an entry stands for: its key, and its value at full length if spilled.
+fn stored_size(key: &[u8], value: &[u8]) -> u64 {
+    key.len() as u64 + spilled(value).map_or(value.len() as u64, |(_, len)| len)
+}
+
 /// The daemon id of a `daemon_id ++ 0x00 ++ …` key.
 fn daemon_of(key: &[u8]) -> Option<&str> {
     let end = key.iter().position(|&b| b == 0)?;
@@ -50,8 +55,13 @@ fn daemon_of(key: &[u8]) -> Option<&str> {
 
 impl Store {
     /// Measures the store, collects unreferenced pieces, and trims daemons over
-    /// `daemon_max_bytes` (0: no budget).
-    pub fn census(&self, daemon_max_bytes: u64, now_ms: u64) -> Result<Usage> {
+    /// `daemon_max_bytes` (0: no budget). Run every `sweep_interval`.
+    pub fn census(
+        &self,
+        daemon_max_bytes: u64,
+        sweep_interval: std::time::Duration,
+        now_ms: u64,
+    ) -> Result<Usage> {
         let watermark = self.spill.watermark()?;
         let mut usage = Usage::default();
         for state in [
@@ -80,18 +90,16 @@ impl Store {
             ("context_garbage", &self.context_garbage),
         ];
         let mut context_owner: HashMap<u64, String> = HashMap::new();
+        // Bytes of each daemon's unfinished commands, which trimming never touches.
+        let mut unfinished: HashMap<String, u64> = HashMap::new();
         for (name, tree) in trees {
             let mut tree_usage = TreeUsage::default();
             for item in tree.iter() {
                 let (key, value) = item?;
-                let value_len = match spilled(&value) {
-                    Some((owner, len)) => {
-                        referenced.insert(owner);
-                        len
-                    }
-                    None => value.len() as u64,
-                };
-                let size = key.len() as u64 + value_len;
+                if let Some((owner, _)) = spilled(&value) {
+                    referenced.insert(owner);
+                }
+                let size = stored_size(&key, &value);
                 tree_usage.entries += 1;
                 tree_usage.bytes += size;
                 let daemon = match name {
@@ -101,8 +109,14 @@ impl Store {
                     "commands" => {
                         let command: CommandRecord = self.decode(&value)?;
                         *usage.commands.entry(command.state.as_str()).or_default() += 1;
+                        if !command.state.is_final() {
+                            *unfinished.entry(command.daemon_id.clone()).or_default() += size;
+                        }
                         Some(command.daemon_id)
                     }
+                    // Retired contexts are on their way out: they count for the tree, not
+                    // against their daemon.
+                    "contexts" if self.context_garbage.contains_key(&key)? => None,
                     "contexts" => {
                         let record: ContextRecord = self.decode(&value)?;
                         context_owner.insert(record.context_id, record.daemon_id.clone());
@@ -120,7 +134,8 @@ impl Store {
             }
             usage.trees.insert(name.to_owned(), tree_usage);
         }
-        usage.pieces_collected = self.spill.collect(&referenced, watermark)?;
+        let hold = (2 * sweep_interval).max(std::time::Duration::from_secs(1));
+        usage.pieces_collected = self.spill.collect(&referenced, watermark, hold)?;
 
         if daemon_max_bytes > 0 {
             let over: Vec<(String, u64)> = usage
@@ -133,7 +148,7 @@ impl Store {
                 let excess = bytes - daemon_max_bytes;
                 let freed = self.trim_daemon(&daemon, excess, now_ms)?;
                 usage.trimmed_bytes += freed;
-                if freed < excess {
+                if unfinished.get(&daemon).copied().unwrap_or(0) > daemon_max_bytes {
                     usage.over_budget.insert(daemon.clone());
                 }
                 tracing::warn!(
@@ -141,7 +156,8 @@ impl Store {
                     bytes,
                     budget = daemon_max_bytes,
                     freed,
-                    "daemon over its disk budget: oldest contexts, cached responses and changes dropped"
+                    "daemon over its disk budget: its oldest contexts, cached responses, \
+                     finished commands and change-log entries were dropped"
                 );
                 if let Some(total) = usage.daemon_bytes.get_mut(&daemon) {
                     *total -= freed.min(*total);
@@ -161,13 +177,14 @@ impl Store {
         }
     }
 
-    /// Frees at least `excess` bytes of a daemon's reclaimable data if it can: finished
-    /// contexts, then cached responses, then change-log entries, oldest first. Returns the
-    /// bytes freed.
+    /// Frees at least `excess` bytes of a daemon's reclaimable data if it can, counted as
+    /// the census counts them, oldest first: finished contexts, cached responses, finished
+    /// commands, then change-log entries. Returns the bytes freed.
     fn trim_daemon(&self, daemon_id: &str, excess: u64, now_ms: u64) -> Result<u64> {
         let mut freed = 0;
-        // Contexts: the oldest finished ones (their chunks go with the garbage sweep).
-        let mut contexts: Vec<ContextRecord> = Vec::new();
+        // Contexts no longer fetching; retired, they no longer count (their chunks go
+        // with the garbage sweep).
+        let mut contexts: Vec<(u64, ContextRecord)> = Vec::new();
         for item in self.contexts.iter() {
             let (id, value) = item?;
             let record: ContextRecord = self.decode(&value)?;
@@ -175,24 +192,35 @@ impl Store {
                 && record.state != super::ContextState::Fetching
                 && !self.context_garbage.contains_key(&id)?
             {
-                contexts.push(record);
+                let mut size = stored_size(&id, &value);
+                for chunk in self.context_chunks.range(
+                    super::contexts::chunk_key(record.context_id, 0)
+                        ..super::contexts::chunk_key(record.context_id + 1, 0),
+                ) {
+                    let (key, value) = chunk?;
+                    size += stored_size(&key, &value);
+                }
+                contexts.push((size, record));
             }
         }
-        contexts.sort_by_key(|record| record.created_at_ms);
-        for record in contexts {
+        contexts.sort_by_key(|(_, record)| record.created_at_ms);
+        for (size, record) in contexts {
             if freed >= excess {
                 return Ok(freed);
             }
             self.retire_context(&record, now_ms)?;
-            freed += record.bytes;
+            freed += size;
         }
-        // Cached GET responses, oldest first.
+        // Cached GET responses.
         let mut responses: Vec<(sled::IVec, u64, u64)> = Vec::new();
         for item in self.responses.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (key, value) = item?;
-            let size = key.len() as u64 + spilled(&value).map_or(value.len() as u64, |s| s.1);
             let response: CachedResponse = self.decode(&value)?;
-            responses.push((key, response.stored_at_ms, size));
+            responses.push((
+                key.clone(),
+                response.stored_at_ms,
+                stored_size(&key, &value),
+            ));
         }
         responses.sort_by_key(|(_, stored_at, _)| *stored_at);
         for (key, _, size) in responses {
@@ -203,13 +231,30 @@ impl Store {
             self.responses.remove(key)?;
             freed += size;
         }
-        // The change log, oldest first.
+        // Finished commands (results nobody fetched within the budget).
+        let mut finished: Vec<(u64, CommandRecord)> = Vec::new();
+        for item in self.commands.iter() {
+            let (key, value) = item?;
+            let command: CommandRecord = self.decode(&value)?;
+            if command.daemon_id == daemon_id && command.state.is_final() {
+                finished.push((stored_size(&key, &value), command));
+            }
+        }
+        finished.sort_by_key(|(_, command)| command.finished_at_ms);
+        for (size, command) in finished {
+            if freed >= excess {
+                return Ok(freed);
+            }
+            self.forget_finished(&command)?;
+            freed += size;
+        }
+        // The change log.
         while freed < excess {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
                 let (key, value) = item?;
-                freed += key.len() as u64 + spilled(&value).map_or(value.len() as u64, |s| s.1);
+                freed += stored_size(&key, &value);
                 batch.remove(key);
                 in_batch += 1;
                 if freed >= excess || in_batch == 1_000 {

@@ -112,8 +112,13 @@ impl Store {
             return Ok(());
         }
         if let Some((key_id, idem)) = &command.idempotency {
-            self.idempotency
-                .remove(layout::daemon_text_key(&command.daemon_id, &[key_id, idem]))?;
+            // Only while it still names this command.
+            let key = layout::daemon_text_key(&command.daemon_id, &[key_id, idem]);
+            let _ = self.idempotency.compare_and_swap(
+                key,
+                Some(command.id.as_bytes()),
+                None as Option<&[u8]>,
+            )?;
         }
         self.commands.remove(command.id.as_bytes())?;
         self.finished

@@ -32,6 +32,9 @@ use super::{codec, Result, StoreError};
 pub const PIECE_BYTES: usize = 4096;
 /// Key in `meta` of the id base (u64, big-endian).
 pub const ID_BASE_KEY: &[u8] = b"id_base";
+/// In-flight entries beyond which stale ones are dropped at once.
+const IN_FLIGHT_CAP: usize = 65_536;
+const IN_FLIGHT_STALE: std::time::Duration = std::time::Duration::from_secs(600);
 /// First byte of a pointer (never a codec format version).
 const SPILLED: u8 = 0xF5;
 const POINTER_LEN: usize = 17;
@@ -80,7 +83,7 @@ fn owner_of(key: &[u8]) -> u64 {
 
 impl Spill {
     pub fn open(db: &sled::Db) -> Result<Spill> {
-        let id_base = match db.open_tree("meta")?.get(ID_BASE_KEY)? {
+        let recorded = match db.open_tree("meta")?.get(ID_BASE_KEY)? {
             Some(bytes) => u64::from_be_bytes(
                 bytes
                     .as_ref()
@@ -89,8 +92,16 @@ impl Spill {
             ),
             None => 0,
         };
+        // A copy made before ids had a base: start above the highest id in use.
+        let pieces = db.open_tree("pieces")?;
+        let mut id_base = recorded;
+        for tree in [&pieces, &db.open_tree("contexts")?] {
+            if let Some((key, _)) = tree.last()? {
+                id_base = id_base.max(owner_of(&key) + 1);
+            }
+        }
         Ok(Spill {
-            pieces: db.open_tree("pieces")?,
+            pieces,
             db: db.clone(),
             id_base,
             gc: Default::default(),
@@ -116,10 +127,15 @@ impl Spill {
             return Ok(bytes);
         }
         let owner = self.next_id()?;
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(owner, std::time::Instant::now());
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded even if sweeps stop (a failing sweep prunes nothing): a pointer is
+            // written within its store call, so an entry this old is long settled.
+            if in_flight.len() >= IN_FLIGHT_CAP {
+                in_flight.retain(|_, at| at.elapsed() < IN_FLIGHT_STALE);
+            }
+            in_flight.insert(owner, std::time::Instant::now());
+        }
         let mut batch = sled::Batch::default();
         for (index, piece) in bytes.chunks(PIECE_BYTES).enumerate() {
             batch.insert(&piece_key(owner, index as u32), piece);
@@ -266,5 +282,26 @@ mod tests {
             store.decode::<String>(&big),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_copy_without_an_id_base_starts_above_the_ids_it_holds() {
+        let (_dir, store) = temp_store();
+        let pointer = store.spill.encoded(&"z".repeat(10_000)).unwrap();
+        let (owner, _) = spilled(&pointer).unwrap();
+        // What a backup made before ids had a base holds: the trees, no id base.
+        let copy_dir = tempfile::tempdir().unwrap();
+        let copy = sled::Config::new().path(copy_dir.path()).open().unwrap();
+        let pieces = copy.open_tree("pieces").unwrap();
+        for item in store.spill.pieces.iter() {
+            let (key, value) = item.unwrap();
+            pieces.insert(key, value).unwrap();
+        }
+        let reopened = Spill::open(&copy).unwrap();
+        assert!(reopened.next_id().unwrap() > owner);
+        assert_eq!(
+            reopened.decode::<String>(&pointer).unwrap(),
+            "z".repeat(10_000)
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! per-daemon disk budget.
 //!
 //! Budget: a daemon over `daemon_max_bytes` loses its reclaimable data, oldest first:
-//! retired and finished contexts, cached GET responses, then change-log entries. Commands
+//! finished contexts, cached GET responses, change-log entries, then commands finished
+//! more than ten minutes ago. Commands
 //! that are not finished are acknowledged work and are never dropped; a daemon whose
 //! unfinished commands alone exceed the budget is reported `over_budget`, and the relay
 //! refuses new commands for it (429 `queue_full`) until it is under again.
@@ -41,6 +42,9 @@ pub struct Usage {
     /// Owners of spilled values deleted by the pieces GC.
     pub pieces_collected: u64,
 }
+
+/// A finished command younger than this is never dropped for a disk budget.
+const FINISHED_MIN_AGE_MS: u64 = 10 * 60 * 1000;
 
 /// Bytes an entry stands for: its key, and its value at full length if spilled.
 fn stored_size(key: &[u8], value: &[u8]) -> u64 {
@@ -178,8 +182,8 @@ impl Store {
     }
 
     /// Frees at least `excess` bytes of a daemon's reclaimable data if it can, counted as
-    /// the census counts them, oldest first: finished contexts, cached responses, finished
-    /// commands, then change-log entries. Returns the bytes freed.
+    /// the census counts them, oldest first: finished contexts, cached responses,
+    /// change-log entries, then finished commands. Returns the bytes freed.
     fn trim_daemon(&self, daemon_id: &str, excess: u64, now_ms: u64) -> Result<u64> {
         let mut freed = 0;
         // Contexts no longer fetching; retired, they no longer count (their chunks go
@@ -231,23 +235,6 @@ impl Store {
             self.responses.remove(key)?;
             freed += size;
         }
-        // Finished commands (results nobody fetched within the budget).
-        let mut finished: Vec<(u64, CommandRecord)> = Vec::new();
-        for item in self.commands.iter() {
-            let (key, value) = item?;
-            let command: CommandRecord = self.decode(&value)?;
-            if command.daemon_id == daemon_id && command.state.is_final() {
-                finished.push((stored_size(&key, &value), command));
-            }
-        }
-        finished.sort_by_key(|(_, command)| command.finished_at_ms);
-        for (size, command) in finished {
-            if freed >= excess {
-                return Ok(freed);
-            }
-            self.forget_finished(&command)?;
-            freed += size;
-        }
         // The change log.
         while freed < excess {
             let mut batch = sled::Batch::default();
@@ -266,6 +253,28 @@ impl Store {
             }
             let _gate = self.gate.shared();
             self.changes.apply_batch(batch)?;
+        }
+        // Finished commands, last: a client may still fetch a result, or retry with its
+        // Idempotency-Key (a forgotten command would run again), so only ones finished
+        // FINISHED_MIN_AGE ago go.
+        let mut finished: Vec<(u64, CommandRecord)> = Vec::new();
+        for item in self.commands.iter() {
+            let (key, value) = item?;
+            let command: CommandRecord = self.decode(&value)?;
+            if command.daemon_id == daemon_id
+                && command.state.is_final()
+                && command.finished_at_ms + FINISHED_MIN_AGE_MS <= now_ms
+            {
+                finished.push((stored_size(&key, &value), command));
+            }
+        }
+        finished.sort_by_key(|(_, command)| command.finished_at_ms);
+        for (size, command) in finished {
+            if freed >= excess {
+                return Ok(freed);
+            }
+            self.forget_finished(&command)?;
+            freed += size;
         }
         Ok(freed)
     }

@@ -132,6 +132,9 @@ struct Shared {
     running: Mutex<HashSet<String>>,
     /// Ids of results not yet accepted by the relay, oldest first. Guards only the queue.
     unsent: Mutex<VecDeque<String>>,
+    /// Results of reads (mirrored GET/HEAD), kept in memory only until the relay takes
+    /// them: running a read twice is harmless, so it is not worth an fsync.
+    volatile: Mutex<std::collections::HashMap<String, StoredResult>>,
     results_ready: Notify,
 }
 
@@ -156,6 +159,7 @@ impl Agent {
             abandon: CancellationToken::new(),
             running: Mutex::new(HashSet::new()),
             unsent: Mutex::new(unsent),
+            volatile: Mutex::default(),
             results_ready: Notify::new(),
             config: config.clone(),
         });
@@ -346,6 +350,7 @@ impl Shared {
             if !self.lock_running().insert(command.id.clone()) {
                 continue;
             }
+            let read = is_read(&command.method, &command.params, command.stream);
             let shared = self.clone();
             self.commands.spawn(async move {
                 let id = command.id.clone();
@@ -362,7 +367,7 @@ impl Shared {
                             stream: command.stream,
                         })
                         .await;
-                    shared.finish(&id, outcome).await;
+                    shared.finish(&id, outcome, read).await;
                 };
                 tokio::select! {
                     _ = run => {}
@@ -375,7 +380,7 @@ impl Shared {
 
     /// Stores a command's outcome and hands it to the results loop; streams are posted
     /// chunk by chunk here.
-    async fn finish(&self, command_id: &str, outcome: Outcome) {
+    async fn finish(&self, command_id: &str, outcome: Outcome, read: bool) {
         let (result_json, error_json) = match outcome {
             Outcome::Result(value) => (Some(value.to_string()), None),
             Outcome::Error { code, message } => (
@@ -393,6 +398,11 @@ impl Shared {
             finished_at_ms: now_ms(),
             delivered: false,
         };
+        if read {
+            self.lock_volatile().insert(command_id.to_owned(), stored);
+            self.queue_result(command_id.to_owned());
+            return;
+        }
         // On disk before it is posted: should the agent die before the relay takes it, the
         // restarted agent posts it again instead of executing the command a second time.
         let kept = match self.store.put_result(command_id, &stored) {
@@ -403,6 +413,12 @@ impl Shared {
             tracing::warn!(error = %err, "cannot keep a result in the agent state");
         }
         self.queue_result(command_id.to_owned());
+    }
+
+    fn lock_volatile(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, StoredResult>> {
+        self.volatile.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn queue_result(&self, command_id: String) {
@@ -430,7 +446,11 @@ impl Shared {
             let mut done = HashSet::new();
             let mut bytes = 0;
             for id in &batch {
-                match self.store.result(id) {
+                let volatile = self.lock_volatile().get(id).cloned();
+                match volatile
+                    .map(|stored| Ok(Some(stored)))
+                    .unwrap_or_else(|| self.store.result(id))
+                {
                     Ok(Some(stored)) => {
                         // Keep each post well inside the relay's body limit.
                         let size = stored.result_json.as_ref().map_or(0, String::len)
@@ -453,6 +473,9 @@ impl Shared {
                 }
             }
             for id in &done {
+                if self.lock_volatile().remove(id).is_some() {
+                    continue;
+                }
                 if let Ok(Some(mut stored)) = self.store.result(id) {
                     stored.delivered = true;
                     let _ = self.store.put_result(id, &stored);
@@ -609,4 +632,15 @@ async fn prune_results(shared: Arc<Shared>, token: CancellationToken) {
             tracing::warn!(error = %err, "pruning old results failed");
         }
     }
+}
+
+/// A mirrored GET or HEAD (not streamed): executing it again is harmless, so its result
+/// needs no durable copy on either side.
+pub fn is_read(method: &str, params: &serde_json::Value, stream: bool) -> bool {
+    method == "http"
+        && !stream
+        && matches!(
+            params.get("method").and_then(|m| m.as_str()),
+            Some("GET" | "HEAD")
+        )
 }

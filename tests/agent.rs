@@ -869,3 +869,58 @@ async fn a_rust_daemon_embeds_the_agent_with_its_own_handler() {
     let _ = stop_tx.send(());
     running.await.unwrap().unwrap();
 }
+
+/// A read is never kept, so it costs no flush: mirrored GETs through relay and agent
+/// commit nothing on the relay (nor, for the agent, write its state), while a mirrored
+/// write is committed before it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_read_commits_nothing_and_a_write_does() {
+    let relay = TestRelay::start().await;
+    let daemon = TestDaemon::start().await;
+    let key = relay.key("daemon", Some("d"), None).await;
+    let client = relay.client(&["d"]).await;
+    let agent = TestAgent::start(
+        &relay.url,
+        "d",
+        &key,
+        &daemon.target,
+        RawAgent {
+            events: Some(String::new()),
+            ..RawAgent::default()
+        },
+    );
+    client.await_online("d").await;
+    let before = relay.metric("syncrelay_store_commits_total").await.unwrap();
+    for _ in 0..5 {
+        let response = mirrored(&client, Method::GET, "/text")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-syncrelay-source"], "daemon");
+    }
+    assert_eq!(
+        relay.metric("syncrelay_store_commits_total").await.unwrap(),
+        before,
+        "reads committed"
+    );
+    let response = mirrored(&client, Method::POST, "/echo/json")
+        .json(&json!({ "query": "hi" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    assert!(
+        relay.metric("syncrelay_store_commits_total").await.unwrap() > before,
+        "a write was not committed"
+    );
+    // The agent kept no read result on disk: its state holds the write's only.
+    let state = agent.stop().await;
+    let store = syncrelay::store::AgentStore::open(state.path()).unwrap();
+    assert_eq!(store.undelivered_results().unwrap().len(), 0);
+    assert_eq!(
+        store.prune_results(u64::MAX).unwrap(),
+        1,
+        "only the write's result"
+    );
+}

@@ -31,22 +31,6 @@ fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
-/// One sample of `/metrics`: `name{labels}` → value.
-async fn metric(relay: &TestRelay, series: &str) -> Option<f64> {
-    let text = relay
-        .http
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Waits for a census taken after now.
 async fn next_census(relay: &TestRelay) {
     let now = std::time::SystemTime::now()
@@ -54,7 +38,8 @@ async fn next_census(relay: &TestRelay) {
         .unwrap()
         .as_secs_f64();
     eventually(Duration::from_secs(10), || async move {
-        metric(relay, "syncrelay_store_census_timestamp_seconds")
+        relay
+            .metric("syncrelay_store_census_timestamp_seconds")
             .await
             .is_some_and(|at| at > now)
     })
@@ -172,7 +157,9 @@ async fn disk_space_is_reused_under_steady_churn_of_large_values() {
     assert_eq!(seqs, (next_seq - 20..next_seq).collect::<Vec<_>>());
     assert!(!first_ids.is_empty());
     assert_eq!(
-        metric(&relay, "syncrelay_commands{state=\"completed\"}").await,
+        relay
+            .metric("syncrelay_commands{state=\"completed\"}")
+            .await,
         Some(0.0)
     );
 
@@ -251,7 +238,7 @@ async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
     }
     next_census(&relay).await;
     assert_eq!(
-        metric(&relay, "syncrelay_daemons_over_budget").await,
+        relay.metric("syncrelay_daemons_over_budget").await,
         Some(1.0)
     );
     let small_write = || {
@@ -284,7 +271,7 @@ async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
             .await;
     }
     eventually(Duration::from_secs(10), || async {
-        metric(&relay, "syncrelay_daemons_over_budget").await == Some(0.0)
+        relay.metric("syncrelay_daemons_over_budget").await == Some(0.0)
     })
     .await;
     let accepted = small_write().await.unwrap();

@@ -153,7 +153,7 @@ async fn dispatch(
     if prefs.respond_async && spec.write {
         return Ok(accepted(&outcome.command));
     }
-    let last = super::client::await_command(app, &command_id, prefs.wait)
+    let last = super::client::await_command(app, &command_id, prefs.wait, spec.write)
         .await?
         .ok_or_else(|| ApiError::not_found("the command is gone"))?;
     match last.state {

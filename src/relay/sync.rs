@@ -191,11 +191,15 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     };
     let mut finished = Vec::new();
     let mut contexts = Vec::new();
+    // Whether the answer acknowledges anything that must survive a crash: every result
+    // but that of a read (a mirrored GET/HEAD, whose outcome is only ever the response).
+    let mut durable = false;
     let mut gap = None;
     for (index, entry) in entries.into_iter().enumerate() {
         if entry.chunk.is_some() {
             match store_chunk(app, daemon_id, index, &entry, now)? {
                 ChunkAnswer::Taken(context_id, finished) => {
+                    durable = true;
                     contexts.push(context_id);
                     if finished {
                         app.hub.commands.notify(&entry.command_id);
@@ -223,10 +227,14 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             .complete(daemon_id, &entry.command_id, result, error, now)?
         {
             CompleteOutcome::Completed(command) => {
+                durable |= !is_read_command(&command);
                 finished.push(command);
                 response.accepted.push(entry.command_id);
             }
-            CompleteOutcome::Duplicate => response.accepted.push(entry.command_id),
+            CompleteOutcome::Duplicate => {
+                durable = true;
+                response.accepted.push(entry.command_id);
+            }
             CompleteOutcome::Unknown => response.unknown.push(entry.command_id),
         }
     }
@@ -241,7 +249,7 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     }
     // A duplicate may be the retry of a result whose first commit failed or was cut short:
     // it is acknowledged only once it is on disk too.
-    if !response.accepted.is_empty() {
+    if durable {
         app.store.commit().await?;
     }
     if let Some((command_id, expected)) = gap {
@@ -374,6 +382,19 @@ fn remember_get(app: &App, command: &crate::store::CommandRecord) {
     ) {
         tracing::warn!(error = %err, "could not keep the offline copy of a GET");
     }
+}
+
+/// A mirrored GET or HEAD: its result is the client's response and nothing else.
+fn is_read_command(command: &crate::store::CommandRecord) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Method<'a> {
+        #[serde(borrow)]
+        method: Option<&'a str>,
+    }
+    command.method == "http"
+        && !command.stream
+        && serde_json::from_str::<Method>(&command.params_json)
+            .is_ok_and(|params| matches!(params.method, Some("GET" | "HEAD")))
 }
 
 fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {

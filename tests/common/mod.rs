@@ -83,6 +83,22 @@ impl TestRelay {
         std::mem::replace(&mut self.data_dir, dir)
     }
 
+    /// One sample of `/metrics`: the value of `series` (`name` or `name{labels}`).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// Creates a key through the admin API and returns its token.
     pub async fn key(&self, role: &str, daemon: Option<&str>, scope: Option<&[&str]>) -> String {
         let body = json!({ "role": role, "daemon": daemon, "scope": scope });

@@ -5,10 +5,13 @@
 //! (POST → 202, including the group-commit flush), and the wake latency (POST sent → the
 //! waiting poll's answer received). Results also go to `target/bench-wake.json`.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{create_key, micros, percentile};
 use serde_json::{json, Value};
 use syncrelay::config::Config;
 use syncrelay::store::Store;
@@ -17,14 +20,8 @@ use tokio::sync::mpsc;
 const ITERATIONS: usize = 500;
 const WARMUP: usize = 50;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index]
-}
-
 fn summary(name: &str, mut samples: Vec<Duration>) -> Value {
     samples.sort();
-    let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let row = json!({
         "name": name,
         "samples": samples.len(),
@@ -40,20 +37,6 @@ fn summary(name: &str, mut samples: Vec<Duration>) -> Value {
         row["max_us"].as_f64().unwrap()
     );
     row
-}
-
-async fn create_key(http: &reqwest::Client, url: &str, admin: &str, body: Value) -> String {
-    let created: Value = http
-        .post(format!("{url}/admin/keys"))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    created["token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

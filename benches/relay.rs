@@ -1,0 +1,579 @@
+//! `cargo bench --bench relay`: the relay against a direct call and a TCP tunnel, measured
+//! side by side in one run on loopback, release build. The relay and its agent run as real
+//! processes (`syncrelay serve`, `syncrelay agent`), like rathole's server and client; the
+//! local HTTP server and the load generator run in this process.
+//!
+//! Sections (every one bounded in time):
+//! - mirrored GET: p50/p99 at concurrency 1 and requests/s at concurrency 64, direct to
+//!   the local server (baseline), through the relay, and through rathole when installed;
+//! - durable writes: mirrored POSTs answered 202 (flushed) per second at concurrency 64,
+//!   and writes per flush;
+//! - wake: p50/p99 from queueing a command to the daemon's waiting poll answering, with
+//!   1,000 and 10,000 idle daemons long-polling, and relay RSS per idle daemon;
+//! - change log: append and replay rate of 1,000,000 entries, restart time on that store,
+//!   data-dir bytes per stored byte.
+//!
+//! `SYNCRELAY_BENCH_QUICK=1` shrinks every section (a smoke run). Results also go to
+//! `target/bench-relay.json`; BENCHMARKS.md explains the method and the limits.
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{create_key, micros, percentile};
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+fn quick() -> bool {
+    std::env::var_os("SYNCRELAY_BENCH_QUICK").is_some()
+}
+
+/// The daemon stand-in: answers every request with a small JSON body, as hld's
+/// `GET /api/v1/sessions` would for an empty list.
+async fn local_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    let mut response = hyper::Response::new(Full::new(Bytes::from_static(
+                        br#"{"data":[],"ok":true}"#,
+                    )));
+                    response.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A child process that is killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+const RELAY_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[commands]
+queue_limit = 100000000
+[rate_limit]
+per_key_per_second = 0
+per_address_per_second = 0
+[limits]
+max_connections_per_address = 4096
+"#;
+
+/// Starts `syncrelay serve` on `data_dir`; returns it, its URL and the time to its
+/// listening line.
+fn spawn_relay(data_dir: &Path) -> (Process, String, Duration) {
+    let config = data_dir.with_extension("toml");
+    std::fs::write(&config, RELAY_CONFIG).unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("syncrelay listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Process(child), url, started.elapsed())
+}
+
+/// A relay on `data_dir` with a daemon key for `daemon_id` and a client key for every
+/// daemon: (process, URL, admin token, daemon key, client key).
+async fn relay_with_keys(
+    data_dir: &Path,
+    daemon_id: &str,
+) -> (Process, String, String, String, String) {
+    let (relay, url, _) = spawn_relay(data_dir);
+    let admin = std::fs::read_to_string(data_dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let daemon = json!({ "role": "daemon", "daemon": daemon_id });
+    let daemon_key = create_key(&http, &url, &admin, daemon).await;
+    let client = json!({ "role": "client", "scope": ["*"] });
+    let client_key = create_key(&http, &url, &admin, client).await;
+    (relay, url, admin, daemon_key, client_key)
+}
+
+/// Sequential GETs: the latency samples, after a warm-up.
+async fn latency(http: &reqwest::Client, url: &str, key: Option<&str>, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let mut request = http.get(url);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let started = Instant::now();
+        let response = request.send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+        response.bytes().await.unwrap();
+        if i >= n / 10 {
+            samples.push(started.elapsed());
+        }
+    }
+    samples.sort();
+    samples
+}
+
+/// Requests per second with `concurrency` workers for `duration`; `request` builds one.
+async fn throughput<F>(concurrency: usize, duration: Duration, request: F) -> f64
+where
+    F: Fn() -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let request = Arc::new(request);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (request, done) = (request.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let response = request().send().await.unwrap();
+                    assert!(response.status().is_success(), "{}", response.status());
+                    response.bytes().await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One mirrored-GET row: p50/p99 at concurrency 1, requests/s at 64.
+async fn get_row(name: &str, url: &str, key: Option<&str>, rows: &mut Vec<Value>) {
+    let n = if quick() { 200 } else { 2_000 };
+    let duration = Duration::from_secs(if quick() { 1 } else { 5 });
+    let http = reqwest::Client::new();
+    let samples = latency(&http, url, key, n).await;
+    let (url_owned, key_owned) = (url.to_owned(), key.map(str::to_owned));
+    let load = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let rps = throughput(64, duration, move || {
+        let request = load.get(&url_owned);
+        match &key_owned {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    })
+    .await;
+    let row = json!({
+        "path": name,
+        "p50_us": micros(percentile(&samples, 0.5)),
+        "p99_us": micros(percentile(&samples, 0.99)),
+        "rps_c64": rps,
+    });
+    println!(
+        "{:<28} {:>10.0} {:>10.0} {:>12.0}",
+        name,
+        micros(percentile(&samples, 0.5)),
+        micros(percentile(&samples, 0.99)),
+        rps
+    );
+    rows.push(row);
+}
+
+/// rathole's server and client forwarding a local port to `target`, or why not.
+fn start_rathole(
+    dir: &Path,
+    target: std::net::SocketAddr,
+) -> Result<(Process, Process, String), String> {
+    let binary = std::env::var_os("RATHOLE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            let path = Path::new(&home).join(".cargo/bin/rathole");
+            path.exists().then_some(path)
+        })
+        .ok_or("rathole not installed (cargo install rathole)")?;
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (control, service) = (free_port(), free_port());
+    let server = dir.join("rathole-server.toml");
+    std::fs::write(
+        &server,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.svc]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{service}\"\n"
+        ),
+    )
+    .unwrap();
+    let client = dir.join("rathole-client.toml");
+    std::fs::write(
+        &client,
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.svc]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\n"
+        ),
+    )
+    .unwrap();
+    let spawn = |config: &Path| {
+        Command::new(&binary)
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Process)
+            .map_err(|err| format!("{}: {err}", binary.display()))
+    };
+    let server = spawn(&server)?;
+    let client = spawn(&client)?;
+    Ok((server, client, format!("http://127.0.0.1:{service}")))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = local_server().await;
+    let (relay, url, admin, daemon_key, client_key) =
+        relay_with_keys(&dir.path().join("data"), "d").await;
+    let http = reqwest::Client::new();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[agent]\nrelay = {url:?}\ndaemon_id = \"d\"\nkey = {daemon_key:?}\ntarget = \"http://{target}/api/v1\"\nevents = \"\"\nstate_dir = {:?}\nconcurrency = 64\n",
+            dir.path().join("agent-state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let _agent = Process(
+        Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .arg("agent")
+            .arg("--config")
+            .arg(&agent_config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view: Value = http
+            .get(format!("{url}/api/v1/daemons/d"))
+            .bearer_auth(&client_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if view["online"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never came online");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    println!("\nmirrored GET, loopback, release build, 2 cores");
+    println!(
+        "{:<28} {:>10} {:>10} {:>12}",
+        "path", "p50 µs", "p99 µs", "req/s c=64"
+    );
+    let mut gets = Vec::new();
+    get_row(
+        "direct (baseline)",
+        &format!("http://{target}/api/v1/sessions"),
+        None,
+        &mut gets,
+    )
+    .await;
+    get_row(
+        "relay (client→relay→agent)",
+        &format!("{url}/api/v1/daemons/d/sessions"),
+        Some(&client_key),
+        &mut gets,
+    )
+    .await;
+    let rathole = match start_rathole(dir.path(), target) {
+        Ok((server, client, tunnel)) => {
+            let ready = Instant::now() + Duration::from_secs(10);
+            while http
+                .get(format!("{tunnel}/api/v1/sessions"))
+                .send()
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < ready, "rathole never forwarded");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            get_row(
+                "rathole (TCP tunnel)",
+                &format!("{tunnel}/api/v1/sessions"),
+                None,
+                &mut gets,
+            )
+            .await;
+            drop((server, client));
+            None
+        }
+        Err(why) => {
+            println!("rathole: skipped: {why}");
+            Some(why)
+        }
+    };
+    let ratio = |a: usize, b: usize, field: &str| {
+        gets[a][field].as_f64().unwrap() / gets[b][field].as_f64().unwrap()
+    };
+    println!(
+        "relay / direct: p50 {:.2}×, throughput {:.2}×",
+        ratio(1, 0, "p50_us"),
+        ratio(1, 0, "rps_c64")
+    );
+    if gets.len() == 3 {
+        println!(
+            "relay / rathole: p50 {:.2}× (target ≤ 1.5), throughput {:.2}× (target ≥ 1)",
+            ratio(1, 2, "p50_us"),
+            ratio(1, 2, "rps_c64")
+        );
+    }
+
+    // Durable writes: to a daemon that is offline, so the figure is the relay's own.
+    let w_key = create_key(
+        &http,
+        &url,
+        &admin,
+        json!({ "role": "daemon", "daemon": "w" }),
+    )
+    .await;
+    http.post(format!("{url}/sync/connect"))
+        .bearer_auth(&w_key)
+        .json(&json!({ "daemon_id": "w" }))
+        .send()
+        .await
+        .unwrap();
+    let before = metrics(&http, &url).await;
+    let load = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let (write_url, write_key) = (format!("{url}/api/v1/daemons/w/jobs"), client_key.clone());
+    let writes = throughput(
+        64,
+        Duration::from_secs(if quick() { 1 } else { 5 }),
+        move || {
+            load.post(&write_url)
+                .bearer_auth(&write_key)
+                .header("prefer", "respond-async")
+                .json(&json!({ "title": "bench" }))
+        },
+    )
+    .await;
+    let after = metrics(&http, &url).await;
+    let relay_rss_kib = relay.rss_kib();
+    let per_flush = (after.0 - before.0) / (after.1 - before.1).max(1.0);
+    println!(
+        "\ndurable writes (POST → 202 after flush), c=64: {writes:.0}/s (target ≥ 20,000), {per_flush:.1} writes per flush"
+    );
+
+    drop(relay);
+    let changelog = change_log(&dir.path().join("changes-data")).await;
+
+    let json = json!({
+        "change_log": changelog,
+        "mirrored_get": gets,
+        "rathole_skipped": rathole,
+        "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
+        "durable_writes": { "per_second_c64": writes, "writes_per_flush": per_flush },
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("written to {}", out.display());
+}
+
+/// Bytes the files under `dir` occupy.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                disk_usage(&entry.path())
+            } else {
+                meta.blocks() * 512
+            }
+        })
+        .sum()
+}
+
+/// Change log: append N entries (polls of 1,000 updates, each committed), replay them
+/// (`GET …/changes`, 1,000 a page), restart the relay on that store (SIGTERM, then start
+/// until `/readyz` answers), and the data dir's bytes per byte of update data.
+async fn change_log(data_dir: &Path) -> Value {
+    let entries: u64 = if quick() { 50_000 } else { 1_000_000 };
+    let (relay, url, _, key, client) = relay_with_keys(data_dir, "c").await;
+    let http = reqwest::Client::new();
+    let connect: Value = http
+        .post(format!("{url}/sync/connect"))
+        .bearer_auth(&key)
+        .json(&json!({ "daemon_id": "c" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut data_bytes = 0u64;
+    let started = Instant::now();
+    for batch in 0..entries / 1000 {
+        let updates: Vec<Value> = (0..1000)
+            .map(|i| {
+                let seq = batch * 1000 + i + 1;
+                json!({ "type": "session_updated", "seq": seq,
+                        "data": { "session_id": format!("s{}", seq % 97), "status": "running", "n": seq } })
+            })
+            .collect();
+        data_bytes += updates
+            .iter()
+            .map(|u| u["data"].to_string().len() as u64)
+            .sum::<u64>();
+        let response = http
+            .post(format!("{url}/sync/poll"))
+            .bearer_auth(&key)
+            .json(
+                &json!({ "daemon_id": "c", "connection_id": connect["connection_id"],
+                           "updates": updates, "wait_for_commands": false }),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    let append_rate = entries as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut since = 0;
+    while since < entries {
+        let page: Value = http
+            .get(format!(
+                "{url}/api/v1/daemons/c/changes?since={since}&limit=1000"
+            ))
+            .bearer_auth(&client)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        since = page["changes"].as_array().unwrap().last().unwrap()["seq"]
+            .as_u64()
+            .unwrap();
+    }
+    let replay_rate = entries as f64 / started.elapsed().as_secs_f64();
+    // Graceful stop, then time a start on the same store until it is ready.
+    let pid = relay.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let mut relay = relay;
+    relay.0.wait().unwrap();
+    let bytes = disk_usage(data_dir);
+    let started = Instant::now();
+    let (_relay, url, _) = spawn_relay(data_dir);
+    while !http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let restart = started.elapsed();
+    let per_byte = bytes as f64 / data_bytes as f64;
+    println!(
+        "\nchange log, {entries} entries: append {append_rate:.0}/s, replay {replay_rate:.0}/s, \
+         restart {:.2} s (target ≤ 2 s), data dir {:.1} MiB = {per_byte:.1} bytes per byte of data",
+        restart.as_secs_f64(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    json!({
+        "entries": entries,
+        "append_per_second": append_rate,
+        "replay_per_second": replay_rate,
+        "restart_seconds": restart.as_secs_f64(),
+        "data_dir_bytes": bytes,
+        "bytes_per_data_byte": per_byte,
+    })
+}
+
+/// (commits, flushes) from the relay's `/metrics`.
+async fn metrics(http: &reqwest::Client, url: &str) -> (f64, f64) {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("syncrelay_store_commits_total"),
+        value("syncrelay_store_flushes_total"),
+    )
+}

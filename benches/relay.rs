@@ -430,9 +430,18 @@ async fn main() {
 
     drop(relay);
     let changelog = change_log(&dir.path().join("changes-data")).await;
+    let mut idle = Vec::new();
+    for n in if quick() {
+        vec![200]
+    } else {
+        vec![1_000, 10_000]
+    } {
+        idle.push(idle_daemons(&dir.path().join(format!("idle-{n}")), n).await);
+    }
 
     let json = json!({
         "change_log": changelog,
+        "idle_daemons": idle,
         "mirrored_get": gets,
         "rathole_skipped": rathole,
         "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
@@ -557,8 +566,141 @@ async fn change_log(data_dir: &Path) -> Value {
     })
 }
 
-/// (commits, flushes) from the relay's `/metrics`.
-async fn metrics(http: &reqwest::Client, url: &str) -> (f64, f64) {
+/// `n` daemons long-polling on a fresh relay (HTTP/2, 100 polls per connection): the
+/// relay's RSS per waiting daemon, and the wake latency from queueing a write for one of
+/// them to its poll answering.
+async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
+    let samples = if quick() { 50 } else { 300 };
+    let (relay, url, admin, _, client_key) = relay_with_keys(data_dir, "idle-0").await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    // Keys and connects, 64 at a time.
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut setups = Vec::new();
+    for i in 0..n {
+        let (http, url, admin, semaphore) =
+            (http.clone(), url.clone(), admin.clone(), semaphore.clone());
+        setups.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.unwrap();
+            let daemon_id = format!("idle-{i}");
+            let key = create_key(
+                &http,
+                &url,
+                &admin,
+                json!({ "role": "daemon", "daemon": daemon_id }),
+            )
+            .await;
+            let connect: Value = http
+                .post(format!("{url}/sync/connect"))
+                .bearer_auth(&key)
+                .json(&json!({ "daemon_id": daemon_id }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (daemon_id, key, connect["connection_id"].clone())
+        }));
+    }
+    let mut daemons = Vec::with_capacity(n);
+    for setup in setups {
+        daemons.push(setup.await.unwrap());
+    }
+    let rss_before = relay.rss_kib();
+    let (woke_tx, mut woke_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let mut pollers = Vec::new();
+    for (chunk_index, chunk) in daemons.chunks(100).enumerate() {
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        for (offset, (daemon_id, key, connection_id)) in chunk.iter().cloned().enumerate() {
+            let index = chunk_index * 100 + offset;
+            let (h2, url, woke_tx) = (h2.clone(), url.clone(), woke_tx.clone());
+            pollers.push(tokio::spawn(async move {
+                loop {
+                    let poll = json!({ "daemon_id": daemon_id, "connection_id": connection_id,
+                                       "wait_for_commands": true, "timeout": 60 });
+                    let Ok(response) = h2
+                        .post(format!("{url}/sync/poll"))
+                        .bearer_auth(&key)
+                        .json(&poll)
+                        .send()
+                        .await
+                    else {
+                        return;
+                    };
+                    let Ok(body) = response.json::<Value>().await else {
+                        return;
+                    };
+                    if body["commands"].as_array().is_some_and(|c| !c.is_empty()) {
+                        let _ = woke_tx.send((index, Instant::now()));
+                    }
+                }
+            }));
+        }
+    }
+    let ready = Instant::now() + Duration::from_secs(60);
+    while metric(&http, &url, "syncrelay_polls_waiting").await < n as f64 {
+        assert!(Instant::now() < ready, "the polls never all waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_waiting = relay.rss_kib();
+    let mut wake = Vec::with_capacity(samples);
+    for sample in 0..samples {
+        let index = (sample * 7919) % n;
+        let sent = Instant::now();
+        let response = http
+            .post(format!("{url}/api/v1/daemons/idle-{index}/jobs"))
+            .bearer_auth(&client_key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "sample": sample }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let (woken, arrived) = tokio::time::timeout(Duration::from_secs(10), woke_rx.recv())
+            .await
+            .expect("a poll woke")
+            .unwrap();
+        assert_eq!(woken, index);
+        wake.push(arrived.duration_since(sent));
+        // Let that daemon's next poll be waiting again.
+        while metric(&http, &url, "syncrelay_polls_waiting").await < n as f64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    wake.sort();
+    let per_daemon = (rss_waiting.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64;
+    let total_per_daemon = rss_waiting as f64 * 1024.0 / n as f64;
+    println!(
+        "\n{n} idle daemons long-polling: wake p50 {:.0} µs, p99 {:.0} µs (target ≤ 10 ms); \
+         relay RSS {:.1} MiB, {:.1} KiB per waiting poll ({:.1} KiB per daemon in all; target ≤ 16)",
+        micros(percentile(&wake, 0.5)),
+        micros(percentile(&wake, 0.99)),
+        rss_waiting as f64 / 1024.0,
+        per_daemon / 1024.0,
+        total_per_daemon / 1024.0
+    );
+    for poller in pollers {
+        poller.abort();
+    }
+    json!({
+        "daemons": n,
+        "wake_p50_us": micros(percentile(&wake, 0.5)),
+        "wake_p99_us": micros(percentile(&wake, 0.99)),
+        "relay_rss_kib_before_polls": rss_before,
+        "relay_rss_kib_polls_waiting": rss_waiting,
+        "rss_bytes_per_waiting_poll": per_daemon,
+        "rss_bytes_per_daemon_total": total_per_daemon,
+    })
+}
+
+/// One value of the relay's `/metrics`.
+async fn metric(http: &reqwest::Client, url: &str, series: &str) -> f64 {
     let text = http
         .get(format!("{url}/metrics"))
         .send()
@@ -567,13 +709,15 @@ async fn metrics(http: &reqwest::Client, url: &str) -> (f64, f64) {
         .text()
         .await
         .unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// (commits, flushes) from the relay's `/metrics`.
+async fn metrics(http: &reqwest::Client, url: &str) -> (f64, f64) {
     (
-        value("syncrelay_store_commits_total"),
-        value("syncrelay_store_flushes_total"),
+        metric(http, url, "syncrelay_store_commits_total").await,
+        metric(http, url, "syncrelay_store_flushes_total").await,
     )
 }

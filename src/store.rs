@@ -41,7 +41,8 @@ pub use agent_state::{AgentStore, OutboxEvent, StoredResult};
 pub use backup::{BackupProgress, BackupSummary};
 pub use changes::{ChangeEntry, NewChange};
 pub use commands::{
-    CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch, NewCommand,
+    new_command_id, CommandRecord, CommandState, CompleteOutcome, EnqueueOutcome, LeaseBatch,
+    NewCommand,
 };
 pub use commit::CommitStats;
 pub use contexts::{ChunkOutcome, ContextRecord, ContextRequest, ContextState, NewChunk, Opened};

@@ -890,6 +890,12 @@ async fn a_mirrored_read_commits_nothing_and_a_write_does() {
         },
     );
     client.await_online("d").await;
+    // The agent's own start (its connect commits) is over once a first read went through.
+    let warm = mirrored(&client, Method::GET, "/text")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
     let before = relay.metric("syncrelay_store_commits_total").await.unwrap();
     for _ in 0..5 {
         let response = mirrored(&client, Method::GET, "/text")

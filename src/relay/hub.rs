@@ -5,7 +5,10 @@
 //!   released), the last *committed* change-log seq (readers never see entries that could
 //!   still be lost), the current connection id (a change answers old polls `superseded`),
 //!   and liveness (polls waiting, last request) for `online`;
-//! - per command: a signal fired once its result is committed.
+//! - per command: a signal fired once its result is committed;
+//! - reads (mirrored GETs and other calls that change nothing) in flight: they are never
+//!   stored. A read waits in its daemon's `reads` queue until a poll hands it out, and its
+//!   result goes straight to the waiting client through `pending_reads`.
 //!
 //! Waiters subscribe first and read the store second, so no wake-up is missed.
 
@@ -31,6 +34,23 @@ pub struct DaemonSignals {
     polls_waiting: AtomicUsize,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
+    /// Reads waiting for a poll, oldest first. Guards only the queue.
+    reads: Mutex<std::collections::VecDeque<Read>>,
+}
+
+/// A read waiting for its daemon: handed out by the next poll, answered in memory.
+pub struct Read {
+    pub id: String,
+    pub method: String,
+    pub params_json: String,
+    /// Nobody waits for it after this.
+    pub until: tokio::time::Instant,
+}
+
+/// What the daemon answered to a read.
+pub struct ReadOutcome {
+    pub result_json: Option<String>,
+    pub error_json: Option<String>,
 }
 
 impl DaemonSignals {
@@ -43,7 +63,26 @@ impl DaemonSignals {
             connect_lock: Mutex::new(()),
             polls_waiting: AtomicUsize::new(0),
             last_request_ms: AtomicU64::new(0),
+            reads: Mutex::default(),
         }
+    }
+
+    /// Queues a read and wakes a waiting poll.
+    pub fn push_read(&self, read: Read) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(read);
+        self.bump_queue();
+    }
+
+    /// Up to `max` reads whose client still waits, oldest first.
+    pub fn take_reads(&self, max: usize) -> Vec<Read> {
+        let now = tokio::time::Instant::now();
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        reads.retain(|read| read.until > now);
+        let take = reads.len().min(max);
+        reads.drain(..take).collect()
     }
 
     /// Wakes polls waiting for commands.
@@ -111,6 +150,22 @@ pub struct Hub {
     /// Bumped after a key is revoked (and committed): requests and streams of that key
     /// still open look their key up again and end.
     pub revocations: Revocations,
+    /// Reads handed out or waiting, by command id: (daemon id, where the answer goes).
+    pending_reads: Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<ReadOutcome>)>>,
+}
+
+/// A read's claim on its answer; dropping it (answered, timed out, or the client gone)
+/// forgets the read, so a late result is `unknown`.
+pub struct PendingRead<'a> {
+    hub: &'a Hub,
+    id: String,
+    pub answer: tokio::sync::oneshot::Receiver<ReadOutcome>,
+}
+
+impl Drop for PendingRead<'_> {
+    fn drop(&mut self) {
+        self.hub.lock_pending().remove(&self.id);
+    }
 }
 
 /// A generation counter of key revocations.
@@ -185,6 +240,48 @@ impl Hub {
             .values()
             .map(|signals| signals.polls_waiting.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Registers a read of `daemon_id` under `id`; its answer arrives on the claim.
+    pub fn pending_read(&self, daemon_id: &str, id: &str) -> PendingRead<'_> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock_pending()
+            .insert(id.to_owned(), (daemon_id.to_owned(), tx));
+        PendingRead {
+            hub: self,
+            id: id.to_owned(),
+            answer: rx,
+        }
+    }
+
+    /// Hands a daemon's result to the client waiting for that read; gives it back when no
+    /// such read of this daemon waits (not a read, or its client is gone).
+    pub fn answer_read(
+        &self,
+        daemon_id: &str,
+        id: &str,
+        outcome: ReadOutcome,
+    ) -> Result<(), ReadOutcome> {
+        let mut pending = self.lock_pending();
+        match pending.get(id) {
+            Some((owner, _)) if owner == daemon_id => {
+                let (_, tx) = pending.remove(id).expect("present");
+                drop(pending);
+                // The client may be leaving right now; its read is answered either way.
+                let _ = tx.send(outcome);
+                Ok(())
+            }
+            _ => Err(outcome),
+        }
+    }
+
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<String, (String, tokio::sync::oneshot::Sender<ReadOutcome>)>,
+    > {
+        self.pending_reads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_daemons(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<DaemonSignals>>> {

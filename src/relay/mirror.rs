@@ -119,6 +119,9 @@ async fn dispatch(
     if !online && header_is(headers, IF_OFFLINE, "fail") {
         return Err(ApiError::daemon_offline(daemon_id));
     }
+    if !spec.write {
+        return read(app, daemon_id, &signals, spec, prefs.wait).await;
+    }
     let idempotency = if spec.write {
         idempotency_key(headers)?.map(|key| (principal.key_id.clone(), key))
     } else {
@@ -157,13 +160,54 @@ async fn dispatch(
         .await?
         .ok_or_else(|| ApiError::not_found("the command is gone"))?;
     match last.state {
-        CommandState::Completed => Ok(completed_response(&last, &spec)),
-        CommandState::Failed => Err(daemon_error(&last)),
+        CommandState::Completed => Ok(completed_response(last.result_json.as_deref(), &spec)),
+        CommandState::Failed => Err(daemon_error(last.error_json.as_deref())),
         _ if spec.write => Ok(accepted(&last)),
         _ => offline_copy(app, daemon_id, &spec).ok_or_else(|| {
             ApiError::timeout(format!(
                 "daemon {daemon_id} did not answer within {} s",
                 prefs.wait.as_secs()
+            ))
+        }),
+    }
+}
+
+/// A read, handed to the daemon in memory: it changes nothing, is never queued for later
+/// and its answer is the response, so no part of it is stored (the 2xx answer is kept as
+/// the offline copy, as a cache).
+async fn read(
+    app: &App,
+    daemon_id: &str,
+    signals: &super::hub::DaemonSignals,
+    spec: CommandSpec,
+    wait: Duration,
+) -> Result<Response, ApiError> {
+    let id = crate::store::new_command_id();
+    let mut pending = app.hub.pending_read(daemon_id, &id);
+    let until = tokio::time::Instant::now() + wait;
+    signals.push_read(super::hub::Read {
+        id,
+        method: spec.method.clone(),
+        params_json: spec.params_json.clone(),
+        until,
+    });
+    let outcome = tokio::select! {
+        answer = &mut pending.answer => answer.ok(),
+        _ = tokio::time::sleep_until(until) => None,
+        _ = app.shutdown.cancelled() => None,
+    };
+    match outcome {
+        Some(outcome) if outcome.error_json.is_none() => {
+            if let Some(result_json) = &outcome.result_json {
+                super::sync::remember_get(app, daemon_id, &spec.params_json, result_json);
+            }
+            Ok(completed_response(outcome.result_json.as_deref(), &spec))
+        }
+        Some(outcome) => Err(daemon_error(outcome.error_json.as_deref())),
+        None => offline_copy(app, daemon_id, &spec).ok_or_else(|| {
+            ApiError::timeout(format!(
+                "daemon {daemon_id} did not answer within {} s",
+                wait.as_secs()
             ))
         }),
     }
@@ -365,8 +409,8 @@ fn build(rendered: Rendered, source: Source, head: bool) -> Response {
     response
 }
 
-fn completed_response(command: &CommandRecord, spec: &CommandSpec) -> Response {
-    let result_json = command.result_json.as_deref().unwrap_or("null");
+fn completed_response(result_json: Option<&str>, spec: &CommandSpec) -> Response {
+    let result_json = result_json.unwrap_or("null");
     match spec.kind {
         ResultKind::Named => {
             let mut response = Response::new(full(result_json.to_owned()));
@@ -395,10 +439,8 @@ fn completed_response(command: &CommandRecord, spec: &CommandSpec) -> Response {
 
 /// A failed command as the client sees it: 504 when the daemon side timed out, else 502,
 /// with the daemon's own code and message.
-fn daemon_error(command: &CommandRecord) -> ApiError {
-    let error: Value = command
-        .error_json
-        .as_deref()
+fn daemon_error(error_json: Option<&str>) -> ApiError {
+    let error: Value = error_json
         .and_then(|e| serde_json::from_str(e).ok())
         .unwrap_or(Value::Null);
     let code = error

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::auth::{authorize, Access, Principal};
 use super::http::{json, parse_json, ApiError};
+use super::hub::ReadOutcome;
 use super::{App, Response};
 use crate::protocol::{
     parse_rfc3339, valid_daemon_id, ConnectRequest, ConnectResponse, HttpParams, HttpResult,
@@ -109,13 +110,23 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     let lease_ms = app.config.sync.lease_duration.as_millis() as u64;
     let max = app.config.sync.max_commands_per_poll;
     let mut _waiting = None;
-    let batch = loop {
+    let (reads, batch) = loop {
         let mut queue_rx = signals.queue.subscribe();
-        let batch =
-            app.store
-                .lease(daemon_id, my_connection.as_deref(), max, lease_ms, now_ms())?;
-        if !batch.commands.is_empty() || !request.wait_for_commands || Instant::now() >= deadline {
-            break batch;
+        // Reads first: a client waits for each, and they cost the store nothing.
+        let reads = signals.take_reads(max);
+        let batch = app.store.lease(
+            daemon_id,
+            my_connection.as_deref(),
+            max - reads.len(),
+            lease_ms,
+            now_ms(),
+        )?;
+        if !reads.is_empty()
+            || !batch.commands.is_empty()
+            || !request.wait_for_commands
+            || Instant::now() >= deadline
+        {
+            break (reads, batch);
         }
         _waiting.get_or_insert_with(|| signals.waiting_poll());
         let lease_check = batch
@@ -134,24 +145,34 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
             }
             _ = queue_rx.changed() => {}
             _ = tokio::time::sleep_until(lease_check) => {}
-            _ = app.shutdown.cancelled() => break batch,
+            _ = app.shutdown.cancelled() => break (reads, batch),
         }
     };
     signals.seen();
-    let params: Vec<Box<RawValue>> = batch
-        .commands
+    let listed: Vec<(&str, &str, &str, bool)> = reads
         .iter()
-        .map(|c| RawValue::from_string(c.params_json.clone()).unwrap_or_else(|_| null_raw()))
+        .map(|read| (&*read.id, &*read.method, &*read.params_json, false))
+        .chain(
+            batch
+                .commands
+                .iter()
+                .map(|c| (&*c.id, &*c.method, &*c.params_json, c.stream)),
+        )
         .collect();
-    let commands = batch
-        .commands
+    let params: Vec<Box<RawValue>> = listed
+        .iter()
+        .map(|(_, _, params, _)| {
+            RawValue::from_string((*params).to_owned()).unwrap_or_else(|_| null_raw())
+        })
+        .collect();
+    let commands = listed
         .iter()
         .zip(&params)
-        .map(|(command, params)| WireCommand {
-            id: &command.id,
-            method: &command.method,
+        .map(|((id, method, _, stream), params)| WireCommand {
+            id,
+            method,
             params,
-            stream: command.stream,
+            stream: *stream,
         })
         .collect();
     Ok(json(
@@ -222,6 +243,19 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             .error
             .map(|e| e.get().to_owned())
             .filter(|e| e != "null");
+        // A read's client gets its answer straight away; nothing is stored.
+        let outcome = ReadOutcome {
+            result_json: result,
+            error_json: error,
+        };
+        let outcome = match app.hub.answer_read(daemon_id, &entry.command_id, outcome) {
+            Ok(()) => {
+                response.accepted.push(entry.command_id);
+                continue;
+            }
+            Err(outcome) => outcome,
+        };
+        let (result, error) = (outcome.result_json, outcome.error_json);
         match app
             .store
             .complete(daemon_id, &entry.command_id, result, error, now)?
@@ -245,7 +279,9 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     // itself before it shows a final state (see `client::await_command`).
     for command in &finished {
         app.hub.commands.notify(&command.id);
-        remember_get(app, command);
+        if let (true, Some(result_json)) = (command.method == "http", &command.result_json) {
+            remember_get(app, daemon_id, &command.params_json, result_json);
+        }
     }
     // A duplicate may be the retry of a result whose first commit failed or was cut short:
     // it is acknowledged only once it is on disk too.
@@ -343,21 +379,14 @@ fn store_chunk(
 }
 
 /// Keeps the 2xx answer of a mirrored GET as the copy served while the daemon is offline.
-fn remember_get(app: &App, command: &crate::store::CommandRecord) {
-    if command.method != "http" {
-        return;
-    }
-    let Ok(params) = serde_json::from_str::<HttpParams>(&command.params_json) else {
+pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result_json: &str) {
+    let Ok(params) = serde_json::from_str::<HttpParams>(params_json) else {
         return;
     };
     if params.method != "GET" {
         return;
     }
-    let Some(Ok(result)) = command
-        .result_json
-        .as_deref()
-        .map(serde_json::from_str::<HttpResult>)
-    else {
+    let Ok(result) = serde_json::from_str::<HttpResult>(result_json) else {
         return;
     };
     if !(200..300).contains(&result.status) {
@@ -375,11 +404,10 @@ fn remember_get(app: &App, command: &crate::store::CommandRecord) {
         body: rendered.body,
         stored_at_ms: now_ms(),
     };
-    if let Err(err) = app.store.put_response(
-        &command.daemon_id,
-        &super::mirror::cache_key(&params),
-        &cached,
-    ) {
+    if let Err(err) = app
+        .store
+        .put_response(daemon_id, &super::mirror::cache_key(&params), &cached)
+    {
         tracing::warn!(error = %err, "could not keep the offline copy of a GET");
     }
 }

@@ -123,7 +123,8 @@ pub enum CompleteOutcome {
     Unknown,
 }
 
-fn new_command_id() -> String {
+/// A fresh command id (`cmd-` and 24 hex digits).
+pub fn new_command_id() -> String {
     let mut bytes = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut bytes);
     format!("cmd-{}", hex::encode(bytes))

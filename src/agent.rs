@@ -634,13 +634,13 @@ async fn prune_results(shared: Arc<Shared>, token: CancellationToken) {
     }
 }
 
-/// A mirrored GET or HEAD (not streamed): executing it again is harmless, so its result
+/// A mirrored GET, HEAD or OPTIONS (not streamed): executing it again is harmless, so its result
 /// needs no durable copy on either side.
 pub fn is_read(method: &str, params: &serde_json::Value, stream: bool) -> bool {
     method == "http"
         && !stream
         && matches!(
             params.get("method").and_then(|m| m.as_str()),
-            Some("GET" | "HEAD")
+            Some("GET" | "HEAD" | "OPTIONS")
         )
 }

@@ -954,3 +954,69 @@ async fn concurrent_connects_leave_exactly_one_valid_connection() {
     }
     assert_eq!(accepted, 1, "exactly one connection stays valid");
 }
+
+/// Reads live in memory only, yet are not lost with a poll's answer: a read handed to a
+/// connection that is then replaced (its poll answer may never have arrived) is handed
+/// out again to the new connection, and its answer reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_handed_to_a_replaced_connection_is_handed_out_again() {
+    let relay = TestRelay::start().await;
+    let mut daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    // Online: a poll waits when the client asks.
+    let first_poll = {
+        let daemon = Daemon {
+            url: daemon.url.clone(),
+            daemon_id: daemon.daemon_id.clone(),
+            key: daemon.key.clone(),
+            connection_id: daemon.connection_id.clone(),
+            last_update_seq: daemon.last_update_seq,
+            http: reqwest::Client::new(),
+        };
+        tokio::spawn(async move { daemon.poll(10.0).await })
+    };
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("/api/v1/daemons/d")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["online"]
+            == true
+    })
+    .await;
+    let read = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .get("/api/v1/daemons/d/sessions")
+                .header("prefer", "wait=10")
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let handed = first_poll.await.unwrap();
+    assert_eq!(handed.len(), 1);
+    assert_eq!(handed[0]["params"]["method"], "GET");
+    // The daemon reconnects as if that answer had been lost.
+    daemon.connect().await;
+    let again = daemon.poll(5.0).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["id"], handed[0]["id"]);
+    daemon
+        .answer(
+            again[0]["id"].as_str().unwrap(),
+            200,
+            json!({ "sessions": [] }),
+        )
+        .await;
+    let response = read.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({ "sessions": [] })
+    );
+}

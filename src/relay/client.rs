@@ -68,7 +68,7 @@ pub async fn get_command(
     if !principal.can_see(&command.daemon_id) {
         return Err(not_found());
     }
-    let command = await_command(app, command_id, wait, true)
+    let command = await_command(app, command_id, wait)
         .await?
         .ok_or_else(not_found)?;
     Ok(json(StatusCode::OK, &command_view(&command)))
@@ -81,7 +81,6 @@ pub async fn await_command(
     app: &App,
     command_id: &str,
     wait: Duration,
-    durable: bool,
 ) -> Result<Option<CommandRecord>, ApiError> {
     let mut watch = app.hub.commands.watch(command_id);
     let deadline = Instant::now() + wait;
@@ -93,11 +92,7 @@ pub async fn await_command(
         if command.state.is_final() {
             // The final state may have been written a moment ago: make it durable before
             // anyone sees it, so a crash can never change an outcome a client was shown.
-            // A read's outcome is not kept for anyone (its answer is the response), so it
-            // is shown without waiting for the disk.
-            if durable {
-                app.store.commit().await?;
-            }
+            app.store.commit().await?;
             return Ok(Some(command));
         }
         if Instant::now() >= deadline {

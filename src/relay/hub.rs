@@ -12,7 +12,7 @@
 //!
 //! Waiters subscribe first and read the store second, so no wake-up is missed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,11 +34,19 @@ pub struct DaemonSignals {
     polls_waiting: AtomicUsize,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
-    /// Reads waiting for a poll, oldest first. Guards only the queue.
-    reads: Mutex<std::collections::VecDeque<Read>>,
+    /// Reads waiting for a poll, oldest first, and reads handed to a poll and not yet
+    /// answered (with the connection they went to). Guards only the queues.
+    reads: Mutex<Reads>,
+}
+
+#[derive(Default)]
+struct Reads {
+    waiting: std::collections::VecDeque<Read>,
+    handed: Vec<(Read, Option<String>)>,
 }
 
 /// A read waiting for its daemon: handed out by the next poll, answered in memory.
+#[derive(Clone)]
 pub struct Read {
     pub id: String,
     pub method: String,
@@ -67,22 +75,82 @@ impl DaemonSignals {
         }
     }
 
-    /// Queues a read and wakes a waiting poll.
-    pub fn push_read(&self, read: Read) {
-        self.reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(read);
+    fn lock_reads(&self) -> std::sync::MutexGuard<'_, Reads> {
+        self.reads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a read and wakes a waiting poll; refuses past `limit` reads waiting.
+    pub fn push_read(&self, read: Read, limit: usize) -> Result<(), ()> {
+        {
+            let mut reads = self.lock_reads();
+            let now = tokio::time::Instant::now();
+            reads.waiting.retain(|read| read.until > now);
+            reads.handed.retain(|(read, _)| read.until > now);
+            if reads.waiting.len() >= limit {
+                return Err(());
+            }
+            reads.waiting.push_back(read);
+        }
+        self.bump_queue();
+        Ok(())
+    }
+
+    /// Up to `max` reads whose client still waits (`waiting(id)`), oldest first, handed
+    /// to `connection`.
+    pub fn take_reads(
+        &self,
+        max: usize,
+        connection: Option<&str>,
+        waiting: impl Fn(&str) -> bool,
+    ) -> Vec<Read> {
+        let now = tokio::time::Instant::now();
+        let mut reads = self.lock_reads();
+        reads
+            .waiting
+            .retain(|read| read.until > now && waiting(&read.id));
+        let take = reads.waiting.len().min(max);
+        let taken: Vec<Read> = reads.waiting.drain(..take).collect();
+        for read in &taken {
+            reads
+                .handed
+                .push((read.clone(), connection.map(str::to_owned)));
+        }
+        taken
+    }
+
+    /// Puts reads a poll took back in front (the poll failed before answering).
+    pub fn return_reads(&self, taken: Vec<Read>) {
+        let mut reads = self.lock_reads();
+        let ids: HashSet<&str> = taken.iter().map(|read| read.id.as_str()).collect();
+        reads
+            .handed
+            .retain(|(read, _)| !ids.contains(read.id.as_str()));
+        for read in taken.into_iter().rev() {
+            reads.waiting.push_front(read);
+        }
+        drop(reads);
         self.bump_queue();
     }
 
-    /// Up to `max` reads whose client still waits, oldest first.
-    pub fn take_reads(&self, max: usize) -> Vec<Read> {
+    /// A handed-out read was answered.
+    pub fn read_answered(&self, id: &str) {
+        self.lock_reads().handed.retain(|(read, _)| read.id != id);
+    }
+
+    /// A new connection: reads handed to an older one (whose poll answer may never have
+    /// arrived) are handed out again; the agent skips ids it is already running.
+    pub fn requeue_reads(&self, connection: &str) {
+        let mut reads = self.lock_reads();
         let now = tokio::time::Instant::now();
-        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        reads.retain(|read| read.until > now);
-        let take = reads.len().min(max);
-        reads.drain(..take).collect()
+        let (stale, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut reads.handed)
+            .into_iter()
+            .partition(|(_, to)| to.as_deref() != Some(connection));
+        reads.handed = kept;
+        for (read, _) in stale.into_iter().rev() {
+            if read.until > now {
+                reads.waiting.push_front(read);
+            }
+        }
     }
 
     /// Wakes polls waiting for commands.
@@ -273,6 +341,13 @@ impl Hub {
             }
             _ => Err(outcome),
         }
+    }
+
+    /// Whether a client still waits for the read `id`.
+    pub fn read_waiting(&self, id: &str) -> bool {
+        self.lock_pending()
+            .get(id)
+            .is_some_and(|(_, tx)| !tx.is_closed())
     }
 
     fn lock_pending(

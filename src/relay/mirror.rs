@@ -122,17 +122,9 @@ async fn dispatch(
     if !spec.write {
         return read(app, daemon_id, &signals, spec, prefs.wait).await;
     }
-    let idempotency = if spec.write {
-        idempotency_key(headers)?.map(|key| (principal.key_id.clone(), key))
-    } else {
-        None
-    };
-    let ttl = if spec.write {
-        app.config.commands.command_ttl
-    } else {
-        // A read nobody waits for any more is not worth delivering.
-        prefs.wait + Duration::from_secs(1)
-    };
+    // A write: stored and committed before anything is answered.
+    let idempotency = idempotency_key(headers)?.map(|key| (principal.key_id.clone(), key));
+    let ttl = app.config.commands.command_ttl;
     let outcome = app.store.enqueue(
         NewCommand {
             daemon_id: daemon_id.to_owned(),
@@ -145,30 +137,21 @@ async fn dispatch(
         },
         now_ms(),
     )?;
-    if spec.write {
-        app.store.commit().await?;
-    }
+    app.store.commit().await?;
     if outcome.created {
         signals.bump_queue();
     }
     let command_id = outcome.command.id.clone();
-    // A read is never kept for later, so it is always answered by waiting.
-    if prefs.respond_async && spec.write {
+    if prefs.respond_async {
         return Ok(accepted(&outcome.command));
     }
-    let last = super::client::await_command(app, &command_id, prefs.wait, spec.write)
+    let last = super::client::await_command(app, &command_id, prefs.wait)
         .await?
         .ok_or_else(|| ApiError::not_found("the command is gone"))?;
     match last.state {
         CommandState::Completed => Ok(completed_response(last.result_json.as_deref(), &spec)),
         CommandState::Failed => Err(daemon_error(last.error_json.as_deref())),
-        _ if spec.write => Ok(accepted(&last)),
-        _ => offline_copy(app, daemon_id, &spec).ok_or_else(|| {
-            ApiError::timeout(format!(
-                "daemon {daemon_id} did not answer within {} s",
-                prefs.wait.as_secs()
-            ))
-        }),
+        _ => Ok(accepted(&last)),
     }
 }
 
@@ -185,12 +168,20 @@ async fn read(
     let id = crate::store::new_command_id();
     let mut pending = app.hub.pending_read(daemon_id, &id);
     let until = tokio::time::Instant::now() + wait;
-    signals.push_read(super::hub::Read {
+    let read = super::hub::Read {
         id,
         method: spec.method.clone(),
         params_json: spec.params_json.clone(),
         until,
-    });
+    };
+    let limit = app.config.commands.queue_limit as usize;
+    if signals.push_read(read, limit).is_err() {
+        return Err(crate::store::StoreError::QueueFull {
+            daemon_id: daemon_id.to_owned(),
+            limit: limit as u64,
+        }
+        .into());
+    }
     let outcome = tokio::select! {
         answer = &mut pending.answer => answer.ok(),
         _ = tokio::time::sleep_until(until) => None,

@@ -48,6 +48,7 @@ pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             now,
         )?;
         signals.connection.send_replace(Some(connection_id.clone()));
+        signals.requeue_reads(&connection_id);
         signals.bump_queue();
         record
     };
@@ -113,14 +114,21 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     let (reads, batch) = loop {
         let mut queue_rx = signals.queue.subscribe();
         // Reads first: a client waits for each, and they cost the store nothing.
-        let reads = signals.take_reads(max);
-        let batch = app.store.lease(
+        let reads =
+            signals.take_reads(max, my_connection.as_deref(), |id| app.hub.read_waiting(id));
+        let batch = match app.store.lease(
             daemon_id,
             my_connection.as_deref(),
             max - reads.len(),
             lease_ms,
             now_ms(),
-        )?;
+        ) {
+            Ok(batch) => batch,
+            Err(err) => {
+                signals.return_reads(reads);
+                return Err(err.into());
+            }
+        };
         if !reads.is_empty()
             || !batch.commands.is_empty()
             || !request.wait_for_commands
@@ -250,6 +258,7 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
         };
         let outcome = match app.hub.answer_read(daemon_id, &entry.command_id, outcome) {
             Ok(()) => {
+                signals.read_answered(&entry.command_id);
                 response.accepted.push(entry.command_id);
                 continue;
             }
@@ -412,7 +421,7 @@ pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result
     }
 }
 
-/// A mirrored GET or HEAD: its result is the client's response and nothing else.
+/// A mirrored GET, HEAD or OPTIONS: its result is the client's response and nothing else.
 fn is_read_command(command: &crate::store::CommandRecord) -> bool {
     #[derive(serde::Deserialize)]
     struct Method<'a> {
@@ -422,7 +431,7 @@ fn is_read_command(command: &crate::store::CommandRecord) -> bool {
     command.method == "http"
         && !command.stream
         && serde_json::from_str::<Method>(&command.params_json)
-            .is_ok_and(|params| matches!(params.method, Some("GET" | "HEAD")))
+            .is_ok_and(|params| matches!(params.method, Some("GET" | "HEAD" | "OPTIONS")))
 }
 
 fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {

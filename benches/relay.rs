@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{create_key, micros, percentile};
+use common::{create_key, micros, percentile, wait_poll};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
@@ -621,21 +621,9 @@ async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
             let index = chunk_index * 100 + offset;
             let (h2, url, woke_tx) = (h2.clone(), url.clone(), woke_tx.clone());
             pollers.push(tokio::spawn(async move {
-                loop {
-                    let poll = json!({ "daemon_id": daemon_id, "connection_id": connection_id,
-                                       "wait_for_commands": true, "timeout": 60 });
-                    let Ok(response) = h2
-                        .post(format!("{url}/sync/poll"))
-                        .bearer_auth(&key)
-                        .json(&poll)
-                        .send()
-                        .await
-                    else {
-                        return;
-                    };
-                    let Ok(body) = response.json::<Value>().await else {
-                        return;
-                    };
+                while let Some(body) =
+                    wait_poll(&h2, &url, &key, &daemon_id, &connection_id, 60).await
+                {
                     if body["commands"].as_array().is_some_and(|c| !c.is_empty()) {
                         let _ = woke_tx.send((index, Instant::now()));
                     }

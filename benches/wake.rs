@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{create_key, micros, percentile};
+use common::{create_key, micros, percentile, wait_poll};
 use serde_json::{json, Value};
 use syncrelay::config::Config;
 use syncrelay::store::Store;
@@ -104,21 +104,7 @@ async fn main() {
             connect["connection_id"].clone(),
         );
         tokio::spawn(async move {
-            loop {
-                let poll = json!({ "daemon_id": "d", "connection_id": connection_id,
-                                   "wait_for_commands": true, "timeout": 30 });
-                let Ok(response) = h2
-                    .post(format!("{url}/sync/poll"))
-                    .bearer_auth(&key)
-                    .json(&poll)
-                    .send()
-                    .await
-                else {
-                    return;
-                };
-                let Ok(body) = response.json::<Value>().await else {
-                    return;
-                };
+            while let Some(body) = wait_poll(&h2, &url, &key, "d", &connection_id, 30).await {
                 let arrived = Instant::now();
                 let results: Vec<Value> = body["commands"]
                     .as_array()

@@ -1249,23 +1249,24 @@ async fn sigterm_does_not_wait_for_a_stalled_tls_handshake() {
 // ---------------------------------------------------------------------------------------
 // The CLI: init --self-signed, plaintext refusal.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn init_self_signed_then_serve_speaks_https_with_h2() {
+/// `syncrelay init --self-signed HOST --listen 127.0.0.1:0` into a fresh `relay/`
+/// directory; returns the temp dir and that directory.
+fn init_self_signed(host: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let setup = dir.path().join("relay");
     let output = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args([
-            "init",
-            "--self-signed",
-            "localhost",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["init", "--self-signed", host, "--listen", "127.0.0.1:0"])
         .arg("--dir")
         .arg(&setup)
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
+    (dir, setup)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_self_signed_then_serve_speaks_https_with_h2() {
+    let (_dir, setup) = init_self_signed("localhost");
     let (cert, key, config) = (
         setup.join("cert.pem"),
         setup.join("key.pem"),
@@ -1340,21 +1341,7 @@ async fn init_self_signed_then_serve_speaks_https_with_h2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_self_signed_certificate_names_the_host_and_localhost() {
-    let dir = tempfile::tempdir().unwrap();
-    let setup = dir.path().join("relay");
-    let output = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args([
-            "init",
-            "--self-signed",
-            "relay.test",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--dir")
-        .arg(&setup)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    let (_dir, setup) = init_self_signed("relay.test");
     let served = serve(
         &setup.join("config.toml"),
         &setup.join("data"),

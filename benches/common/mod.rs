@@ -28,3 +28,25 @@ pub async fn create_key(http: &reqwest::Client, url: &str, admin: &str, body: Va
         .unwrap();
     created["token"].as_str().unwrap().to_owned()
 }
+
+/// One long poll of `daemon_id` that waits for commands (up to `timeout` s); its answer,
+/// or `None` once the relay is gone.
+pub async fn wait_poll(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    daemon_id: &str,
+    connection_id: &Value,
+    timeout: u64,
+) -> Option<Value> {
+    let poll = serde_json::json!({ "daemon_id": daemon_id, "connection_id": connection_id,
+                                   "wait_for_commands": true, "timeout": timeout });
+    let response = http
+        .post(format!("{url}/sync/poll"))
+        .bearer_auth(key)
+        .json(&poll)
+        .send()
+        .await
+        .ok()?;
+    response.json::<Value>().await.ok()
+}

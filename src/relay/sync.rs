@@ -220,8 +220,8 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     };
     let mut finished = Vec::new();
     let mut contexts = Vec::new();
-    // Whether the answer acknowledges anything that must survive a crash: every result
-    // but that of a read (a mirrored GET/HEAD, whose outcome is only ever the response).
+    // Whether the answer acknowledges anything that must survive a crash: every stored
+    // result (a read's result goes to its client in memory and is never stored).
     let mut durable = false;
     let mut gap = None;
     for (index, entry) in entries.into_iter().enumerate() {
@@ -270,7 +270,7 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             .complete(daemon_id, &entry.command_id, result, error, now)?
         {
             CompleteOutcome::Completed(command) => {
-                durable |= !is_read_command(&command);
+                durable = true;
                 finished.push(command);
                 response.accepted.push(entry.command_id);
             }
@@ -419,19 +419,6 @@ pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result
     {
         tracing::warn!(error = %err, "could not keep the offline copy of a GET");
     }
-}
-
-/// A mirrored GET, HEAD or OPTIONS: its result is the client's response and nothing else.
-fn is_read_command(command: &crate::store::CommandRecord) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Method<'a> {
-        #[serde(borrow)]
-        method: Option<&'a str>,
-    }
-    command.method == "http"
-        && !command.stream
-        && serde_json::from_str::<Method>(&command.params_json)
-            .is_ok_and(|params| matches!(params.method, Some("GET" | "HEAD" | "OPTIONS")))
 }
 
 fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {

@@ -35,6 +35,25 @@ fn quick() -> bool {
     std::env::var_os("SYNCRELAY_BENCH_QUICK").is_some()
 }
 
+/// Whether `section` runs: `SYNCRELAY_BENCH_ONLY` names a comma-separated subset of
+/// `get`, `writes`, `changes` and `idle` (all when unset), for profiling one section.
+fn runs(section: &str) -> bool {
+    std::env::var("SYNCRELAY_BENCH_ONLY")
+        .map(|only| only.split(',').any(|name| name.trim() == section))
+        .unwrap_or(true)
+}
+
+/// How long each throughput measurement runs: `SYNCRELAY_BENCH_SECONDS`, else 5 s (1 s
+/// quick).
+fn load_duration() -> Duration {
+    let default = if quick() { 1 } else { 5 };
+    let seconds = std::env::var("SYNCRELAY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    Duration::from_secs(seconds)
+}
+
 /// The daemon stand-in: answers every request with a small JSON body, as hld's
 /// `GET /api/v1/sessions` would for an empty list.
 async fn local_server() -> std::net::SocketAddr {
@@ -201,7 +220,7 @@ where
 /// One mirrored-GET row: p50/p99 at concurrency 1, requests/s at 64.
 async fn get_row(name: &str, url: &str, key: Option<&str>, rows: &mut Vec<Value>) {
     let n = if quick() { 200 } else { 2_000 };
-    let duration = Duration::from_secs(if quick() { 1 } else { 5 });
+    let duration = load_duration();
     let http = reqwest::Client::new();
     let samples = latency(&http, url, key, n).await;
     let (url_owned, key_owned) = (url.to_owned(), key.map(str::to_owned));
@@ -333,21 +352,69 @@ async fn main() {
         "path", "p50 µs", "p99 µs", "req/s c=64"
     );
     let mut gets = Vec::new();
+    let mut rathole = None;
+    if runs("get") {
+        rathole = mirrored_gets(&url, &client_key, target, dir.path(), &mut gets).await;
+    }
+    let mut writes = Value::Null;
+    if runs("writes") {
+        writes = durable_writes(&url, &admin, &client_key).await;
+    }
+    let relay_rss_kib = relay.rss_kib();
+    drop(relay);
+    let changelog = if runs("changes") {
+        change_log(&dir.path().join("changes-data")).await
+    } else {
+        Value::Null
+    };
+    let mut idle = Vec::new();
+    if runs("idle") {
+        for n in if quick() {
+            vec![200]
+        } else {
+            vec![1_000, 10_000]
+        } {
+            idle.push(idle_daemons(&dir.path().join(format!("idle-{n}")), n).await);
+        }
+    }
+
+    let json = json!({
+        "change_log": changelog,
+        "idle_daemons": idle,
+        "mirrored_get": gets,
+        "rathole_skipped": rathole,
+        "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
+        "durable_writes": writes,
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("written to {}", out.display());
+}
+
+/// The mirrored-GET rows (direct, relay, rathole) into `gets`; why rathole was skipped.
+async fn mirrored_gets(
+    url: &str,
+    client_key: &str,
+    target: std::net::SocketAddr,
+    dir: &Path,
+    gets: &mut Vec<Value>,
+) -> Option<String> {
+    let http = reqwest::Client::new();
     get_row(
         "direct (baseline)",
         &format!("http://{target}/api/v1/sessions"),
         None,
-        &mut gets,
+        gets,
     )
     .await;
     get_row(
         "relay (client→relay→agent)",
         &format!("{url}/api/v1/daemons/d/sessions"),
-        Some(&client_key),
-        &mut gets,
+        Some(client_key),
+        gets,
     )
     .await;
-    let rathole = match start_rathole(dir.path(), target) {
+    let rathole = match start_rathole(dir, target) {
         Ok((server, client, tunnel)) => {
             let ready = Instant::now() + Duration::from_secs(10);
             while http
@@ -363,7 +430,7 @@ async fn main() {
                 "rathole (TCP tunnel)",
                 &format!("{tunnel}/api/v1/sessions"),
                 None,
-                &mut gets,
+                gets,
             )
             .await;
             drop((server, client));
@@ -389,12 +456,17 @@ async fn main() {
             ratio(1, 2, "rps_c64")
         );
     }
+    rathole
+}
 
+/// Durable writes: 202s per second at concurrency 64, and writes per flush.
+async fn durable_writes(url: &str, admin: &str, client_key: &str) -> Value {
+    let http = reqwest::Client::new();
     // Durable writes: to a daemon that is offline, so the figure is the relay's own.
     let w_key = create_key(
         &http,
-        &url,
-        &admin,
+        url,
+        admin,
         json!({ "role": "daemon", "daemon": "w" }),
     )
     .await;
@@ -404,52 +476,29 @@ async fn main() {
         .send()
         .await
         .unwrap();
-    let before = metrics(&http, &url).await;
+    let before = metrics(&http, url).await;
     let load = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
         .unwrap();
-    let (write_url, write_key) = (format!("{url}/api/v1/daemons/w/jobs"), client_key.clone());
-    let writes = throughput(
-        64,
-        Duration::from_secs(if quick() { 1 } else { 5 }),
-        move || {
-            load.post(&write_url)
-                .bearer_auth(&write_key)
-                .header("prefer", "respond-async")
-                .json(&json!({ "title": "bench" }))
-        },
-    )
+    let (write_url, write_key) = (
+        format!("{url}/api/v1/daemons/w/jobs"),
+        client_key.to_owned(),
+    );
+    let writes = throughput(64, load_duration(), move || {
+        load.post(&write_url)
+            .bearer_auth(&write_key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "title": "bench" }))
+    })
     .await;
-    let after = metrics(&http, &url).await;
-    let relay_rss_kib = relay.rss_kib();
+    let after = metrics(&http, url).await;
     let per_flush = (after.0 - before.0) / (after.1 - before.1).max(1.0);
     println!(
         "\ndurable writes (POST → 202 after flush), c=64: {writes:.0}/s (target ≥ 20,000), {per_flush:.1} writes per flush"
     );
 
-    drop(relay);
-    let changelog = change_log(&dir.path().join("changes-data")).await;
-    let mut idle = Vec::new();
-    for n in if quick() {
-        vec![200]
-    } else {
-        vec![1_000, 10_000]
-    } {
-        idle.push(idle_daemons(&dir.path().join(format!("idle-{n}")), n).await);
-    }
-
-    let json = json!({
-        "change_log": changelog,
-        "idle_daemons": idle,
-        "mirrored_get": gets,
-        "rathole_skipped": rathole,
-        "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
-        "durable_writes": { "per_second_c64": writes, "writes_per_flush": per_flush },
-    });
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    println!("written to {}", out.display());
+    json!({ "per_second_c64": writes, "writes_per_flush": per_flush })
 }
 
 /// Bytes the files under `dir` occupy.

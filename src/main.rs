@@ -153,10 +153,16 @@ enum ConfigAction {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("start the tokio runtime");
+    // The agent is a small forwarder beside the daemon: one thread does its work with
+    // fewer cross-thread wake-ups and context switches than a pool (BENCHMARKS.md). The
+    // relay and the admin commands use a thread per core.
+    let runtime = match cli.command {
+        Command::Agent { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .expect("start the tokio runtime");
     let outcome = runtime.block_on(dispatch(cli.command));
     // Do not wait on blocking work that cannot finish (a wedged store flush, given up on
     // at shutdown after everything acknowledged was flushed).

@@ -17,7 +17,10 @@ pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
     let grace = app.config.sync.online_grace;
     DaemonView {
         online: app.hub.online(&record.daemon_id, grace),
-        last_seen: record.last_seen_ms.map(rfc3339),
+        last_seen: record
+            .last_seen_ms
+            .max(app.hub.last_seen_ms(&record.daemon_id))
+            .map(rfc3339),
         // Only durable entries count, as for the change log's readers.
         last_seq: app
             .hub

@@ -21,6 +21,10 @@ use tokio::sync::watch;
 
 use crate::store::{now_ms, DaemonRecord, Store, StoreError};
 
+/// How stale the `last_seen` kept in a daemon's record may get while it polls; the
+/// daemon view adds this process's own, exact, figure.
+pub const LAST_SEEN_STEP_MS: u64 = 1_000;
+
 pub struct DaemonSignals {
     pub queue: watch::Sender<u64>,
     /// Highest change-log seq that is on disk.
@@ -34,6 +38,9 @@ pub struct DaemonSignals {
     polls_waiting: AtomicUsize,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
+    /// The `last_seen_ms` last written to the daemon's record: polls write it at most
+    /// once per [`LAST_SEEN_STEP_MS`], so a busy daemon's polls stay off the store.
+    last_seen_stored_ms: AtomicU64,
     /// Reads waiting for a poll, oldest first, and reads handed to a poll and not yet
     /// answered (with the connection they went to). Guards only the queues.
     reads: Mutex<Reads>,
@@ -71,6 +78,7 @@ impl DaemonSignals {
             connect_lock: Mutex::new(()),
             polls_waiting: AtomicUsize::new(0),
             last_request_ms: AtomicU64::new(0),
+            last_seen_stored_ms: AtomicU64::new(record.last_seen_ms.unwrap_or(0)),
             reads: Mutex::default(),
         }
     }
@@ -182,6 +190,22 @@ impl DaemonSignals {
         self.last_request_ms.store(now_ms(), Ordering::Relaxed);
     }
 
+    /// The last sync request this process saw (ms), if any.
+    pub fn last_seen_ms(&self) -> Option<u64> {
+        Some(self.last_request_ms.load(Ordering::Relaxed)).filter(|&ms| ms != 0)
+    }
+
+    /// Whether `now_ms` should be written to the daemon's record: true at most once per
+    /// [`LAST_SEEN_STEP_MS`] (and to one caller of any that race).
+    pub fn last_seen_due(&self, now_ms: u64) -> bool {
+        let stored = self.last_seen_stored_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(stored) >= LAST_SEEN_STEP_MS
+            && self
+                .last_seen_stored_ms
+                .compare_exchange(stored, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Counts a waiting poll for as long as the guard lives.
     pub fn waiting_poll(self: &Arc<Self>) -> PollGuard {
         self.polls_waiting.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +312,13 @@ impl Hub {
     }
 
     /// The highest durable change-log seq, for daemons this process has signals for.
+    /// When this process last heard from the daemon (ms), if it has.
+    pub fn last_seen_ms(&self, daemon_id: &str) -> Option<u64> {
+        self.lock_daemons()
+            .get(daemon_id)
+            .and_then(|signals| signals.last_seen_ms())
+    }
+
     pub fn committed_changes(&self, daemon_id: &str) -> Option<u64> {
         self.lock_daemons()
             .get(daemon_id)

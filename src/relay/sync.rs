@@ -95,7 +95,9 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     };
 
     let now = now_ms();
-    app.store.touch_daemon(daemon_id, now)?;
+    if signals.last_seen_due(now) {
+        app.store.touch_daemon(daemon_id, now)?;
+    }
     // Only durable values are reported: a daemon trims its outbox by this number.
     let last_update_seq = if updates.is_empty() {
         signals.durable_update_seq()

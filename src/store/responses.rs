@@ -13,19 +13,33 @@ pub struct CachedResponse {
     pub stored_at_ms: u64,
 }
 
+/// A copy identical to the one stored and younger than this is not written again: a GET
+/// answered many times a second costs one write a second, and its age is off by at most
+/// this much.
+pub const RESPONSE_REFRESH_MS: u64 = 1_000;
+
 impl Store {
+    /// Keeps `response` as the offline copy of `path_and_query`, unless the stored copy
+    /// is the same and younger than [`RESPONSE_REFRESH_MS`]. Returns whether it wrote.
     pub fn put_response(
         &self,
         daemon_id: &str,
         path_and_query: &str,
         response: &CachedResponse,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let key = layout::daemon_text_key(daemon_id, &[path_and_query]);
+        if let Some(stored) = self.get_decoded::<CachedResponse>(&self.responses, &key)? {
+            if response.stored_at_ms.saturating_sub(stored.stored_at_ms) < RESPONSE_REFRESH_MS
+                && stored.status == response.status
+                && stored.headers == response.headers
+                && stored.body == response.body
+            {
+                return Ok(false);
+            }
+        }
         let _gate = self.gate.shared();
-        self.responses.insert(
-            layout::daemon_text_key(daemon_id, &[path_and_query]),
-            self.encoded(response)?,
-        )?;
-        Ok(())
+        self.responses.insert(key, self.encoded(response)?)?;
+        Ok(true)
     }
 
     pub fn response(
@@ -37,5 +51,54 @@ impl Store {
             &self.responses,
             &layout::daemon_text_key(daemon_id, &[path_and_query]),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    fn copy(body: &[u8], stored_at_ms: u64) -> CachedResponse {
+        CachedResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_vec(),
+            stored_at_ms,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_copy_is_rewritten_at_most_once_per_refresh_interval() {
+        let (_dir, store) = temp_store();
+        assert!(store
+            .put_response("d", "/sessions", &copy(b"[]", 10_000))
+            .unwrap());
+        assert!(!store
+            .put_response("d", "/sessions", &copy(b"[]", 10_500))
+            .unwrap());
+        assert_eq!(
+            store
+                .response("d", "/sessions")
+                .unwrap()
+                .unwrap()
+                .stored_at_ms,
+            10_000
+        );
+        // A changed body is written at once; an unchanged one once it is stale.
+        assert!(store
+            .put_response("d", "/sessions", &copy(b"[1]", 10_600))
+            .unwrap());
+        assert!(store
+            .put_response(
+                "d",
+                "/sessions",
+                &copy(b"[1]", 10_600 + RESPONSE_REFRESH_MS)
+            )
+            .unwrap());
+        assert_eq!(
+            store.response("d", "/sessions").unwrap().unwrap().body,
+            b"[1]"
+        );
     }
 }

@@ -28,6 +28,7 @@ mod gate;
 mod layout;
 mod responses;
 mod retention;
+mod seal;
 mod spill;
 mod usage;
 
@@ -56,6 +57,8 @@ pub use usage::{TreeUsage, Usage};
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 /// Number of stripes of the per-daemon mutation lock.
 const LOCK_STRIPES: usize = 64;
+/// The seal beside the database (`seal.rs`): how many group commits were on disk.
+pub const SEAL_FILE: &str = "store.seal";
 
 /// Errors of the store. `Unavailable` is the one a caller maps to 503
 /// `storage_unavailable`: nothing of the failed call was acknowledged.
@@ -197,7 +200,10 @@ impl Store {
             context_chunks: db.open_tree("context_chunks")?,
             context_garbage: db.open_tree("context_garbage")?,
             spill: spill::Spill::open(&db)?,
-            committer: commit::GroupCommit::start(db.clone()),
+            committer: commit::GroupCommit::start(
+                db.clone(),
+                Some(seal::Seal::open(dir, SEAL_FILE, meta.clone())?),
+            ),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             gate: gate::Gate::default(),
             over_budget: Mutex::default(),

@@ -69,12 +69,14 @@ impl AgentStore {
         std::fs::create_dir_all(dir)
             .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
         let db = sled::Config::new().path(dir.join("agent-db")).open()?;
+        let meta = db.open_tree("meta")?;
+        let seal = super::seal::Seal::open(dir, "agent.seal", meta.clone())?;
         Ok(AgentStore {
             outbox: db.open_tree("outbox")?,
             results: db.open_tree("results")?,
-            meta: db.open_tree("meta")?,
+            meta,
             spill: Spill::open(&db)?,
-            committer: commit::GroupCommit::start(db.clone()),
+            committer: commit::GroupCommit::start(db.clone(), Some(seal)),
             writer: std::sync::Mutex::new(()),
             db,
         })

@@ -100,6 +100,13 @@ impl Store {
             paused = exclusive_since.elapsed();
         }
         target.flush().map_err(|err| unavailable(&err))?;
+        // The copy's own seal, so that damage to it is found when it is restored.
+        let commits = target
+            .open_tree("meta")
+            .map_err(|err| unavailable(&err))
+            .and_then(|meta| super::seal::commits_in(&meta))?;
+        super::seal::write(&dir.join(super::SEAL_FILE), commits)
+            .map_err(|err| unavailable(&err))?;
         drop(target);
         done.estimated_bytes = done.copied_bytes;
         progress(done);

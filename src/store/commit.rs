@@ -50,7 +50,9 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(db: sled::Db) -> GroupCommit {
+    /// Starts the flusher; with a seal, each commit bumps its counter and the seal is kept
+    /// up to date (see `seal.rs`).
+    pub fn start(db: sled::Db, seal: Option<super::seal::Seal>) -> GroupCommit {
         let (waiters_tx, waiters_rx) = mpsc::channel::<Waiter>();
         let counters = Arc::new(Counters {
             flushes: AtomicU64::new(0),
@@ -62,7 +64,7 @@ impl GroupCommit {
         let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("syncrelay-flush".into())
-            .spawn(move || flush_loop(&db, &waiters_rx, &thread_counters))
+            .spawn(move || flush_loop(&db, seal, &waiters_rx, &thread_counters))
             .expect("spawn the flusher thread");
         GroupCommit {
             waiters_tx: Mutex::new(Some(waiters_tx)),
@@ -131,15 +133,26 @@ impl GroupCommit {
     }
 }
 
-fn flush_loop(db: &sled::Db, waiters_rx: &mpsc::Receiver<Waiter>, counters: &Counters) {
+fn flush_loop(
+    db: &sled::Db,
+    mut seal: Option<super::seal::Seal>,
+    waiters_rx: &mpsc::Receiver<Waiter>,
+    counters: &Counters,
+) {
     // `recv` fails once every sender is gone: stop() was called and the queue is drained.
     while let Ok(first) = waiters_rx.recv() {
         let mut batch = vec![first];
         batch.extend(waiters_rx.try_iter());
         let started = Instant::now();
-        let outcome = db.flush().map(|_| ()).map_err(|err| err.to_string());
-        if let Err(message) = &outcome {
-            tracing::error!(error = %message, "flushing the store failed");
+        let bumped = seal.as_mut().map_or(Ok(()), |seal| seal.bump());
+        let outcome = bumped.and_then(|()| db.flush().map(|_| ()).map_err(|err| err.to_string()));
+        match &outcome {
+            Ok(()) => {
+                if let Some(seal) = &mut seal {
+                    seal.flushed(false);
+                }
+            }
+            Err(message) => tracing::error!(error = %message, "flushing the store failed"),
         }
         counters.flushes.fetch_add(1, Ordering::Relaxed);
         counters
@@ -154,6 +167,10 @@ fn flush_loop(db: &sled::Db, waiters_rx: &mpsc::Receiver<Waiter>, counters: &Cou
         for waiter in batch {
             let _ = waiter.send(outcome.clone());
         }
+    }
+    // Stopping: every commit answered was flushed, so the seal may say all of them.
+    if let Some(seal) = &mut seal {
+        seal.flushed(true);
     }
 }
 

@@ -1,0 +1,215 @@
+//! The seal: a small file beside the database that says how many group commits were on
+//! disk when it was written, so that a damaged database is refused instead of used.
+//!
+//! sled 0.34 takes any log entry that fails its checksum for the torn tail of a crash and
+//! recovers the entries before it: a `db` file truncated or with flipped bits opens
+//! without an error, minus everything after the damage. So every group commit also bumps
+//! a counter inside the database, and after a successful flush the flusher writes that
+//! counter to the seal (at most once per [`SEAL_EVERY`], and once more when it stops). At
+//! open, a counter behind the seal means flushed commits are gone: the store refuses to
+//! open with [`StoreError::Corrupt`], naming both numbers and what to do.
+//!
+//! What the seal cannot see: damage that only removes commits made after the last seal
+//! write before a crash (at most [`SEAL_EVERY`] of them), and a deleted seal file (then
+//! nothing is checked, as for a data dir from before seals).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::{Result, StoreError};
+
+/// Key of the commit counter in the `meta` tree (u64, big-endian).
+pub const COMMITS_KEY: &[u8] = b"commits";
+
+/// How often, at most, the flusher rewrites the seal while commits flow.
+pub const SEAL_EVERY: Duration = Duration::from_secs(1);
+
+const HEADER: &str = "syncrelay seal v1";
+
+/// The flusher's handle on the counter and the seal file.
+pub struct Seal {
+    path: PathBuf,
+    meta: sled::Tree,
+    /// Commits counted so far (the value in the database after the next bump is this + 1).
+    commits: u64,
+    /// The value the seal file holds.
+    sealed: u64,
+    written_at: Instant,
+}
+
+impl Seal {
+    /// Checks the database's counter against the seal file `name` in `dir`, and returns
+    /// the handle the flusher keeps them with.
+    pub fn open(dir: &Path, name: &str, meta: sled::Tree) -> Result<Seal> {
+        let path = dir.join(name);
+        let commits =
+            match meta.get(COMMITS_KEY)? {
+                None => 0,
+                Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt("the commit counter is not 8 bytes".into())
+                })?),
+            };
+        let sealed = read(&path)?;
+        if let Some(sealed) = sealed {
+            if commits < sealed {
+                return Err(StoreError::Corrupt(format!(
+                    "the database in {} holds {commits} group commits but {} says {sealed} \
+                     were on disk: the database file is damaged or truncated, or it was \
+                     copied while the relay was running. Restore the data dir from a backup \
+                     (`syncrelay backup`). If you restored this database from an older copy \
+                     on purpose, delete {} and start again",
+                    dir.display(),
+                    path.display(),
+                    path.display()
+                )));
+            }
+        }
+        Ok(Seal {
+            path,
+            meta,
+            commits,
+            sealed: sealed.unwrap_or(0),
+            written_at: Instant::now(),
+        })
+    }
+
+    /// Bumps the counter; call before the flush that the commit is answered by.
+    pub fn bump(&mut self) -> std::result::Result<(), String> {
+        let next = self.commits + 1;
+        self.meta
+            .insert(COMMITS_KEY, &next.to_be_bytes())
+            .map_err(|err| err.to_string())?;
+        self.commits = next;
+        Ok(())
+    }
+
+    /// After a successful flush: writes the seal when it is due (or `now`).
+    pub fn flushed(&mut self, force: bool) {
+        if self.sealed == self.commits || !(force || self.written_at.elapsed() >= SEAL_EVERY) {
+            return;
+        }
+        match write(&self.path, self.commits) {
+            Ok(()) => self.sealed = self.commits,
+            Err(err) => tracing::warn!(
+                error = %err,
+                seal = %self.path.display(),
+                "could not write the store's seal"
+            ),
+        }
+        self.written_at = Instant::now();
+    }
+}
+
+/// Writes a seal for `commits` into `path` (used by backups for their copy).
+pub fn write(path: &Path, commits: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(render(commits).as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The counter value the database holds (0 when it has none).
+pub fn commits_in(meta: &sled::Tree) -> Result<u64> {
+    Ok(meta
+        .get(COMMITS_KEY)?
+        .and_then(|bytes| bytes.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0))
+}
+
+fn render(commits: u64) -> String {
+    format!("{HEADER}\ncommits {commits}\ncheck {}\n", check(commits))
+}
+
+fn check(commits: u64) -> String {
+    let digest = Sha256::digest(format!("{HEADER} {commits}"));
+    hex::encode(&digest[..8])
+}
+
+/// The seal's counter; `None` when there is no seal file.
+fn read(path: &Path) -> Result<Option<u64>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(StoreError::Unavailable(format!(
+                "{}: {err}",
+                path.display()
+            )))
+        }
+    };
+    let damaged = || {
+        StoreError::Corrupt(format!(
+            "the seal {} is damaged; it is not the file syncrelay writes. Restore the data \
+             dir from a backup, or delete the seal to start without the check",
+            path.display()
+        ))
+    };
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err(damaged());
+    }
+    let commits: u64 = lines
+        .next()
+        .and_then(|line| line.strip_prefix("commits "))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(damaged)?;
+    let expected = format!("check {}", check(commits));
+    if lines.next() != Some(expected.as_str()) {
+        return Err(damaged());
+    }
+    Ok(Some(commits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(dir: &Path) -> sled::Tree {
+        sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .unwrap()
+            .open_tree("meta")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_counter_behind_its_seal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = meta(dir.path());
+        let mut seal = Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        for _ in 0..3 {
+            seal.bump().unwrap();
+        }
+        seal.flushed(true);
+        assert_eq!(read(&dir.path().join("store.seal")).unwrap(), Some(3));
+        // The same counter opens; a counter that lost commits does not.
+        Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        tree.insert(COMMITS_KEY, &2u64.to_be_bytes()).unwrap();
+        let err = Seal::open(dir.path(), "store.seal", tree).err().unwrap();
+        assert!(matches!(err, StoreError::Corrupt(ref m) if m.contains("holds 2 group commits")));
+    }
+
+    #[test]
+    fn a_damaged_seal_is_refused_and_a_missing_one_is_not_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = meta(dir.path());
+        Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        let path = dir.path().join("store.seal");
+        std::fs::write(&path, render(7).replace("commits 7", "commits 9")).unwrap();
+        assert!(matches!(
+            Seal::open(dir.path(), "store.seal", tree),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{create_key, RelayProcess};
 use serde_json::json;
@@ -66,34 +66,15 @@ enum Start {
 
 /// Starts `syncrelay serve` on `dir`. If it comes up, asks it for every command in `ids`.
 async fn start(dir: &Path, ids: &[String], client: &str) -> Start {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .arg("--config")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let Some(url) = line.trim().strip_prefix("syncrelay listening on ") else {
-        let out = child.wait_with_output().unwrap();
-        return Start::Refused {
-            success: out.status.success(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
+    let relay = match RelayProcess::try_spawn(dir) {
+        Ok(relay) => relay,
+        Err((success, stderr)) => return Start::Refused { success, stderr },
     };
     let http = reqwest::Client::new();
     let mut missing = Vec::new();
     for id in ids {
         let response = http
-            .get(format!("{url}/api/v1/commands/{id}"))
+            .get(format!("{}/api/v1/commands/{id}", relay.url))
             .bearer_auth(client)
             .send()
             .await;
@@ -101,8 +82,7 @@ async fn start(dir: &Path, ids: &[String], client: &str) -> Start {
             missing.push(id.clone());
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    relay.kill();
     Start::Served { missing }
 }
 

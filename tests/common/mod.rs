@@ -400,6 +400,39 @@ impl RelayProcess {
         }
     }
 
+    /// Spawns `syncrelay serve` on `data_dir` expecting that it may refuse to start: the
+    /// running relay, or its exit success and stderr.
+    pub fn try_spawn(data_dir: &Path) -> Result<RelayProcess, (bool, String)> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn syncrelay");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the listening line");
+        match line.trim().strip_prefix("syncrelay listening on ") {
+            Some(url) => Ok(RelayProcess {
+                url: url.to_owned(),
+                child,
+                data_dir: data_dir.to_owned(),
+            }),
+            None => {
+                let out = child.wait_with_output().expect("reap");
+                Err((
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ))
+            }
+        }
+    }
+
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("admin.key"))
             .unwrap()

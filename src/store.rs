@@ -202,7 +202,13 @@ impl Store {
             spill: spill::Spill::open(&db)?,
             committer: commit::GroupCommit::start(
                 db.clone(),
-                Some(seal::Seal::open(dir, SEAL_FILE, meta.clone())?),
+                Some(seal::Seal::open(
+                    dir,
+                    SEAL_FILE,
+                    meta.clone(),
+                    "Start the relay on a backup instead (`syncrelay serve --data-dir BACKUP`; \
+                     backups are made with `syncrelay backup`).",
+                )?),
             ),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             gate: gate::Gate::default(),

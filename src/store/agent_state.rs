@@ -70,7 +70,14 @@ impl AgentStore {
             .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
         let db = sled::Config::new().path(dir.join("agent-db")).open()?;
         let meta = db.open_tree("meta")?;
-        let seal = super::seal::Seal::open(dir, "agent.seal", meta.clone())?;
+        let seal = super::seal::Seal::open(
+            dir,
+            "agent.seal",
+            meta.clone(),
+            "The agent's state can be rebuilt: move the state dir aside and start the agent \
+             again (commands whose results were not yet posted are handed out again and \
+             run a second time).",
+        )?;
         Ok(AgentStore {
             outbox: db.open_tree("outbox")?,
             results: db.open_tree("results")?,

@@ -149,6 +149,7 @@ fn flush_loop(
         match &outcome {
             Ok(()) => {
                 if let Some(seal) = &mut seal {
+                    seal.flush_succeeded();
                     seal.flushed(false);
                 }
             }
@@ -168,7 +169,7 @@ fn flush_loop(
             let _ = waiter.send(outcome.clone());
         }
     }
-    // Stopping: every commit answered was flushed, so the seal may say all of them.
+    // Stopping: seal the last successful flush.
     if let Some(seal) = &mut seal {
         seal.flushed(true);
     }

@@ -10,8 +10,10 @@
 //! open with [`StoreError::Corrupt`], naming both numbers and what to do.
 //!
 //! What the seal cannot see: damage that only removes commits made after the last seal
-//! write before a crash (at most [`SEAL_EVERY`] of them), and a deleted seal file (then
-//! nothing is checked, as for a data dir from before seals).
+//! write before a crash (at most [`SEAL_EVERY`] of them); a deleted seal file (then nothing
+//! is checked on that start, and a new seal is written); and damage to old pages that the
+//! log's tail still covers, which shows only when they are read (as a decoding error,
+//! never as wrong data: sled checksums every entry).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,8 @@ pub struct Seal {
     meta: sled::Tree,
     /// Commits counted so far (the value in the database after the next bump is this + 1).
     commits: u64,
+    /// The counter as of the last successful flush: what the seal may say.
+    durable: u64,
     /// The value the seal file holds.
     sealed: u64,
     written_at: Instant,
@@ -42,38 +46,43 @@ pub struct Seal {
 
 impl Seal {
     /// Checks the database's counter against the seal file `name` in `dir`, and returns
-    /// the handle the flusher keeps them with.
-    pub fn open(dir: &Path, name: &str, meta: sled::Tree) -> Result<Seal> {
+    /// the handle the flusher keeps them with. `restore` tells the reader what to do when
+    /// the database is behind (where its backups are, or that it can be rebuilt). A seal
+    /// that is missing or behind is brought up to date at once, after a flush.
+    pub fn open(dir: &Path, name: &str, meta: sled::Tree, restore: &str) -> Result<Seal> {
         let path = dir.join(name);
-        let commits =
-            match meta.get(COMMITS_KEY)? {
-                None => 0,
-                Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt("the commit counter is not 8 bytes".into())
-                })?),
-            };
+        let commits = commits_in(&meta)?;
         let sealed = read(&path)?;
         if let Some(sealed) = sealed {
             if commits < sealed {
                 return Err(StoreError::Corrupt(format!(
-                    "the database in {} holds {commits} group commits but {} says {sealed} \
-                     were on disk: the database file is damaged or truncated, or it was \
-                     copied while the relay was running. Restore the data dir from a backup \
-                     (`syncrelay backup`). If you restored this database from an older copy \
-                     on purpose, delete {} and start again",
+                    "{} group commits that were on disk are gone: the database in {} holds \
+                     {commits} but {} says {sealed}. Its file is damaged or truncated, or it \
+                     was copied while the process was running. {restore} Deleting {} starts \
+                     on what is left and accepts the loss; do that only for an older copy \
+                     restored on purpose",
+                    sealed - commits,
                     dir.display(),
                     path.display(),
                     path.display()
                 )));
             }
         }
-        Ok(Seal {
+        let mut seal = Seal {
             path,
             meta,
             commits,
+            durable: commits,
             sealed: sealed.unwrap_or(0),
             written_at: Instant::now(),
-        })
+        };
+        if sealed != Some(commits) {
+            // What sled recovered may sit only in the page cache after a crash.
+            seal.meta.flush()?;
+            seal.sealed = u64::MAX;
+            seal.flushed(true);
+        }
+        Ok(seal)
     }
 
     /// Bumps the counter; call before the flush that the commit is answered by.
@@ -86,13 +95,18 @@ impl Seal {
         Ok(())
     }
 
-    /// After a successful flush: writes the seal when it is due (or `now`).
+    /// After a successful flush: everything counted is on disk.
+    pub fn flush_succeeded(&mut self) {
+        self.durable = self.commits;
+    }
+
+    /// Writes the seal for the last successful flush when it is due (or `force`).
     pub fn flushed(&mut self, force: bool) {
-        if self.sealed == self.commits || !(force || self.written_at.elapsed() >= SEAL_EVERY) {
+        if self.sealed == self.durable || !(force || self.written_at.elapsed() >= SEAL_EVERY) {
             return;
         }
-        match write(&self.path, self.commits) {
-            Ok(()) => self.sealed = self.commits,
+        match write(&self.path, self.durable) {
+            Ok(()) => self.sealed = self.durable,
             Err(err) => tracing::warn!(
                 error = %err,
                 seal = %self.path.display(),
@@ -120,10 +134,12 @@ pub fn write(path: &Path, commits: u64) -> std::io::Result<()> {
 
 /// The counter value the database holds (0 when it has none).
 pub fn commits_in(meta: &sled::Tree) -> Result<u64> {
-    Ok(meta
-        .get(COMMITS_KEY)?
-        .and_then(|bytes| bytes.as_ref().try_into().ok().map(u64::from_be_bytes))
-        .unwrap_or(0))
+    match meta.get(COMMITS_KEY)? {
+        None => Ok(0),
+        Some(bytes) => Ok(u64::from_be_bytes(bytes.as_ref().try_into().map_err(
+            |_| StoreError::Corrupt("the commit counter is not 8 bytes".into()),
+        )?)),
+    }
 }
 
 fn render(commits: u64) -> String {
@@ -187,28 +203,36 @@ mod tests {
     fn a_counter_behind_its_seal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let tree = meta(dir.path());
-        let mut seal = Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        let mut seal = Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
         for _ in 0..3 {
             seal.bump().unwrap();
         }
+        // Nothing counted is sealed before a flush succeeded.
+        seal.flushed(true);
+        assert_eq!(read(&dir.path().join("store.seal")).unwrap(), Some(0));
+        seal.flush_succeeded();
         seal.flushed(true);
         assert_eq!(read(&dir.path().join("store.seal")).unwrap(), Some(3));
         // The same counter opens; a counter that lost commits does not.
-        Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
         tree.insert(COMMITS_KEY, &2u64.to_be_bytes()).unwrap();
-        let err = Seal::open(dir.path(), "store.seal", tree).err().unwrap();
-        assert!(matches!(err, StoreError::Corrupt(ref m) if m.contains("holds 2 group commits")));
+        let err = Seal::open(dir.path(), "store.seal", tree, "")
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, StoreError::Corrupt(ref m) if m.contains("1 group commits that were on disk are gone"))
+        );
     }
 
     #[test]
     fn a_damaged_seal_is_refused_and_a_missing_one_is_not_checked() {
         let dir = tempfile::tempdir().unwrap();
         let tree = meta(dir.path());
-        Seal::open(dir.path(), "store.seal", tree.clone()).unwrap();
+        Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
         let path = dir.path().join("store.seal");
         std::fs::write(&path, render(7).replace("commits 7", "commits 9")).unwrap();
         assert!(matches!(
-            Seal::open(dir.path(), "store.seal", tree),
+            Seal::open(dir.path(), "store.seal", tree, ""),
             Err(StoreError::Corrupt(_))
         ));
     }

@@ -139,22 +139,6 @@ fn assert_ticks(entries: &[Value], last: u64) {
     assert_eq!(numbers, (1..=last).collect::<Vec<_>>());
 }
 
-/// A gauge or counter of the relay's `/metrics`.
-async fn metric(relay: &TestRelay, name: &str) -> u64 {
-    let text = relay
-        .http
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -591,7 +575,7 @@ async fn a_command_redelivered_after_it_ran_gets_the_stored_result_not_a_second_
     let (relay_ref, daemon_ref) = (&relay, &daemon);
     eventually(LIMIT, move || async move {
         daemon_ref.hits("/api/v1/slow") == 1
-            && metric(relay_ref, "syncrelay_polls_waiting").await == 1
+            && relay_ref.metric("syncrelay_polls_waiting").await == Some(1.0)
     })
     .await;
     proxy.hold(true);

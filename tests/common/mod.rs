@@ -373,6 +373,17 @@ impl RelayProcess {
     /// Spawns `syncrelay serve` on `listen` (e.g. the port of a relay just killed, so that
     /// agents find it again at the same URL).
     pub fn spawn_at(data_dir: &Path, listen: &str) -> RelayProcess {
+        Self::start(data_dir, listen, Stdio::inherit())
+            .unwrap_or_else(|(_, stderr)| panic!("syncrelay did not start: {stderr}"))
+    }
+
+    /// Spawns `syncrelay serve` on `data_dir` expecting that it may refuse to start: the
+    /// running relay, or its exit success and stderr.
+    pub fn try_spawn(data_dir: &Path) -> Result<RelayProcess, (bool, String)> {
+        Self::start(data_dir, "127.0.0.1:0", Stdio::piped())
+    }
+
+    fn start(data_dir: &Path, listen: &str, stderr: Stdio) -> Result<RelayProcess, (bool, String)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
@@ -380,37 +391,7 @@ impl RelayProcess {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn syncrelay");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let url = line
-            .trim()
-            .strip_prefix("syncrelay listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        RelayProcess {
-            child,
-            url,
-            data_dir: data_dir.to_owned(),
-        }
-    }
-
-    /// Spawns `syncrelay serve` on `data_dir` expecting that it may refuse to start: the
-    /// running relay, or its exit success and stderr.
-    pub fn try_spawn(data_dir: &Path) -> Result<RelayProcess, (bool, String)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn syncrelay");
         let mut line = String::new();

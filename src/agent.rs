@@ -97,6 +97,15 @@ impl EventPublisher {
                     "event {index}: timestamp is not RFC 3339"
                 )));
             }
+            if crate::protocol::json_nesting_exceeds(
+                event.data_json.as_bytes(),
+                crate::protocol::MAX_CARRIED_JSON_DEPTH,
+            ) {
+                return Err(AgentError::InvalidEvent(format!(
+                    "event {index}: data nests deeper than {} levels",
+                    crate::protocol::MAX_CARRIED_JSON_DEPTH
+                )));
+            }
             if serde_json::from_str::<serde::de::IgnoredAny>(&event.data_json).is_err() {
                 return Err(AgentError::InvalidEvent(format!(
                     "event {index}: data is not JSON"

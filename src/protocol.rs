@@ -239,6 +239,51 @@ pub fn valid_daemon_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Deepest nesting of arrays and objects the relay accepts in a JSON body. Everything it
+/// stores it hands on inside another document (a command inside a poll's answer, an update
+/// inside a change batch), and serde_json-based readers, the agent among them, stop at 128
+/// levels: 100 leaves room for the wrapping, so nothing the relay acknowledges becomes a
+/// document its readers cannot parse.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Deepest JSON payload that travels as JSON inside a command, a result or an update; a
+/// deeper one (a mirrored body, a daemon's answer or event) travels as its text, byte for
+/// byte, so the document that carries it stays within [`MAX_JSON_DEPTH`].
+pub const MAX_CARRIED_JSON_DEPTH: usize = MAX_JSON_DEPTH - 8;
+
+/// Whether the JSON text nests arrays and objects deeper than `max`. One pass, no
+/// allocation, no recursion, whatever the input: brackets inside strings (escapes
+/// included) do not count, and text that is not JSON is left for the parser to refuse.
+pub fn json_nesting_exceeds(text: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Milliseconds since the Unix epoch → RFC 3339 UTC with millisecond precision.
 pub fn rfc3339(ms: u64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
@@ -271,6 +316,21 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "é", &"a".repeat(65), "a\0b"] {
             assert!(!valid_daemon_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn nesting_depth() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!json_nesting_exceeds(nested(3).as_bytes(), 3));
+        assert!(json_nesting_exceeds(nested(4).as_bytes(), 3));
+        assert!(!json_nesting_exceeds(
+            br#"{"a":"[[[[[[","b":"\\\"{{{{"}"#,
+            1
+        ));
+        assert!(json_nesting_exceeds(br#"{"a":"\\","b":[[]]}"#, 2));
+        // What the limit is for: serde_json reads the deepest accepted body, wrapped twice.
+        let wrapped = format!("{{\"a\":[{}]}}", nested(MAX_JSON_DEPTH));
+        assert!(serde_json::from_str::<serde_json::Value>(&wrapped).is_ok());
     }
 
     #[test]

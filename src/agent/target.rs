@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 
 use super::config::{AgentConfig, MethodRoute};
 use super::handler::{Command, CommandHandler, Outcome, StreamReply};
-use crate::protocol::{HttpParams, HOP_BY_HOP_HEADERS};
+use crate::protocol::{
+    json_nesting_exceeds, HttpParams, HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH,
+};
 
 #[derive(Clone)]
 pub struct HttpTarget {
@@ -293,7 +295,7 @@ fn encode_body(bytes: &[u8], is_json: bool) -> (Value, Option<String>) {
     if bytes.is_empty() {
         return (Value::Null, None);
     }
-    if is_json {
+    if is_json && !json_nesting_exceeds(bytes, MAX_CARRIED_JSON_DEPTH) {
         if let Ok(value) = serde_json::from_slice(bytes) {
             return (value, None);
         }
@@ -394,5 +396,11 @@ mod tests {
             (Value::Null, Some("/wA=".into()))
         );
         assert_eq!(encode_body(b"", true), (Value::Null, None));
+        // JSON too deep to travel inside a result travels as its text, byte for byte.
+        let deep = format!("{}{}", "[".repeat(150), "]".repeat(150));
+        assert_eq!(
+            encode_body(deep.as_bytes(), true),
+            (Value::String(deep), None)
+        );
     }
 }

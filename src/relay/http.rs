@@ -242,6 +242,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
+    if crate::protocol::json_nesting_exceeds(bytes, crate::protocol::MAX_JSON_DEPTH) {
+        return Err(ApiError::bad_request(format!(
+            "invalid JSON body: nested deeper than {} levels",
+            crate::protocol::MAX_JSON_DEPTH
+        )));
+    }
     serde_json::from_slice(bytes)
         .map_err(|err| ApiError::bad_request(format!("invalid JSON body: {err}")))
 }

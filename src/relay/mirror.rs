@@ -17,7 +17,8 @@ use super::auth::Principal;
 use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
 use super::{App, Response};
 use crate::protocol::{
-    rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest, HOP_BY_HOP_HEADERS,
+    json_nesting_exceeds, rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest,
+    HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH,
 };
 use crate::store::{now_ms, CommandRecord, CommandState, NewCommand};
 
@@ -88,6 +89,13 @@ pub async fn named(
     let request: NamedCommandRequest = parse_json(body)?;
     if request.method.is_empty() || request.method.len() > 128 {
         return Err(ApiError::bad_request("method must be 1 to 128 characters"));
+    }
+    if request.method == "http" {
+        // `http` commands come from mirrored calls, whose path the relay checks; a named
+        // `http` would skip those checks.
+        return Err(ApiError::bad_request(
+            "method http is reserved: call ANY /api/v1/daemons/{id}/{path} instead",
+        ));
     }
     let spec = CommandSpec {
         method: request.method,
@@ -307,7 +315,7 @@ fn with_body(mut params: HttpParams, headers: &HeaderMap, body: Bytes) -> HttpPa
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-    if is_json {
+    if is_json && !json_nesting_exceeds(&body, MAX_CARRIED_JSON_DEPTH) {
         if let Ok(value) = serde_json::from_slice::<Value>(&body) {
             params.body = value;
             return params;

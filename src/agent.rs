@@ -97,13 +97,12 @@ impl EventPublisher {
                     "event {index}: timestamp is not RFC 3339"
                 )));
             }
-            if crate::protocol::json_nesting_exceeds(
+            if let Err(limit) = crate::protocol::json_within_limits(
                 event.data_json.as_bytes(),
                 crate::protocol::MAX_CARRIED_JSON_DEPTH,
             ) {
                 return Err(AgentError::InvalidEvent(format!(
-                    "event {index}: data nests deeper than {} levels",
-                    crate::protocol::MAX_CARRIED_JSON_DEPTH
+                    "event {index}: data is {limit}"
                 )));
             }
             if serde_json::from_str::<serde::de::IgnoredAny>(&event.data_json).is_err() {

@@ -251,37 +251,76 @@ pub const MAX_JSON_DEPTH: usize = 100;
 /// byte, so the document that carries it stays within [`MAX_JSON_DEPTH`].
 pub const MAX_CARRIED_JSON_DEPTH: usize = MAX_JSON_DEPTH - 8;
 
-/// Whether the JSON text nests arrays and objects deeper than `max`. One pass, no
-/// allocation, no recursion, whatever the input: brackets inside strings (escapes
-/// included) do not count, and text that is not JSON is left for the parser to refuse.
-pub fn json_nesting_exceeds(text: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in text {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-            }
-            continue;
+/// Why a JSON text is beyond what the relay carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonLimit {
+    /// Arrays and objects nest deeper than the limit.
+    TooDeep(usize),
+    /// A number whose magnitude no f64 holds (`1e999`): serde_json readers refuse the
+    /// whole document, though a raw-JSON field accepts it.
+    NumberOutOfRange,
+}
+
+impl std::fmt::Display for JsonLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JsonLimit::TooDeep(max) => write!(f, "nested deeper than {max} levels"),
+            JsonLimit::NumberOutOfRange => f.write_str("a number is out of range"),
         }
-        match byte {
-            b'"' => in_string = true,
+    }
+}
+
+/// Checks that a JSON text nests arrays and objects at most `max_depth` deep and holds no
+/// number out of f64's range: what every serde_json reader of a document that carries it
+/// needs. One pass, no recursion, no allocation but for rare long or exponent numbers,
+/// whatever the input; text that is not JSON is left for the parser to refuse.
+pub fn json_within_limits(text: &[u8], max_depth: usize) -> Result<(), JsonLimit> {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while at < text.len() {
+        match text[at] {
+            b'"' => {
+                at += 1;
+                while at < text.len() && text[at] != b'"' {
+                    at += if text[at] == b'\\' { 2 } else { 1 };
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return true;
+                if depth > max_depth {
+                    return Err(JsonLimit::TooDeep(max_depth));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = at;
+                while at < text.len()
+                    && matches!(text[at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    at += 1;
+                }
+                if number_out_of_range(&text[start..at]) {
+                    return Err(JsonLimit::NumberOutOfRange);
+                }
+                continue;
+            }
             _ => {}
         }
+        at += 1;
     }
-    false
+    Ok(())
+}
+
+/// Whether a number token is one serde_json refuses for its magnitude alone. Only an
+/// exponent or 300+ digits can overflow an f64, so short plain numbers skip the check.
+fn number_out_of_range(token: &[u8]) -> bool {
+    if token.len() < 300 && !token.iter().any(|b| matches!(b, b'e' | b'E')) {
+        return false;
+    }
+    let Ok(token) = std::str::from_utf8(token) else {
+        return false;
+    };
+    serde_json::from_str::<f64>(token).is_err() && token.parse::<f64>().is_ok()
 }
 
 /// Milliseconds since the Unix epoch → RFC 3339 UTC with millisecond precision.
@@ -319,15 +358,35 @@ mod tests {
     }
 
     #[test]
-    fn nesting_depth() {
+    fn json_limits() {
         let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(!json_nesting_exceeds(nested(3).as_bytes(), 3));
-        assert!(json_nesting_exceeds(nested(4).as_bytes(), 3));
-        assert!(!json_nesting_exceeds(
-            br#"{"a":"[[[[[[","b":"\\\"{{{{"}"#,
-            1
-        ));
-        assert!(json_nesting_exceeds(br#"{"a":"\\","b":[[]]}"#, 2));
+        let check = |text: &[u8], max| json_within_limits(text, max);
+        assert_eq!(check(nested(3).as_bytes(), 3), Ok(()));
+        assert_eq!(check(nested(4).as_bytes(), 3), Err(JsonLimit::TooDeep(3)));
+        assert_eq!(check(br#"{"a":"[[[[[[","b":"\\\"{{{{"}"#, 1), Ok(()));
+        assert_eq!(
+            check(br#"{"a":"\\","b":[[]]}"#, 2),
+            Err(JsonLimit::TooDeep(2))
+        );
+        // Found by the sync_json fuzz target: raw-JSON fields took numbers that no reader
+        // of the poll's answer could parse.
+        for bad in [&b"1e999"[..], b"[-1E+400]", b"{\"a\":777E777777777777717}"] {
+            assert_eq!(check(bad, 9), Err(JsonLimit::NumberOutOfRange), "{bad:?}");
+            assert!(serde_json::from_slice::<serde_json::Value>(bad).is_err());
+        }
+        let huge_integer = "9".repeat(400);
+        assert_eq!(
+            check(huge_integer.as_bytes(), 9),
+            Err(JsonLimit::NumberOutOfRange)
+        );
+        for good in [
+            &b"1e308"[..],
+            b"-0.5e-999",
+            b"12345678901234567890",
+            b"\"1e999\"",
+        ] {
+            assert_eq!(check(good, 9), Ok(()), "{good:?}");
+        }
         // What the limit is for: serde_json reads the deepest accepted body, wrapped twice.
         let wrapped = format!("{{\"a\":[{}]}}", nested(MAX_JSON_DEPTH));
         assert!(serde_json::from_str::<serde_json::Value>(&wrapped).is_ok());

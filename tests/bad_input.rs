@@ -148,6 +148,12 @@ fn rows() -> Vec<Row> {
         row("update seq fractional", Daemon, "POST", "/sync/poll")
             .body(poll_with_update(r#"{"type":"a","data":{},"seq":1.5}"#))
             .expect(400, "bad_request"),
+        row("update data 1e999", Daemon, "POST", "/sync/poll")
+            .body(poll_with_update(r#"{"type":"a","data":{"n":1e999}}"#))
+            .expect(400, "bad_request"),
+        row("named params -1E+400", Client, "POST", "/api/v1/daemons/d1/commands")
+            .body(r#"{"method":"getX","params":[-1E+400]}"#)
+            .expect(400, "bad_request"),
         row("poll timeout 1e999 overflows", Daemon, "POST", "/sync/poll")
             .body(r#"{"daemon_id":"d1","timeout":1e999}"#)
             .expect(400, "bad_request"),

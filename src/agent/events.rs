@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::status::StatusLog;
-use crate::protocol::{json_nesting_exceeds, parse_rfc3339, MAX_CARRIED_JSON_DEPTH};
+use crate::protocol::{json_within_limits, parse_rfc3339, MAX_CARRIED_JSON_DEPTH};
 use crate::store::{AgentStore, OutboxEvent};
 
 /// Events appended (and committed) together when they arrive back to back.
@@ -114,11 +114,12 @@ impl EventWatcher {
 /// hld's events are `{"type","timestamp","data"}`; anything else becomes an event of the
 /// SSE `event:` name (or `message`) whose data is the payload.
 pub fn to_outbox(event_name: &str, data: &str) -> OutboxEvent {
-    let parsed: Option<Value> = if json_nesting_exceeds(data.as_bytes(), MAX_CARRIED_JSON_DEPTH) {
-        None
-    } else {
-        serde_json::from_str(data).ok()
-    };
+    let parsed: Option<Value> =
+        if json_within_limits(data.as_bytes(), MAX_CARRIED_JSON_DEPTH).is_err() {
+            None
+        } else {
+            serde_json::from_str(data).ok()
+        };
     if let Some(Value::Object(object)) = &parsed {
         if let Some(Value::String(kind)) = object.get("type") {
             if !kind.is_empty() && kind.len() <= 256 {

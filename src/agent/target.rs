@@ -16,9 +16,7 @@ use serde_json::{Map, Value};
 
 use super::config::{AgentConfig, MethodRoute};
 use super::handler::{Command, CommandHandler, Outcome, StreamReply};
-use crate::protocol::{
-    json_nesting_exceeds, HttpParams, HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH,
-};
+use crate::protocol::{json_within_limits, HttpParams, HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH};
 
 #[derive(Clone)]
 pub struct HttpTarget {
@@ -295,7 +293,7 @@ fn encode_body(bytes: &[u8], is_json: bool) -> (Value, Option<String>) {
     if bytes.is_empty() {
         return (Value::Null, None);
     }
-    if is_json && !json_nesting_exceeds(bytes, MAX_CARRIED_JSON_DEPTH) {
+    if is_json && json_within_limits(bytes, MAX_CARRIED_JSON_DEPTH).is_ok() {
         if let Ok(value) = serde_json::from_slice(bytes) {
             return (value, None);
         }

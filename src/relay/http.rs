@@ -242,11 +242,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
-    if crate::protocol::json_nesting_exceeds(bytes, crate::protocol::MAX_JSON_DEPTH) {
-        return Err(ApiError::bad_request(format!(
-            "invalid JSON body: nested deeper than {} levels",
-            crate::protocol::MAX_JSON_DEPTH
-        )));
+    if let Err(limit) = crate::protocol::json_within_limits(bytes, crate::protocol::MAX_JSON_DEPTH)
+    {
+        return Err(ApiError::bad_request(format!("invalid JSON body: {limit}")));
     }
     serde_json::from_slice(bytes)
         .map_err(|err| ApiError::bad_request(format!("invalid JSON body: {err}")))

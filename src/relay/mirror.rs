@@ -17,7 +17,7 @@ use super::auth::Principal;
 use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
 use super::{App, Response};
 use crate::protocol::{
-    json_nesting_exceeds, rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest,
+    json_within_limits, rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest,
     HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH,
 };
 use crate::store::{now_ms, CommandRecord, CommandState, NewCommand};
@@ -213,15 +213,20 @@ async fn read(
 }
 
 /// `Prefer` (RFC 7240): `wait=N` and `respond-async`; unknown preferences are ignored.
-struct Preferences {
-    wait: Duration,
-    respond_async: bool,
+pub(super) struct Preferences {
+    pub wait: Duration,
+    pub respond_async: bool,
 }
 
 impl Preferences {
     fn from_headers(headers: &HeaderMap, app: &App) -> Preferences {
+        let commands = &app.config.commands;
+        Preferences::parse(headers, commands.wait_default, commands.wait_max)
+    }
+
+    pub(super) fn parse(headers: &HeaderMap, default: Duration, max: Duration) -> Preferences {
         let mut prefs = Preferences {
-            wait: app.config.commands.wait_default,
+            wait: default,
             respond_async: false,
         };
         let tokens = headers
@@ -235,7 +240,7 @@ impl Preferences {
                 prefs.respond_async = true;
             } else if let Some(value) = token.strip_prefix("wait=") {
                 if let Ok(seconds) = value.trim().parse::<u64>() {
-                    prefs.wait = Duration::from_secs(seconds).min(app.config.commands.wait_max);
+                    prefs.wait = Duration::from_secs(seconds).min(max);
                 }
             }
         }
@@ -250,7 +255,7 @@ pub fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -307,7 +312,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// JSON stays JSON, text stays text, anything else travels as base64.
-fn with_body(mut params: HttpParams, headers: &HeaderMap, body: Bytes) -> HttpParams {
+pub(super) fn with_body(mut params: HttpParams, headers: &HeaderMap, body: Bytes) -> HttpParams {
     if body.is_empty() {
         return params;
     }
@@ -315,7 +320,7 @@ fn with_body(mut params: HttpParams, headers: &HeaderMap, body: Bytes) -> HttpPa
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-    if is_json && !json_nesting_exceeds(&body, MAX_CARRIED_JSON_DEPTH) {
+    if is_json && json_within_limits(&body, MAX_CARRIED_JSON_DEPTH).is_ok() {
         if let Ok(value) = serde_json::from_slice::<Value>(&body) {
             params.body = value;
             return params;

@@ -85,9 +85,11 @@ impl SseFramer {
 
 /// Appends one event block, numbered, unless it holds only comments or is skipped.
 fn frame(last_id: &mut u64, skip_through: u64, block: &[u8], out: &mut BytesMut) {
+    // A block can start with an empty line (the third `\n` of `\n\n\n`): that line ends an
+    // empty event, so it is not part of this one.
     let lines: Vec<&[u8]> = block
         .split(|&b| b == b'\n')
-        .filter(|line| !(*line == b"id" || line.starts_with(b"id:")))
+        .filter(|line| !(line.is_empty() || *line == b"id" || line.starts_with(b"id:")))
         .collect();
     if !lines
         .iter()
@@ -139,6 +141,18 @@ mod tests {
         }
         let one_byte_pieces: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(run(&one_byte_pieces, 0), expected);
+    }
+
+    #[test]
+    fn extra_blank_lines_are_empty_events() {
+        // Found by the sse_framing fuzz target: the third `\n` of `\n\n\n` used to start
+        // the next event with a blank line, which ended it before its data.
+        let expected = "id: 1\ndata: a\n\nid: 2\ndata: b\n\n";
+        assert_eq!(run(&[b"data: a\n\n\ndata: b\n\n"], 0), expected);
+        assert_eq!(
+            run(&[b"\n\r\n\rdata: a\r\n\r\n\r\ndata: b\n\n"], 0),
+            expected
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ mod changes;
 mod client;
 mod deadline;
 mod framer;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 mod hub;
 pub mod limits;

@@ -24,6 +24,8 @@ mod commit;
 mod contexts;
 mod credentials;
 mod daemons;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 mod layout;
 mod responses;

@@ -31,15 +31,42 @@ const DEFAULT_LIMIT: usize = 100;
 
 /// Resolves `since` (a seq, or an RFC 3339 time) to the seq after which to read.
 fn since_seq(app: &App, daemon_id: &str, since: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match parse_since(since)? {
+        None => Ok(None),
+        Some(Since::Seq(seq)) => Ok(Some(seq)),
+        Some(Since::Time(time_ms)) => Ok(Some(app.store.seq_before_time(daemon_id, time_ms)?)),
+    }
+}
+
+/// What `since` names: a seq, or a time in milliseconds since the Unix epoch.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Since {
+    Seq(u64),
+    Time(u64),
+}
+
+pub(super) fn parse_since(since: Option<&str>) -> Result<Option<Since>, ApiError> {
     let Some(text) = since.filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
     if let Ok(seq) = text.parse::<u64>() {
-        return Ok(Some(seq));
+        return Ok(Some(Since::Seq(seq)));
     }
-    let time_ms = parse_rfc3339(text)
-        .ok_or_else(|| ApiError::bad_request("since must be a seq or an RFC 3339 time"))?;
-    Ok(Some(app.store.seq_before_time(daemon_id, time_ms)?))
+    parse_rfc3339(text)
+        .map(|ms| Some(Since::Time(ms)))
+        .ok_or_else(|| ApiError::bad_request("since must be a seq or an RFC 3339 time"))
+}
+
+/// `limit` of `/changes`: a positive integer, [`DEFAULT_LIMIT`] when absent.
+pub(super) fn parse_limit(query: Option<&str>) -> Result<usize, ApiError> {
+    match query_value(query, "limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|l| *l > 0)
+            .ok_or_else(|| ApiError::bad_request("limit must be a positive integer")),
+    }
 }
 
 /// `GET /api/v1/daemons/{id}/changes`.
@@ -50,15 +77,7 @@ pub async fn changes(
 ) -> Result<Response, ApiError> {
     let signals = app.signals(daemon_id)?;
     let after = since_seq(app, daemon_id, query_value(query, "since").as_deref())?.unwrap_or(0);
-    let limit = match query_value(query, "limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|l| *l > 0)
-            .ok_or_else(|| ApiError::bad_request("limit must be a positive integer"))?,
-    }
-    .min(app.config.changes.batch_max);
+    let limit = parse_limit(query)?.min(app.config.changes.batch_max);
     let wait = wait_param(query, app.config.commands.wait_max)?;
     let deadline = Instant::now() + wait;
     let mut committed_rx = signals.changes.subscribe();

@@ -451,7 +451,7 @@ fn metrics(app: &App) -> Response {
 }
 
 /// `.` or `..`, also percent-encoded: forwarded, it would step outside the daemon's API.
-fn is_dot_segment(segment: &str) -> bool {
+pub(super) fn is_dot_segment(segment: &str) -> bool {
     let decoded = segment.replace("%2e", ".").replace("%2E", ".");
     decoded == "." || decoded == ".."
 }

@@ -325,21 +325,7 @@ fn store_chunk(
     entry: &ResultEntry,
     now: u64,
 ) -> Result<ChunkAnswer, ApiError> {
-    let chunk = entry.chunk.unwrap_or(0);
-    let chunk = u64::try_from(chunk)
-        .map_err(|_| ApiError::bad_request(format!("results[{index}].chunk must be 0 or more")))?;
-    let data = match (&entry.data, &entry.data_base64) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(format!(
-                "results[{index}] has both data and data_base64"
-            )))
-        }
-        (Some(text), None) => text.as_bytes().to_vec(),
-        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .map_err(|err| ApiError::bad_request(format!("results[{index}].data_base64: {err}")))?,
-        (None, None) => Vec::new(),
-    };
+    let (chunk, data) = chunk_data(index, entry)?;
     let limit = app.config.streams.max_chunk_bytes;
     if data.len() > limit {
         return Err(ApiError::payload_too_large(format!(
@@ -389,6 +375,26 @@ fn store_chunk(
     })
 }
 
+/// A chunk's index and bytes (`data` as UTF-8, or `data_base64`), as `results[index]`
+/// carries them.
+pub(super) fn chunk_data(index: usize, entry: &ResultEntry) -> Result<(u64, Vec<u8>), ApiError> {
+    let chunk = u64::try_from(entry.chunk.unwrap_or(0))
+        .map_err(|_| ApiError::bad_request(format!("results[{index}].chunk must be 0 or more")))?;
+    let data = match (&entry.data, &entry.data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "results[{index}] has both data and data_base64"
+            )))
+        }
+        (Some(text), None) => text.as_bytes().to_vec(),
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|err| ApiError::bad_request(format!("results[{index}].data_base64: {err}")))?,
+        (None, None) => Vec::new(),
+    };
+    Ok((chunk, data))
+}
+
 /// Keeps the 2xx answer of a mirrored GET as the copy served while the daemon is offline.
 pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result_json: &str) {
     let Ok(params) = serde_json::from_str::<HttpParams>(params_json) else {
@@ -432,7 +438,7 @@ fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> 
     authorize(principal, Access::Sync(Some(daemon_id)))
 }
 
-fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Duration, ApiError> {
+pub(super) fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Duration, ApiError> {
     match requested {
         None => Ok(max.min(Duration::from_secs(30))),
         Some(seconds) if seconds.is_finite() && seconds >= 0.0 => {
@@ -444,7 +450,7 @@ fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Duration, ApiEr
     }
 }
 
-fn validate_updates(request: &PollRequest) -> Result<Vec<NewChange>, ApiError> {
+pub(super) fn validate_updates(request: &PollRequest) -> Result<Vec<NewChange>, ApiError> {
     request
         .updates
         .iter()

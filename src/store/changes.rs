@@ -10,7 +10,7 @@ use super::daemons::DaemonRecord;
 use super::{codec, layout, Result, Store, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
-struct ChangeRecord {
+pub(super) struct ChangeRecord {
     kind: String,
     timestamp_ms: u64,
     stored_at_ms: u64,

@@ -17,6 +17,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::chaos::{
+    assert_all_events_once, command_state, emitted, http_client, log_len, spawn_emitter, DAEMON,
+};
 use common::daemon::TestDaemon;
 use common::proxy::Proxy;
 use common::{create_key, eventually, AgentProcess, RelayProcess};
@@ -24,7 +27,6 @@ use serde_json::{json, Value};
 use syncrelay::store::AgentStore;
 use tokio_util::sync::CancellationToken;
 
-const DAEMON: &str = "d";
 /// Kill/restart rounds per test.
 const ROUNDS: usize = 3;
 /// Bound on waiting for the change log to hold every event.
@@ -53,14 +55,6 @@ async fn make_keys(relay: &RelayProcess) -> Keys {
     }
 }
 
-/// An HTTP client whose every request is bounded, so no test can hang on one.
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 fn socket_addr(url: &str) -> SocketAddr {
     url.strip_prefix("http://")
         .and_then(|addr| addr.parse().ok())
@@ -78,134 +72,6 @@ fn restart_relay(data_dir: &Path, proxy: &Proxy) -> RelayProcess {
     let relay = RelayProcess::spawn(data_dir);
     proxy.switch(Some(socket_addr(&relay.url)));
     relay
-}
-
-/// Emits `batch` events every `every` until `stop`: a daemon producing events over time
-/// (the pacing is the workload, not a wait for a condition).
-fn spawn_emitter(
-    daemon: Arc<TestDaemon>,
-    batch: usize,
-    every: Duration,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            daemon.emit(batch);
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
-            }
-        }
-    })
-}
-
-/// The id of the last event the daemon produced (`emit(0)` emits nothing).
-fn emitted(daemon: &TestDaemon) -> u64 {
-    daemon.emit(0)
-}
-
-/// The relay's whole change log for the daemon, or `None` while it has no record of it
-/// (or cannot answer).
-async fn change_log(http: &reqwest::Client, url: &str, key: &str) -> Option<Vec<Value>> {
-    let mut entries = Vec::new();
-    let mut since = 0;
-    loop {
-        let response = http
-            .get(format!(
-                "{url}/api/v1/daemons/{DAEMON}/changes?since={since}&limit=1000"
-            ))
-            .bearer_auth(key)
-            .send()
-            .await
-            .ok()?;
-        if response.status() != 200 {
-            return None;
-        }
-        let batch: Value = response.json().await.ok()?;
-        let changes = batch["changes"].as_array()?.clone();
-        if changes.is_empty() {
-            return Some(entries);
-        }
-        since = batch["last_seq"].as_u64()?;
-        entries.extend(changes);
-    }
-}
-
-/// The daemon event ids (`data.n`) of the change log, in log order.
-fn event_ids(entries: &[Value]) -> Vec<u64> {
-    entries
-        .iter()
-        .map(|e| e["data"]["n"].as_u64().expect("an event with data.n"))
-        .collect()
-}
-
-/// How many entries the relay's change log holds (0 while it does not know the daemon).
-async fn log_len(http: &reqwest::Client, url: &str, key: &str) -> u64 {
-    let Ok(response) = http
-        .get(format!("{url}/api/v1/daemons/{DAEMON}"))
-        .bearer_auth(key)
-        .send()
-        .await
-    else {
-        return 0;
-    };
-    if response.status() != 200 {
-        return 0;
-    }
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    body["last_seq"].as_u64().unwrap_or(0)
-}
-
-/// Waits until the event `total` (the last one produced) is in the change log, then
-/// asserts that the log holds events 1..=total, each once, in order, with dense relay seqs.
-async fn assert_all_events_once(http: &reqwest::Client, url: &str, key: &str, total: u64) {
-    let deadline = tokio::time::Instant::now() + DELIVERY_LIMIT;
-    let entries = loop {
-        let entries = change_log(http, url, key).await.unwrap_or_default();
-        // Uploads are in order: once the last event is in, every earlier one had its turn.
-        if event_ids(&entries).contains(&total) {
-            break entries;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let ids = event_ids(&entries);
-            panic!(
-                "event {total} not in the change log within {DELIVERY_LIMIT:?}: {} entries, last {:?}",
-                ids.len(),
-                ids.last()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let ids = event_ids(&entries);
-    let expected: Vec<u64> = (1..=total).collect();
-    if ids != expected {
-        let mut seen = BTreeMap::<u64, usize>::new();
-        for id in &ids {
-            *seen.entry(*id).or_default() += 1;
-        }
-        let duplicated: Vec<u64> = seen
-            .iter()
-            .filter(|(_, n)| **n > 1)
-            .map(|(id, _)| *id)
-            .collect();
-        let missing: Vec<u64> = expected
-            .iter()
-            .filter(|id| !seen.contains_key(id))
-            .copied()
-            .collect();
-        let out_of_order = ids.windows(2).filter(|w| w[0] >= w[1]).count();
-        panic!(
-            "change log is not events 1..={total} once in order: {} entries, duplicated {duplicated:?}, \
-             missing {missing:?}, {out_of_order} order breaks",
-            ids.len()
-        );
-    }
-    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, expected, "relay seqs are dense");
-    assert!(
-        entries.iter().all(|e| e["type"] == "tick"),
-        "event types kept"
-    );
 }
 
 /// Asserts the agent is connected (by itself): a mirrored GET is answered by the daemon.
@@ -287,7 +153,7 @@ async fn relay_killed_and_restarted_while_events_flow_loses_and_duplicates_nothi
     stop.cancel();
     emitter.await.unwrap();
     let total = emitted(&daemon);
-    assert_all_events_once(&http, &relay.url, &keys.client, total).await;
+    assert_all_events_once(&http, &relay.url, &keys.client, total, DELIVERY_LIMIT).await;
     assert_agent_online(&http, &relay.url, &keys.client, &daemon, "end").await;
     eprintln!("{total} events, {ROUNDS} relay kills");
     agent.kill();
@@ -312,7 +178,7 @@ async fn events_produced_while_the_relay_is_down_arrive_afterwards_once_in_order
     let http = http_client();
 
     daemon.emit(20);
-    assert_all_events_once(&http, &relay.url, &keys.client, 20).await;
+    assert_all_events_once(&http, &relay.url, &keys.client, 20, DELIVERY_LIMIT).await;
     assert_agent_online(&http, &relay.url, &keys.client, &daemon, "before").await;
 
     kill_relay(relay, &proxy);
@@ -326,11 +192,11 @@ async fn events_produced_while_the_relay_is_down_arrive_afterwards_once_in_order
     }
     let relay = restart_relay(&relay_dir, &proxy);
 
-    assert_all_events_once(&http, &relay.url, &keys.client, 120).await;
+    assert_all_events_once(&http, &relay.url, &keys.client, 120, DELIVERY_LIMIT).await;
     assert_agent_online(&http, &relay.url, &keys.client, &daemon, "after").await;
     // Nothing more trickles in later (e.g. a resent batch the relay failed to drop).
     daemon.emit(1);
-    assert_all_events_once(&http, &relay.url, &keys.client, 121).await;
+    assert_all_events_once(&http, &relay.url, &keys.client, 121, DELIVERY_LIMIT).await;
     agent.kill();
     relay.kill();
 }
@@ -381,17 +247,6 @@ fn executed(daemon: &TestDaemon, count: usize) -> usize {
     (0..count)
         .filter(|i| daemon.hits(&format!("/api/v1/echo/w{i}")) > 0)
         .count()
-}
-
-async fn command_state(http: &reqwest::Client, url: &str, key: &str, id: &str, wait: u64) -> Value {
-    let response = http
-        .get(format!("{url}/api/v1/commands/{id}?wait={wait}"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("relay reachable");
-    assert_eq!(response.status(), 200, "GET /api/v1/commands/{id}");
-    response.json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,7 +335,7 @@ async fn agent_killed_and_restarted_loses_no_event_and_completes_every_write() {
     emitter.await.unwrap();
     writes.await.expect("every write was accepted");
     let total = emitted(&daemon);
-    assert_all_events_once(&http, &relay.url, &keys.client, total).await;
+    assert_all_events_once(&http, &relay.url, &keys.client, total, DELIVERY_LIMIT).await;
 
     // Every accepted write completes, with the daemon's own answer for that write.
     let ids = ids.lock().unwrap().clone();

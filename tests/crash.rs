@@ -9,6 +9,12 @@
 //! `SYNCRELAY_CRASH_KILLS=N`); each kill comes at a random moment, 0–40 ms after the
 //! workload has made progress, and sled must open cleanly (and its seal agree) on every
 //! restart. RELIABILITY.md has the latest long-run figures.
+//!
+//! The second loop puts the agent in: the `syncrelay agent` binary serves a
+//! [`TestDaemon`] (events, an echo API, large stream contexts), clients queue writes with
+//! `Idempotency-Key` and fetch contexts (chunk uploads), and each kill strikes the relay or
+//! the agent at random. The end check is `common::chaos::check`. Short: 4 kills in CI;
+//! long: `cargo test --release --test crash -- --ignored` (same `SYNCRELAY_CRASH_KILLS`).
 
 mod common;
 
@@ -16,8 +22,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{create_key, eventually, RelayProcess};
+use common::chaos::{self, Ledger, DAEMON};
+use common::daemon::TestDaemon;
+use common::{create_key, eventually, AgentProcess, RelayProcess};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 /// Kill/restart rounds in the short run.
 const ROUNDS: usize = 3;
@@ -212,10 +221,7 @@ async fn sigkill_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 100 kills; cargo test --release --test crash -- --ignored"]
 async fn sigkill_loop_long() {
-    let kills = std::env::var("SYNCRELAY_CRASH_KILLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(100);
+    let kills = chaos::env_count("SYNCRELAY_CRASH_KILLS", 100);
     let started = std::time::Instant::now();
     let acked = crash_loop(kills, 20).await;
     eprintln!(
@@ -372,4 +378,88 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
     );
     relay.kill();
     acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_agent_sigkilled_at_random_lose_nothing() {
+    agent_crash_loop(4, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100 kills of the relay or the agent; cargo test --release --test crash -- --ignored"]
+async fn relay_and_agent_sigkill_loop_long() {
+    let kills = chaos::env_count("SYNCRELAY_CRASH_KILLS", 100);
+    agent_crash_loop(kills, 15).await;
+}
+
+/// `kills` SIGKILLs, each of the relay or the agent (alternating for the first two, then
+/// at random), each after at least `progress` more acknowledged writes and change-log
+/// entries, at a random moment 0–40 ms later; the relay restarts on its data dir and
+/// address, the agent on its state dir. Then everything acknowledged is checked.
+async fn agent_crash_loop(kills: usize, progress: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_dir = dir.path().join("relay");
+    let state_dir = dir.path().join("agent");
+    let mut relay = RelayProcess::spawn(&relay_dir);
+    let listen = relay.url.trim_start_matches("http://").to_owned();
+    let admin = relay.admin_token();
+    let daemon_key = create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "daemon", "daemon": DAEMON }),
+    )
+    .await;
+    let client_key = create_key(
+        &relay.url,
+        &admin,
+        json!({ "role": "client", "scope": [DAEMON] }),
+    )
+    .await;
+    let daemon = Arc::new(TestDaemon::start().await);
+    let url = relay.url.clone();
+    let spawn_agent = || AgentProcess::spawn(&url, DAEMON, &daemon_key, &daemon.target, &state_dir);
+    let mut agent = spawn_agent();
+
+    let ledger = Arc::new(Ledger::default());
+    let stop = CancellationToken::new();
+    let tasks = chaos::spawn_workload(&relay.url, &client_key, &daemon, &ledger, &stop);
+
+    let http = chaos::http_client();
+    let started = std::time::Instant::now();
+    let (mut relay_kills, mut agent_kills) = (0, 0);
+    for kill in 0..kills {
+        let writes = ledger.acknowledged_writes();
+        let logged = chaos::log_len(&http, &relay.url, &client_key).await;
+        let (url, key, http_ref, ledger_ref) = (&relay.url, &client_key, &http, &ledger);
+        eventually(Duration::from_secs(60), || async move {
+            ledger_ref.acknowledged_writes() >= writes + progress
+                && chaos::log_len(http_ref, url, key).await >= logged + progress as u64
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 40)).await;
+        let kill_relay = match kill {
+            0 => true,
+            1 => false,
+            _ => rand::random::<bool>(),
+        };
+        if kill_relay {
+            relay.kill();
+            relay = RelayProcess::spawn_at(&relay_dir, &listen);
+            relay_kills += 1;
+        } else {
+            agent.kill();
+            agent = spawn_agent();
+            agent_kills += 1;
+        }
+    }
+    chaos::stop_workload(stop, tasks).await;
+    let checked = chaos::check(&relay.url, &client_key, &daemon, &ledger).await;
+    eprintln!(
+        "relay and agent crash loop: {relay_kills} relay kills and {agent_kills} agent kills in \
+         {:.0} s; {} client retries; checked {checked:?}; lost 0",
+        started.elapsed().as_secs_f64(),
+        ledger.retries.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    agent.kill();
+    relay.kill();
 }

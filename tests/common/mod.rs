@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod chaos;
 pub mod daemon;
 pub mod proxy;
 

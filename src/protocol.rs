@@ -259,6 +259,9 @@ pub enum JsonLimit {
     /// A number whose magnitude no f64 holds (`1e999`): serde_json readers refuse the
     /// whole document, though a raw-JSON field accepts it.
     NumberOutOfRange,
+    /// A `\\uD800`-style escape without its pair: not a character, and serde_json readers
+    /// of strings refuse the document, though a raw-JSON field accepts it.
+    LoneSurrogate,
 }
 
 impl std::fmt::Display for JsonLimit {
@@ -266,13 +269,14 @@ impl std::fmt::Display for JsonLimit {
         match self {
             JsonLimit::TooDeep(max) => write!(f, "nested deeper than {max} levels"),
             JsonLimit::NumberOutOfRange => f.write_str("a number is out of range"),
+            JsonLimit::LoneSurrogate => f.write_str("a \\u escape is half a surrogate pair"),
         }
     }
 }
 
-/// Checks that a JSON text nests arrays and objects at most `max_depth` deep and holds no
-/// number out of f64's range: what every serde_json reader of a document that carries it
-/// needs. One pass, no recursion, no allocation but for rare long or exponent numbers,
+/// Checks that a JSON text nests arrays and objects at most `max_depth` deep, holds no
+/// number out of f64's range and no unpaired UTF-16 surrogate escape: what every serde_json
+/// reader of a document that carries it needs. One pass, no recursion, no allocation but for rare long or exponent numbers,
 /// whatever the input; text that is not JSON is left for the parser to refuse.
 pub fn json_within_limits(text: &[u8], max_depth: usize) -> Result<(), JsonLimit> {
     let mut depth = 0usize;
@@ -282,7 +286,30 @@ pub fn json_within_limits(text: &[u8], max_depth: usize) -> Result<(), JsonLimit
             b'"' => {
                 at += 1;
                 while at < text.len() && text[at] != b'"' {
-                    at += if text[at] == b'\\' { 2 } else { 1 };
+                    if text[at] != b'\\' {
+                        at += 1;
+                        continue;
+                    }
+                    if text.get(at + 1) == Some(&b'u') {
+                        if let Some(unit) = hex_unit(text, at + 2) {
+                            if (0xDC00..0xE000).contains(&unit) {
+                                return Err(JsonLimit::LoneSurrogate);
+                            }
+                            if (0xD800..0xDC00).contains(&unit) {
+                                let low = (text.get(at + 6..at + 8) == Some(b"\\u"))
+                                    .then(|| hex_unit(text, at + 8))
+                                    .flatten();
+                                if !low.is_some_and(|low| (0xDC00..0xE000).contains(&low)) {
+                                    return Err(JsonLimit::LoneSurrogate);
+                                }
+                                at += 12;
+                                continue;
+                            }
+                            at += 6;
+                            continue;
+                        }
+                    }
+                    at += 2;
                 }
             }
             b'[' | b'{' => {
@@ -309,6 +336,14 @@ pub fn json_within_limits(text: &[u8], max_depth: usize) -> Result<(), JsonLimit
         at += 1;
     }
     Ok(())
+}
+
+/// The UTF-16 code unit of the four hex digits at `at`, if they are four hex digits.
+fn hex_unit(text: &[u8], at: usize) -> Option<u32> {
+    let digits = std::str::from_utf8(text.get(at..at + 4)?).ok()?;
+    u32::from_str_radix(digits, 16)
+        .ok()
+        .filter(|_| digits.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether a number token is one serde_json refuses for its magnitude alone. Only an
@@ -373,6 +408,21 @@ mod tests {
         for bad in [&b"1e999"[..], b"[-1E+400]", b"{\"a\":777E777777777777717}"] {
             assert_eq!(check(bad, 9), Err(JsonLimit::NumberOutOfRange), "{bad:?}");
             assert!(serde_json::from_slice::<serde_json::Value>(bad).is_err());
+        }
+        // Found in review: a raw-JSON field took `"\ud800"`, which no String reader takes.
+        for bad in [
+            &br#""\ud800""#[..],
+            br#"["\udc00"]"#,
+            br#""\uD800\u0041""#,
+            br#""\ud800"#,
+            br#"{"a":"x\ud83d"}"#,
+        ] {
+            assert_eq!(check(bad, 9), Err(JsonLimit::LoneSurrogate), "{bad:?}");
+            assert!(serde_json::from_slice::<serde_json::Value>(bad).is_err());
+        }
+        for good in [&br#""\ud83d\ude00""#[..], br#""\\ud800""#, br#""\u00e9\n""#] {
+            assert_eq!(check(good, 9), Ok(()), "{good:?}");
+            assert!(serde_json::from_slice::<serde_json::Value>(good).is_ok());
         }
         let huge_integer = "9".repeat(400);
         assert_eq!(

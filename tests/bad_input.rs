@@ -154,6 +154,12 @@ fn rows() -> Vec<Row> {
         row("named params -1E+400", Client, "POST", "/api/v1/daemons/d1/commands")
             .body(r#"{"method":"getX","params":[-1E+400]}"#)
             .expect(400, "bad_request"),
+        row("named params with a lone surrogate escape", Client, "POST", "/api/v1/daemons/d1/commands")
+            .body(r#"{"method":"getX","params":{"a":"\ud800"}}"#)
+            .expect(400, "bad_request"),
+        row("update data with a lone low surrogate", Daemon, "POST", "/sync/poll")
+            .body(poll_with_update(r#"{"type":"a","data":"\udc00x"}"#))
+            .expect(400, "bad_request"),
         row("poll timeout 1e999 overflows", Daemon, "POST", "/sync/poll")
             .body(r#"{"daemon_id":"d1","timeout":1e999}"#)
             .expect(400, "bad_request"),

@@ -453,7 +453,7 @@ async fn agent_crash_loop(kills: usize, progress: usize) {
         }
     }
     chaos::stop_workload(stop, tasks).await;
-    let checked = chaos::check(&relay.url, &client_key, &daemon, &ledger).await;
+    let checked = chaos::check(&relay.url, &client_key, &daemon, &ledger, false).await;
     eprintln!(
         "relay and agent crash loop: {relay_kills} relay kills and {agent_kills} agent kills in \
          {:.0} s; {} client retries; checked {checked:?}; lost 0",

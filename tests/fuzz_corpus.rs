@@ -44,7 +44,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         ],
         "stored_value" => &[
             "\u{1}\u{5}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}hello",
-            "syncrelay store seal v1\ncommits 5\ncheck 0000000000000000\n",
+            "syncrelay seal v1\ncommits 5\ncheck 8a68e6a8e648725f\n",
         ],
         _ => &[],
     };

@@ -104,7 +104,8 @@ async fn faults_loop(target: usize, half_open_every: usize) {
     // Cut the clean connections made so far: from here on every connection has a fault.
     agent_proxy.switch(Some(relay.addr));
     client_proxy.switch(Some(relay.addr));
-    let limit = Duration::from_secs(60 + target as u64 / 2);
+    // About two faults a second at the agent, plus ~30 s for each half-open connection.
+    let limit = Duration::from_secs(60 + target as u64 * 2);
     while total(&agent_proxy) < target || total(&client_proxy) < target {
         assert!(
             started.elapsed() < limit,
@@ -121,7 +122,7 @@ async fn faults_loop(target: usize, half_open_every: usize) {
     client_proxy.switch(Some(relay.addr));
     chaos::stop_workload(stop, tasks).await;
 
-    let checked = chaos::check(&relay.url, &client.key, &daemon, &ledger).await;
+    let checked = chaos::check(&relay.url, &client.key, &daemon, &ledger, true).await;
     assert!(
         checked.writes > 20 && checked.events > 100 && checked.streams > 2,
         "the workload ran through the faults: {checked:?}"

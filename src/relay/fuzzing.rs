@@ -20,7 +20,7 @@ use super::router::is_dot_segment;
 use super::streams::is_stream_path;
 use super::sync::{chunk_data, poll_timeout, validate_updates};
 use crate::protocol::{
-    json_within_limits, valid_daemon_id, ConnectRequest, CreateKeyRequest, HttpParams,
+    json_within_limits, valid_daemon_id, ConnectRequest, CreateKeyRequest, HttpParams, JsonLimit,
     NamedCommandRequest, PollRequest, ResultEntry, ResultsRequest, HOP_BY_HOP_HEADERS,
     MAX_CARRIED_JSON_DEPTH, MAX_JSON_DEPTH,
 };
@@ -39,9 +39,24 @@ pub fn sync_json(data: &[u8]) {
             serde_json::from_str::<Value>(&wrapped).is_ok(),
             "accepted JSON that cannot travel inside a poll's answer"
         );
-    } else if json_within_limits(data, MAX_JSON_DEPTH).is_ok() {
-        // A refusal of input within the limits is the parser's, never the limit check's.
-        assert!(serde_json::from_slice::<Value>(data).is_err());
+    } else {
+        match json_within_limits(data, MAX_JSON_DEPTH) {
+            // A refusal of input within the limits is the parser's.
+            Ok(()) => assert!(serde_json::from_slice::<Value>(data).is_err()),
+            // The limit checks refuse only what serde_json readers refuse, or what nests
+            // deeper than the limit.
+            Err(JsonLimit::NumberOutOfRange | JsonLimit::LoneSurrogate) => {
+                assert!(
+                    serde_json::from_slice::<Value>(data).is_err(),
+                    "wrongly refused"
+                )
+            }
+            Err(JsonLimit::TooDeep(max)) => {
+                if let Ok(value) = serde_json::from_slice::<Value>(data) {
+                    assert!(depth(&value) > max, "refused as too deep, but is not");
+                }
+            }
+        }
     }
     if let Ok(poll) = parse_json::<PollRequest>(data) {
         if let Ok(timeout) = poll_timeout(poll.timeout, Duration::from_secs(60)) {
@@ -188,6 +203,15 @@ pub fn sse_framing(data: &[u8]) {
     let resumed = replay(&[context], skip as u64);
     let expected: Vec<u8> = events.iter().skip(skip).flat_map(|e| e.to_vec()).collect();
     assert_eq!(resumed, expected, "resume after {skip}");
+}
+
+/// Nesting depth of arrays and objects (a scalar is 0).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn replay(pieces: &[&[u8]], skip: u64) -> Vec<u8> {

@@ -173,19 +173,17 @@ fn read(path: &Path) -> Result<Option<u64>> {
     parse(&text).map(Some).ok_or_else(damaged)
 }
 
-/// The counter a seal file's text holds; `None` unless it is exactly what [`render`]
-/// writes (trailing lines aside).
+/// The counter a seal file's text holds; `None` unless the text is exactly what
+/// [`render`] writes for it.
 pub(super) fn parse(text: &str) -> Option<u64> {
-    let mut lines = text.lines();
-    if lines.next() != Some(HEADER) {
-        return None;
-    }
-    let commits: u64 = lines
-        .next()
-        .and_then(|line| line.strip_prefix("commits "))
-        .and_then(|n| n.parse().ok())?;
-    let expected = format!("check {}", check(commits));
-    (lines.next() == Some(expected.as_str())).then_some(commits)
+    let commits: u64 = text
+        .strip_prefix(HEADER)?
+        .strip_prefix("\ncommits ")?
+        .split('\n')
+        .next()?
+        .parse()
+        .ok()?;
+    (text == render(commits)).then_some(commits)
 }
 
 /// A seal file's text for `commits` (for the fuzz entry's round trip).

@@ -26,9 +26,8 @@ pub const STREAM_SIZE: usize = 500;
 /// What the relay acknowledged, as the clients saw it.
 #[derive(Default)]
 pub struct Ledger {
-    /// Write index → command id, for writes answered 202 (or, on a retry after the
-    /// command had completed, 200 with the daemon's answer: `None`, no id shown).
-    pub writes: Mutex<BTreeMap<usize, Option<String>>>,
+    /// Write index → command id, for writes answered 202.
+    pub writes: Mutex<BTreeMap<usize, String>>,
     /// Next write index.
     next_write: AtomicUsize,
     /// Stream contexts asked for (indexes below this).
@@ -108,33 +107,16 @@ pub async fn writer(url: String, key: String, ledger: Arc<Ledger>, stop: Cancell
                 .await;
             let Ok(response) = sent else { continue };
             let status = response.status().as_u16();
-            let from_daemon = response
-                .headers()
-                .get("x-syncrelay-source")
-                .is_some_and(|v| v == "daemon");
             let Ok(body) = response.json::<Value>().await else {
                 continue;
             };
-            let id = match status {
-                202 => Some(
-                    body["id"]
-                        .as_str()
-                        .expect("a 202 names its command")
-                        .to_owned(),
-                ),
-                // A retry after the command completed gets the daemon's answer.
-                200 if from_daemon => {
-                    assert_eq!(body["path"], format!("/api/v1/echo/w{i}"), "{body}");
-                    None
-                }
+            match status {
+                202 => {}
                 429 | 502 | 503 | 504 => continue,
                 _ => panic!("write {i} (attempt {attempt}): unexpected {status} {body}"),
-            };
-            let mut writes = ledger.writes.lock().unwrap();
-            if let (Some(Some(earlier)), Some(now)) = (writes.get(&i), &id) {
-                assert_eq!(earlier, now, "write {i}: a retry made a second command");
             }
-            writes.entry(i).or_insert(id);
+            let id = body["id"].as_str().expect("a 202 names its command");
+            ledger.writes.lock().unwrap().insert(i, id.to_owned());
             break;
         }
         // Pacing: a steady trickle, so writes are queued, leased and running at any moment.
@@ -422,16 +404,23 @@ pub struct Checked {
 
 /// The end check, once the faults are over and the agent can reach the relay at `url`:
 /// every event once and in order, every acknowledged write completed with the daemon's
-/// answer, every stream context asked for served whole, and those received whole before
-/// replayed from the store.
-pub async fn check(url: &str, key: &str, daemon: &TestDaemon, ledger: &Ledger) -> Checked {
+/// answer (run exactly once at the daemon with `exactly_once`, else at least once, as
+/// delivery is when the agent itself can die between running a command and storing its
+/// result), its key still naming the same command, every stream context asked for served
+/// whole, and those received whole before replayed from the store.
+pub async fn check(
+    url: &str,
+    key: &str,
+    daemon: &TestDaemon,
+    ledger: &Ledger,
+    exactly_once: bool,
+) -> Checked {
     let http = http_client();
     let events = emitted(daemon);
     assert_all_events_once(&http, url, key, events, Duration::from_secs(60)).await;
 
     let writes = ledger.writes.lock().unwrap().clone();
     for (i, id) in &writes {
-        let Some(id) = id else { continue };
         let state = command_state(&http, url, key, id, 20).await;
         assert_eq!(state["state"], "completed", "write {i} ({id}): {state}");
         let body = &state["result"]["body"];
@@ -440,10 +429,38 @@ pub async fn check(url: &str, key: &str, daemon: &TestDaemon, ledger: &Ledger) -
         assert_eq!(body["body"], json!({ "i": i }).to_string());
     }
     let mut executions = 0;
-    for i in writes.keys() {
+    for (i, id) in &writes {
         let hits = daemon.hits(&format!("/api/v1/echo/w{i}"));
         assert!(hits >= 1, "acknowledged write {i} never ran at the daemon");
+        if exactly_once {
+            assert_eq!(hits, 1, "write {i} ran {hits} times");
+        }
         executions += hits;
+        // Sent once more with its key, the write names the same command: no retry made
+        // a second one.
+        loop {
+            let response = http
+                .post(format!("{url}/api/v1/daemons/{DAEMON}/echo/w{i}"))
+                .bearer_auth(key)
+                .header("prefer", "respond-async")
+                .header("idempotency-key", format!("w{i}"))
+                .json(&json!({ "i": i }))
+                .send()
+                .await
+                .expect("relay reachable");
+            if response.status() == 429 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            assert_eq!(response.status(), 202, "write {i} sent again");
+            let body: Value = response.json().await.expect("command JSON");
+            assert_eq!(
+                body["id"],
+                json!(id),
+                "write {i}: its key names another command"
+            );
+            break;
+        }
     }
 
     let tried = ledger.streams_tried.load(Ordering::SeqCst);

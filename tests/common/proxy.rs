@@ -166,6 +166,9 @@ impl Flow {
 
     /// How many of `n` bytes may pass now in direction `up`, and what follows.
     fn admit(&self, up: bool, n: usize) -> usize {
+        if self.end.is_cancelled() {
+            return 0;
+        }
         let counter = if up { &self.up } else { &self.down };
         let before = counter.fetch_add(n, Ordering::SeqCst);
         let limit = match self.fault {
@@ -260,30 +263,48 @@ async fn copy(
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
+        // `biased`: once the connection has ended, nothing more is read or passed on.
         let n = tokio::select! {
+            biased;
+            _ = flow.end.cancelled() => break,
             read = from.read(&mut buffer) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             },
-            _ = flow.end.cancelled() => break,
         };
-        if let Some(hold) = hold.as_mut() {
-            if hold.wait_for(|held| !held).await.is_err() {
-                break;
-            }
-        }
-        match flow.fault {
-            Fault::Latency(delay, _) => tokio::time::sleep(delay).await,
+        let delay = match flow.fault {
+            Fault::Latency(delay, _) => delay,
             Fault::Bandwidth(per_second, _) => {
-                tokio::time::sleep(Duration::from_secs_f64(n as f64 / per_second as f64)).await
+                Duration::from_secs_f64(n as f64 / per_second as f64)
             }
-            _ => {}
-        }
-        let pass = flow.admit(up, n);
-        if pass > 0 && to.write_all(&buffer[..pass]).await.is_err() {
+            _ => Duration::ZERO,
+        };
+        let ready = async {
+            if let Some(hold) = hold.as_mut() {
+                if hold.wait_for(|held| !held).await.is_err() {
+                    return false;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            true
+        };
+        let ready = tokio::select! {
+            biased;
+            _ = flow.end.cancelled() => false,
+            ready = ready => ready,
+        };
+        if !ready {
             break;
         }
-        if flow.end.is_cancelled() {
+        let pass = flow.admit(up, n);
+        let written = tokio::select! {
+            biased;
+            // The fault that ended the connection may be this very piece's: its bytes
+            // before the cut still go out.
+            _ = flow.end.cancelled(), if pass == 0 => false,
+            written = to.write_all(&buffer[..pass]) => written.is_ok(),
+        };
+        if !written || flow.end.is_cancelled() {
             break;
         }
         if flow.stalled.is_cancelled() {
@@ -291,19 +312,23 @@ async fn copy(
             // gives up and closes (or the proxy goes).
             loop {
                 tokio::select! {
+                    biased;
+                    _ = flow.end.cancelled() => break,
                     read = from.read(&mut buffer) => match read {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {}
                     },
-                    _ = flow.end.cancelled() => break,
                 }
             }
-            flow.end.cancel();
-            return;
+            break;
         }
     }
     flow.end.cancel();
-    if !flow.reset.load(Ordering::SeqCst) {
+    if flow.reset.load(Ordering::SeqCst) {
+        // Dropping a write half would send FIN first; the peer must see only the RST
+        // that closing the socket (linger 0) sends once both halves are gone.
+        to.forget();
+    } else {
         let _ = to.shutdown().await;
     }
 }

@@ -142,7 +142,7 @@ async fn faults_on_every_connection_lose_and_duplicate_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 500 faults each side; cargo test --release --test net_faults -- --ignored"]
+#[ignore = "long: 500 faults at each proxy; cargo test --release --test net_faults -- --ignored"]
 async fn faults_on_every_connection_long() {
     let faults = chaos::env_count("SYNCRELAY_NET_FAULTS", 500);
     faults_loop(faults, 50).await;

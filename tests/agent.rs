@@ -182,6 +182,7 @@ async fn every_method_reaches_the_daemon_with_path_query_headers_and_body() {
             &format!("/echo/{name}?{query}"),
         )
         .header("x-custom", format!("custom-{name}"))
+        .header("x-syncrelay-command-id", "forged")
         .header("x-multi", "a")
         .header("x-multi", "b");
         if method != Method::GET {
@@ -205,6 +206,14 @@ async fn every_method_reaches_the_daemon_with_path_query_headers_and_body() {
                 "{private} forwarded"
             );
         }
+        // The command id the daemon sees is the one the relay gave the command, never a
+        // client's forgery: it is what a daemon deduplicates re-deliveries by.
+        let id = echo["headers"]["x-syncrelay-command-id"].as_str().unwrap();
+        assert!(id.starts_with("cmd-") && id.len() > 4, "{method}: {id}");
+        assert_eq!(
+            env.daemon.command_ids(&format!("/api/v1/echo/{name}")),
+            [id.to_owned()]
+        );
         if method == Method::GET {
             assert_eq!(echo["body"], "", "{method}");
         } else {

@@ -472,6 +472,7 @@ async fn every_hostile_request_gets_its_exact_error() {
             )
             .header("X-Syncrelay-Source: cache")
             .header("X-Syncrelay-If-Offline: fail")
+            .header("X-Syncrelay-Command-Id: forged")
             .header("Cookie: session=abc")
             .header("Connection: x-secret, close")
             .header("X-Secret: hop-by-hop"),
@@ -502,6 +503,7 @@ async fn every_hostile_request_gets_its_exact_error() {
         "authorization",
         "x-syncrelay-source",
         "x-syncrelay-if-offline",
+        "x-syncrelay-command-id",
         "connection",
         "x-secret",
         "host",

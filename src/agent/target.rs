@@ -31,6 +31,11 @@ struct Inner {
     max_body_bytes: usize,
 }
 
+/// The request header that carries a command's id to the local daemon, so a daemon that
+/// cares can deduplicate: delivery is at-least-once, and an agent killed between running
+/// a command and storing its result runs it again, with the same id.
+pub const COMMAND_ID_HEADER: &str = "x-syncrelay-command-id";
+
 /// Largest response body turned into one result; the relay's default body limit is 16 MiB
 /// and base64 grows a body by a third.
 pub const MAX_RESULT_BODY_BYTES: usize = 8 << 20;
@@ -80,7 +85,9 @@ impl HttpTarget {
         let mut has_content_type = false;
         for (name, value) in &params.headers {
             let lower = name.to_ascii_lowercase();
-            if HOP_BY_HOP_HEADERS.contains(&lower.as_str()) {
+            // The command id is the agent's to set (the relay strips `x-syncrelay-*` from
+            // clients; a daemon speaking the protocol itself might not).
+            if HOP_BY_HOP_HEADERS.contains(&lower.as_str()) || lower == COMMAND_ID_HEADER {
                 continue;
             }
             has_content_type |= lower == "content-type";
@@ -189,6 +196,7 @@ impl HttpTarget {
                 Err(message) => return Outcome::error("bad_request", message),
             }
         };
+        let request = request.header(COMMAND_ID_HEADER, command.id.as_str());
         let timeout = self.inner.request_timeout;
         let response = match tokio::time::timeout(timeout, request.send()).await {
             Err(_) => {

@@ -10,10 +10,11 @@
 //! - `GET /api/v1/stream/events`: hld-shaped SSE (`id: n`, `data: {"type","timestamp","data"}`)
 //!   replaying after `Last-Event-ID`, then live; events are made with [`TestDaemon::emit`].
 //!
-//! Every request is counted per path ([`TestDaemon::hits`]).
+//! Every request is counted per path ([`TestDaemon::hits`]), with the command ids the agent
+//! sent in `X-Syncrelay-Command-Id` ([`TestDaemon::command_ids`]).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +35,8 @@ struct State {
     /// Every event emitted so far, as (id, data JSON).
     events: Vec<(u64, String)>,
     hits: HashMap<String, usize>,
+    /// Per path, the distinct command ids the agent ran there.
+    command_ids: HashMap<String, BTreeSet<String>>,
 }
 
 pub struct TestDaemon {
@@ -111,6 +114,16 @@ impl TestDaemon {
         *self.state.lock().unwrap().hits.get(path).unwrap_or(&0)
     }
 
+    /// The distinct command ids of the requests for `path`, in order.
+    pub fn command_ids(&self, path: &str) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .command_ids
+            .get(path)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Stops accepting (open connections end with the test).
     pub fn stop(&self) {
         self.server.abort();
@@ -142,7 +155,18 @@ async fn handle(
 ) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
-    *state.lock().unwrap().hits.entry(path.clone()).or_default() += 1;
+    {
+        let mut state = state.lock().unwrap();
+        *state.hits.entry(path.clone()).or_default() += 1;
+        if let Some(id) = request.headers().get("x-syncrelay-command-id") {
+            let id = id.to_str().unwrap_or("(not text)").to_owned();
+            state
+                .command_ids
+                .entry(path.clone())
+                .or_default()
+                .insert(id);
+        }
+    }
     let param = |name: &str| -> Option<u64> {
         query
             .split('&')

@@ -124,8 +124,34 @@ async fn faults_loop(target: usize, half_open_every: usize) {
 
     let checked = chaos::check(&relay.url, &client.key, &daemon, &ledger, true).await;
     assert!(
-        checked.writes > 20 && checked.events > 100 && checked.streams > 2,
+        checked.writes > 20
+            && checked.events > 100
+            && checked.streams > 2
+            && checked.streams_replayed > 0,
         "the workload ran through the faults: {checked:?}"
+    );
+    // The faults that matter most fired: requests cut on the way in, answers lost on the
+    // way out (a write committed, its 202 lost, then retried with its key), and at the
+    // agent's side a half-open connection.
+    for (side, proxy) in [("agent", &agent_proxy), ("client", &client_proxy)] {
+        let fired = proxy.injected();
+        for kind in ["reset towards the relay", "reset towards the client"] {
+            assert!(
+                fired.get(kind).is_some_and(|&n| n > 0),
+                "{side} side: no {kind} fired: {fired:?}"
+            );
+        }
+    }
+    assert!(
+        agent_proxy
+            .injected()
+            .get("half-open")
+            .is_some_and(|&n| n > 0),
+        "no half-open connection at the agent's side"
+    );
+    assert!(
+        ledger.retries.load(Ordering::Relaxed) > 0,
+        "no client write was cut and retried"
     );
     eprintln!(
         "net faults: {} s; agent side {:?}; client side {:?}; {} client retries; checked {checked:?}; lost 0",

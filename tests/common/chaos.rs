@@ -406,7 +406,7 @@ pub struct Checked {
 /// every event once and in order, every acknowledged write completed with the daemon's
 /// answer (run exactly once at the daemon with `exactly_once`, else at least once, as
 /// delivery is when the agent itself can die between running a command and storing its
-/// result), its key still naming the same command, every stream context asked for served
+/// result) and as the one command its key names, every stream context asked for served
 /// whole, and those received whole before replayed from the store.
 pub async fn check(
     url: &str,
@@ -430,8 +430,16 @@ pub async fn check(
     }
     let mut executions = 0;
     for (i, id) in &writes {
-        let hits = daemon.hits(&format!("/api/v1/echo/w{i}"));
+        let path = format!("/api/v1/echo/w{i}");
+        let hits = daemon.hits(&path);
         assert!(hits >= 1, "acknowledged write {i} never ran at the daemon");
+        // However often it ran, it ran as one command, the one its key names: no retry
+        // made a second command (the agent sends each command's id to the daemon).
+        assert_eq!(
+            daemon.command_ids(&path),
+            std::slice::from_ref(id),
+            "write {i}: the daemon ran other commands than the acknowledged one"
+        );
         if exactly_once {
             assert_eq!(hits, 1, "write {i} ran {hits} times");
         }

@@ -1,8 +1,10 @@
-//! Crash safety with real processes: a workload of clients queueing writes and a daemon
-//! posting updates and results runs against the `syncrelay` binary, which is SIGKILLed
-//! mid-flight and restarted on the same data dir, several times. Afterwards every
-//! acknowledged command is delivered, and every acknowledged result and change-log entry
-//! is there, in order, exactly once.
+//! Crash safety with real processes: a workload of clients queueing writes and fetching
+//! stream contexts, and a daemon posting updates, results and stream chunks, runs against
+//! the `syncrelay` binary, which is SIGKILLed mid-flight and restarted on the same data
+//! dir, several times. Afterwards every acknowledged command is delivered, every
+//! acknowledged result and change-log entry is there, in order, exactly once, and every
+//! acknowledged chunk is stored: resuming an upload after the first unacknowledged chunk
+//! never meets a gap, and the finished context replays byte-exact.
 //!
 //! The short version (3 kills) runs in CI. The long one is
 //! `cargo test --release --test crash -- --ignored` (100 kills, or
@@ -18,7 +20,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +36,10 @@ const ROUNDS: usize = 3;
 const WRITERS: usize = 4;
 /// Updates per poll.
 const BATCH: u64 = 5;
+/// Events in one stream context, and where its text is cut into chunks: the cuts fall
+/// inside events, and one chunk is over 4 KiB (stored as pieces, `store/spill.rs`).
+const STREAM_EVENTS: usize = 20;
+const STREAM_CUTS: [usize; 5] = [500, 4_600, 4_700, 9_000, 10_000];
 
 /// What the relay acknowledged, as the test's clients and daemon saw it.
 #[derive(Default)]
@@ -44,6 +50,26 @@ struct Acked {
     results: BTreeSet<String>,
     /// Highest daemon-side update seq answered 200.
     update_seq: u64,
+    /// Stream commands the daemon uploaded chunks for, by command id.
+    streams: BTreeMap<String, StreamAck>,
+    /// Chunks answered 200 with their command accepted, in all.
+    chunk_acks: usize,
+    /// Stream contexts asked for so far (names `s0`, `s1`, …).
+    streams_asked: usize,
+    /// Uploads unfinished at the last restart, finished after it.
+    streams_resumed: usize,
+    /// Uploads whose last chunk the relay stored but whose answer was lost in a kill.
+    streams_unconfirmed: usize,
+}
+
+/// One stream command's upload as the daemon saw it acknowledged.
+struct StreamAck {
+    /// The daemon-side path, `/api/v1/approvals/s{n}/context/stream`.
+    path: String,
+    /// Highest chunk index accepted.
+    acked: Option<usize>,
+    /// The last chunk (`complete: true`) was accepted.
+    complete: bool,
 }
 
 struct Keys {
@@ -69,7 +95,7 @@ async fn post(
 
 /// GETs `route`, as a well-behaved client: a 429 is retried after its `Retry-After` (the
 /// long run checks thousands of commands with one key, past the shipped rate limit).
-async fn get(url: &str, token: &str, route: &str) -> Value {
+async fn get_response(url: &str, token: &str, route: &str) -> reqwest::Response {
     loop {
         let response = reqwest::Client::new()
             .get(format!("{url}{route}"))
@@ -87,8 +113,13 @@ async fn get(url: &str, token: &str, route: &str) -> Value {
             continue;
         }
         assert_eq!(response.status(), 200, "GET {route}");
-        return response.json().await.unwrap();
+        return response;
     }
+}
+
+/// [`get_response`]'s JSON body.
+async fn get(url: &str, token: &str, route: &str) -> Value {
+    get_response(url, token, route).await.json().await.unwrap()
 }
 
 /// Queues writes until the relay stops answering.
@@ -117,14 +148,163 @@ async fn writer(url: String, key: String, acked: Arc<Mutex<Acked>>, id: usize) {
     }
 }
 
-/// The daemon: posts a batch of updates with every poll and answers every command, until
-/// the relay stops answering. It resumes from the relay's `last_update_seq` after a
-/// reconnect, as a daemon with an outbox does.
-async fn daemon_loop(url: String, key: String, acked: Arc<Mutex<Acked>>) {
+/// The SSE text a daemon serves for the stream context at `path`: a fixed function of the
+/// path, so an upload resumed after a crash sends the same bytes again.
+fn stream_text(path: &str) -> String {
+    (0..STREAM_EVENTS)
+        .map(|e| {
+            let fill = "x".repeat(e * 53 % 1_000);
+            format!(
+                "event: context\ndata: {{\"path\":\"{path}\",\"e\":{e},\"fill\":\"{fill}\"}}\n\n"
+            )
+        })
+        .collect()
+}
+
+/// The chunks of [`stream_text`], cut at [`STREAM_CUTS`].
+fn stream_chunks(path: &str) -> Vec<String> {
+    let text = stream_text(path);
+    let mut bounds = vec![0];
+    bounds.extend(STREAM_CUTS);
+    bounds.push(text.len());
+    assert!(
+        bounds.windows(2).all(|w| w[0] < w[1]),
+        "cuts inside the text"
+    );
+    bounds
+        .windows(2)
+        .map(|w| text[w[0]..w[1]].to_owned())
+        .collect()
+}
+
+/// What a client receives for the stream context at `path`: the relay's framing of
+/// [`stream_text`] (its own ids from 1), keep-alive comments removed.
+fn framed_stream(path: &str) -> String {
+    stream_text(path)
+        .split_terminator("\n\n")
+        .enumerate()
+        .map(|(n, event)| format!("id: {}\n{event}\n\n", n + 1))
+        .collect()
+}
+
+fn without_keepalives(body: &str) -> String {
+    body.replace(": keepalive\n\n", "")
+}
+
+/// A client asking for stream contexts one after another and reading each to its end,
+/// once the daemon is online and until the relay stops answering. A body that ends
+/// cleanly must be the whole context.
+async fn streamer(
+    url: String,
+    key: String,
+    acked: Arc<Mutex<Acked>>,
+    online: tokio::sync::oneshot::Receiver<()>,
+) {
+    if online.await.is_err() {
+        return;
+    }
+    let http = reqwest::Client::new();
+    loop {
+        let n = {
+            let mut a = acked.lock().unwrap();
+            a.streams_asked += 1;
+            a.streams_asked - 1
+        };
+        let path = format!("/api/v1/approvals/s{n}/context/stream");
+        let Ok(response) = http
+            .get(format!(
+                "{url}/api/v1/daemons/d/approvals/s{n}/context/stream"
+            ))
+            .bearer_auth(&key)
+            .send()
+            .await
+        else {
+            return;
+        };
+        if response.status() != 200 {
+            return;
+        }
+        let Ok(body) = response.text().await else {
+            return;
+        };
+        assert_eq!(
+            without_keepalives(&body),
+            framed_stream(&path),
+            "a stream served live ended early or differs"
+        );
+    }
+}
+
+/// Uploads a stream command's chunks, one per request, from the one after the last
+/// acknowledged. The relay must take each: a `chunk_gap` answer would mean it lost a chunk
+/// it acknowledged, `unknown` that it lost the command. Returns false once the relay stops
+/// answering.
+async fn upload_stream(url: &str, key: &str, acked: &Mutex<Acked>, command: &Value) -> bool {
+    let id = command["id"].as_str().unwrap().to_owned();
+    let path = command["params"]["path"].as_str().unwrap().to_owned();
+    // Read under the lock, asserted after it (a panic must not poison the ledger).
+    let (start, complete) = {
+        let mut a = acked.lock().unwrap();
+        let entry = a.streams.entry(id.clone()).or_insert(StreamAck {
+            path: path.clone(),
+            acked: None,
+            complete: false,
+        });
+        (entry.acked.map_or(0, |index| index + 1), entry.complete)
+    };
+    assert!(
+        !complete,
+        "{id}: handed out again after its last chunk was acknowledged"
+    );
+    let chunks = stream_chunks(&path);
+    for (index, data) in chunks.iter().enumerate().skip(start) {
+        let mut chunk = json!({ "command_id": id, "chunk": index, "data": data,
+                                "complete": index + 1 == chunks.len() });
+        if index == 0 {
+            chunk["status"] = json!(200);
+            chunk["headers"] = json!({ "content-type": "text/event-stream" });
+        }
+        let request = json!({ "daemon_id": "d", "results": [chunk] });
+        let Ok((status, answer)) = post(url, key, "/sync/results", &request).await else {
+            return false;
+        };
+        match status {
+            200 => {}
+            409 => panic!(
+                "{id}: the relay lost an acknowledged chunk: chunk {index} answered {answer} \
+                 after chunk {} was acknowledged",
+                index as i64 - 1
+            ),
+            _ => return false,
+        }
+        assert_eq!(
+            answer["accepted"],
+            json!([id]),
+            "{id}: chunk {index} not accepted (the relay lost the command?)"
+        );
+        let mut a = acked.lock().unwrap();
+        a.chunk_acks += 1;
+        let entry = a.streams.get_mut(&id).unwrap();
+        entry.acked = Some(index);
+        entry.complete = index + 1 == chunks.len();
+    }
+    true
+}
+
+/// The daemon: posts a batch of updates with every poll, answers every command and uploads
+/// every stream command's chunks, until the relay stops answering. It resumes from the
+/// relay's `last_update_seq` after a reconnect, as a daemon with an outbox does.
+async fn daemon_loop(
+    url: String,
+    key: String,
+    acked: Arc<Mutex<Acked>>,
+    online: tokio::sync::oneshot::Sender<()>,
+) {
     let Ok((200, connect)) = post(&url, &key, "/sync/connect", &json!({ "daemon_id": "d" })).await
     else {
         return;
     };
+    let _ = online.send(());
     let connection_id = connect["connection_id"].clone();
     let mut next_seq = connect["last_update_seq"].as_u64().unwrap() + 1;
     assert!(
@@ -148,9 +328,17 @@ async fn daemon_loop(url: String, key: String, acked: Arc<Mutex<Acked>>) {
         );
         acked.lock().unwrap().update_seq = stored;
         next_seq = stored + 1;
-        let results: Vec<Value> = body["commands"]
+        let (streams, commands): (Vec<&Value>, Vec<&Value>) = body["commands"]
             .as_array()
             .unwrap()
+            .iter()
+            .partition(|c| c["stream"] == json!(true));
+        for command in streams {
+            if !upload_stream(&url, &key, &acked, command).await {
+                return;
+            }
+        }
+        let results: Vec<Value> = commands
             .iter()
             .map(|c| json!({ "command_id": c["id"], "result": { "status": 200, "body": c["id"] } }))
             .collect();
@@ -177,7 +365,12 @@ async fn run_and_kill(
 ) {
     let before = {
         let a = acked.lock().unwrap();
-        (a.commands.len(), a.results.len(), a.update_seq)
+        (
+            a.commands.len(),
+            a.results.len(),
+            a.update_seq,
+            a.chunk_acks,
+        )
     };
     let mut tasks = Vec::new();
     for id in 0..WRITERS {
@@ -188,16 +381,25 @@ async fn run_and_kill(
             id,
         )));
     }
+    let (online_tx, online_rx) = tokio::sync::oneshot::channel();
+    tasks.push(tokio::spawn(streamer(
+        relay.url.clone(),
+        keys.client.clone(),
+        acked.clone(),
+        online_rx,
+    )));
     tasks.push(tokio::spawn(daemon_loop(
         relay.url.clone(),
         keys.daemon.clone(),
         acked.clone(),
+        online_tx,
     )));
     eventually(Duration::from_secs(30), || {
         let a = acked.lock().unwrap();
         let progressed = a.commands.len() > before.0 + progress
             && a.results.len() > before.1 + progress / 3
-            && a.update_seq > before.2 + progress as u64;
+            && a.update_seq > before.2 + progress as u64
+            && a.chunk_acks > before.3 + 2;
         async move { progressed }
     })
     .await;
@@ -226,11 +428,16 @@ async fn sigkill_loop_long() {
     let acked = crash_loop(kills, 20).await;
     eprintln!(
         "crash loop: {kills} kills in {:.0} s; checked {} acknowledged commands, {} results, \
-         {} updates; lost 0",
+         {} updates, {} chunks of {} stream contexts ({} finished after the last restart, \
+         {} finished with the answer to their last chunk lost); lost 0",
         started.elapsed().as_secs_f64(),
         acked.commands.len(),
         acked.results.len(),
-        acked.update_seq
+        acked.update_seq,
+        acked.chunk_acks,
+        acked.streams.len(),
+        acked.streams_resumed,
+        acked.streams_unconfirmed
     );
 }
 
@@ -265,8 +472,9 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
 
     // Restart once more and check everything that was acknowledged.
     let relay = RelayProcess::spawn(dir.path());
-    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let mut acked = std::mem::take(&mut *acked.lock().unwrap());
     let url = relay.url.as_str();
+    acked.streams_resumed = acked.streams.values().filter(|s| !s.complete).count();
 
     // Change log: every acknowledged update exactly once, in daemon order, dense.
     let mut entries = Vec::new();
@@ -335,6 +543,11 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
         daemon_seqs.len() as u64
     );
     let mut delivered = BTreeSet::new();
+    // Uploads resume from the chunk after the last acknowledged one (`upload_stream`).
+    let uploads = Mutex::new(Acked {
+        streams: std::mem::take(&mut acked.streams),
+        ..Acked::default()
+    });
     loop {
         let poll = json!({ "daemon_id": "d", "connection_id": connect["connection_id"], "wait_for_commands": false });
         let (status, body) = post(url, &keys.daemon, "/sync/poll", &poll).await.unwrap();
@@ -342,6 +555,20 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
         let commands = body["commands"].as_array().unwrap().clone();
         if commands.is_empty() {
             break;
+        }
+        let (streams, commands): (Vec<Value>, Vec<Value>) = commands
+            .into_iter()
+            .partition(|c| c["stream"] == json!(true));
+        for command in &streams {
+            let id = command["id"].as_str().unwrap();
+            assert!(
+                delivered.insert(id.to_owned()),
+                "{id} delivered twice after the restart"
+            );
+            assert!(
+                upload_stream(url, &keys.daemon, &uploads, command).await,
+                "the restarted relay takes the rest of {id}'s chunks"
+            );
         }
         let mut results = Vec::new();
         for command in commands {
@@ -369,6 +596,32 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
     assert!(
         missing.is_empty(),
         "acknowledged commands never delivered: {missing:?}"
+    );
+
+    // Stream contexts: every upload was finished (one unfinished by the ledger was handed
+    // out again, or the relay had stored its last chunk but the answer was lost), and each
+    // replays from the relay's store, whole and byte-exact, without a new fetch.
+    acked.streams = uploads.into_inner().unwrap().streams;
+    for (id, stream) in &acked.streams {
+        let state = get(url, &keys.client, &format!("/api/v1/commands/{id}")).await;
+        assert_eq!(state["state"], "completed", "{id}: {state}");
+        if !stream.complete {
+            acked.streams_unconfirmed += 1;
+        }
+        let name = stream.path.trim_start_matches("/api/v1/");
+        let response = get_response(url, &keys.client, &format!("/api/v1/daemons/d/{name}")).await;
+        assert_eq!(response.headers()["x-syncrelay-source"], "cache", "{id}");
+        let body = response.text().await.unwrap();
+        assert_eq!(
+            without_keepalives(&body),
+            framed_stream(&stream.path),
+            "{id}: the stored context differs"
+        );
+    }
+    assert!(
+        acked.chunk_acks > rounds * 2,
+        "the workload uploaded chunks: {} acknowledged in {rounds} rounds",
+        acked.chunk_acks
     );
     assert!(
         acked.commands.len() > rounds * progress && acked.results.len() > rounds * progress / 3,
@@ -454,6 +707,10 @@ async fn agent_crash_loop(kills: usize, progress: usize) {
     }
     chaos::stop_workload(stop, tasks).await;
     let checked = chaos::check(&relay.url, &client_key, &daemon, &ledger, false).await;
+    assert!(
+        checked.writes > 0 && checked.streams_replayed > 0,
+        "the workload wrote and uploaded whole contexts: {checked:?}"
+    );
     eprintln!(
         "relay and agent crash loop: {relay_kills} relay kills and {agent_kills} agent kills in \
          {:.0} s; {} client retries; checked {checked:?}; lost 0",

@@ -91,6 +91,8 @@ enum Damage {
     Flip(usize),
     Truncate(usize),
     SealEdited,
+    /// A high bit flipped in the seal: no longer UTF-8, still damaged (not unreadable).
+    SealFlipped,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,6 +113,7 @@ async fn a_damaged_database_is_refused_never_served_short() {
     let mut damages: Vec<Damage> = (1..=16).map(|i| Damage::Flip(db.len() * i / 17)).collect();
     damages.extend((1..=4).map(|i| Damage::Truncate(db.len() * i / 5)));
     damages.push(Damage::SealEdited);
+    damages.push(Damage::SealFlipped);
     let mut refused = 0;
     for (n, damage) in damages.iter().enumerate() {
         let copy = dir.path().join(format!("damaged-{n}"));
@@ -131,6 +134,13 @@ async fn a_damaged_database_is_refused_never_served_short() {
                 let text = std::fs::read_to_string(&seal).unwrap();
                 std::fs::write(&seal, text.replace("commits ", "commits 1")).unwrap();
                 "seal edited".to_owned()
+            }
+            Damage::SealFlipped => {
+                let seal = copy.join("store.seal");
+                let mut bytes = std::fs::read(&seal).unwrap();
+                bytes[3] ^= 0x80;
+                std::fs::write(&seal, bytes).unwrap();
+                "seal bit-flipped into invalid UTF-8".to_owned()
             }
         };
         match start(&copy, &ids, &client).await {

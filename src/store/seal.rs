@@ -153,8 +153,9 @@ fn check(commits: u64) -> String {
 
 /// The seal's counter; `None` when there is no seal file.
 fn read(path: &Path) -> Result<Option<u64>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    // Bytes, not text: a seal damaged into invalid UTF-8 is damaged, not unreadable.
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => {
             return Err(StoreError::Unavailable(format!(
@@ -170,7 +171,12 @@ fn read(path: &Path) -> Result<Option<u64>> {
             path.display()
         ))
     };
-    parse(&text).map(Some).ok_or_else(damaged)
+    parse_bytes(&bytes).map(Some).ok_or_else(damaged)
+}
+
+/// [`parse`] of a seal file's bytes.
+pub(super) fn parse_bytes(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok().and_then(parse)
 }
 
 /// The counter a seal file's text holds; `None` unless the text is exactly what

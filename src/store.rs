@@ -226,6 +226,14 @@ impl Store {
         self.committer.commit().await
     }
 
+    /// Whether every command queued so far is on disk, including those whose request is
+    /// still waiting for its commit. A poll that leased commands commits first when not:
+    /// a daemon must never run a command a crash can take back, or a client retrying with
+    /// its `Idempotency-Key` would have the daemon run the write again as a new command.
+    pub fn queued_commands_durable(&self) -> bool {
+        self.committer.tracked_durable()
+    }
+
     /// Flush counts for metrics and benchmarks.
     pub fn commit_stats(&self) -> CommitStats {
         self.committer.stats()

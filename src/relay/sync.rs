@@ -159,6 +159,14 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
         }
     };
     signals.seen();
+    // A command is run only once it is on disk: one queued a moment ago may still wait for
+    // its flush, and a crash would take it back after the daemon ran it.
+    if !batch.commands.is_empty() && !app.store.queued_commands_durable() {
+        if let Err(err) = app.store.commit().await {
+            signals.return_reads(reads);
+            return Err(err.into());
+        }
+    }
     let listed: Vec<(&str, &str, &str, bool)> = reads
         .iter()
         .map(|read| (&*read.id, &*read.method, &*read.params_json, false))

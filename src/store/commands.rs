@@ -191,17 +191,20 @@ impl Store {
         let daemon_bytes = self.encoded(&daemon)?;
         let command_bytes = self.encoded(&command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
-        (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
-            |(daemons, commands, queue, idempotency)| -> ConflictableTransactionResult<(), StoreError> {
-                daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
-                commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
-                queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
-                if let Some(index_key) = &idempotency_key {
-                    idempotency.insert(index_key.as_slice(), command.id.as_bytes())?;
-                }
-                Ok(())
-            },
-        )?;
+        // Tracked: a poll may lease the command before this request's commit resolves.
+        self.committer.tracked(|| {
+            (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
+                |(daemons, commands, queue, idempotency)| -> ConflictableTransactionResult<(), StoreError> {
+                    daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
+                    commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
+                    queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
+                    if let Some(index_key) = &idempotency_key {
+                        idempotency.insert(index_key.as_slice(), command.id.as_bytes())?;
+                    }
+                    Ok(())
+                },
+            )
+        })?;
         Ok(EnqueueOutcome {
             command,
             created: true,
@@ -426,6 +429,26 @@ mod tests {
             Some("1")
         );
         assert_eq!(store.daemon("d").unwrap().unwrap().queued, 1);
+    }
+
+    #[tokio::test]
+    async fn a_queued_command_is_reported_unflushed_until_a_commit_covers_it() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        store.commit().await.unwrap();
+        assert!(store.queued_commands_durable(), "nothing queued yet");
+        store.enqueue(new_command("d", None), 0).unwrap();
+        assert!(
+            !store.queued_commands_durable(),
+            "a poll must not hand this out unflushed"
+        );
+        store.commit().await.unwrap();
+        assert!(store.queued_commands_durable());
+        // A refused enqueue (the idempotency key is known) queues nothing new.
+        store.enqueue(new_command("d", Some("k")), 0).unwrap();
+        store.commit().await.unwrap();
+        store.enqueue(new_command("d", Some("k")), 0).unwrap();
+        assert!(store.queued_commands_durable());
     }
 
     #[test]

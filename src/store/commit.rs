@@ -39,6 +39,17 @@ struct Counters {
     batch_size: crate::metrics::Histogram,
 }
 
+/// Writes whose effect someone may see before their writer's commit resolves: a new
+/// command can be leased by a poll while the request that queued it still waits for its
+/// flush. Counted, not listed: `started` before the write, `finished` after it, and after
+/// each successful flush `durable` is what `finished` was when the flush began.
+#[derive(Default)]
+struct Tracked {
+    started: AtomicU64,
+    finished: AtomicU64,
+    durable: AtomicU64,
+}
+
 /// Longest a commit waits for its flush before it is answered as a failure.
 const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -47,6 +58,7 @@ pub struct GroupCommit {
     waiters_tx: Mutex<Option<mpsc::Sender<Waiter>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    tracked: Arc<Tracked>,
 }
 
 impl GroupCommit {
@@ -61,16 +73,36 @@ impl GroupCommit {
             flush_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
             batch_size: crate::metrics::Histogram::new(crate::metrics::BATCH_BUCKETS),
         });
-        let thread_counters = counters.clone();
+        let tracked = Arc::new(Tracked::default());
+        let (thread_counters, thread_tracked) = (counters.clone(), tracked.clone());
         let thread = std::thread::Builder::new()
             .name("syncrelay-flush".into())
-            .spawn(move || flush_loop(&db, seal, &waiters_rx, &thread_counters))
+            .spawn(move || flush_loop(&db, seal, &waiters_rx, &thread_counters, &thread_tracked))
             .expect("spawn the flusher thread");
         GroupCommit {
             waiters_tx: Mutex::new(Some(waiters_tx)),
             thread: Mutex::new(Some(thread)),
             counters,
+            tracked,
         }
+    }
+
+    /// Runs `write` as a tracked write (see [`GroupCommit::tracked_durable`]).
+    pub fn tracked<T>(&self, write: impl FnOnce() -> T) -> T {
+        self.tracked.started.fetch_add(1, Ordering::SeqCst);
+        let outcome = write();
+        self.tracked.finished.fetch_add(1, Ordering::SeqCst);
+        outcome
+    }
+
+    /// Whether every tracked write visible now is on disk. `false` means "commit first";
+    /// it may be `false` when a commit would find nothing to do, never `true` wrongly: a
+    /// write visible now started before `started` is read, and a flush whose start saw
+    /// `finished` at least that high began after every such write ended (or, if it began
+    /// later still, after the write was visible, which its flush covers).
+    pub fn tracked_durable(&self) -> bool {
+        let started = self.tracked.started.load(Ordering::SeqCst);
+        self.tracked.durable.load(Ordering::SeqCst) >= started
     }
 
     pub async fn commit(&self) -> Result<(), StoreError> {
@@ -138,16 +170,19 @@ fn flush_loop(
     mut seal: Option<super::seal::Seal>,
     waiters_rx: &mpsc::Receiver<Waiter>,
     counters: &Counters,
+    tracked: &Tracked,
 ) {
     // `recv` fails once every sender is gone: stop() was called and the queue is drained.
     while let Ok(first) = waiters_rx.recv() {
         let mut batch = vec![first];
         batch.extend(waiters_rx.try_iter());
         let started = Instant::now();
+        let covered = tracked.finished.load(Ordering::SeqCst);
         let bumped = seal.as_mut().map_or(Ok(()), |seal| seal.bump());
         let outcome = bumped.and_then(|()| db.flush().map(|_| ()).map_err(|err| err.to_string()));
         match &outcome {
             Ok(()) => {
+                tracked.durable.fetch_max(covered, Ordering::SeqCst);
                 if let Some(seal) = &mut seal {
                     seal.flush_succeeded();
                     seal.flushed(false);

@@ -164,29 +164,32 @@ impl Store {
         );
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let replaced = current.map(|old| old.context_id.to_be_bytes());
-        (
-            &self.daemons,
-            &self.commands,
-            &self.queue,
-            &self.contexts,
-            &self.context_index,
-            &self.context_commands,
-            &self.context_garbage,
-        )
-            .transaction(
-                |(daemons, commands, queue, contexts, index, by_command, garbage)| -> ConflictableTransactionResult<(), StoreError> {
-                    daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
-                    commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
-                    queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
-                    contexts.insert(&id_bytes, record_bytes.as_slice())?;
-                    index.insert(index_key.as_slice(), &id_bytes)?;
-                    by_command.insert(command.id.as_bytes(), &id_bytes)?;
-                    if let Some(old) = &replaced {
-                        garbage.insert(old, codec::encode(&now_ms))?;
-                    }
-                    Ok(())
-                },
-            )?;
+        // Tracked: a poll may lease the command before this request's commit resolves.
+        self.committer.tracked(|| {
+            (
+                &self.daemons,
+                &self.commands,
+                &self.queue,
+                &self.contexts,
+                &self.context_index,
+                &self.context_commands,
+                &self.context_garbage,
+            )
+                .transaction(
+                    |(daemons, commands, queue, contexts, index, by_command, garbage)| -> ConflictableTransactionResult<(), StoreError> {
+                        daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
+                        commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
+                        queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
+                        contexts.insert(&id_bytes, record_bytes.as_slice())?;
+                        index.insert(index_key.as_slice(), &id_bytes)?;
+                        by_command.insert(command.id.as_bytes(), &id_bytes)?;
+                        if let Some(old) = &replaced {
+                            garbage.insert(old, codec::encode(&now_ms))?;
+                        }
+                        Ok(())
+                    },
+                )
+        })?;
         Ok(Opened::Started(record))
     }
 

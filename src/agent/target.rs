@@ -388,6 +388,21 @@ mod tests {
     }
 
     #[test]
+    fn a_command_id_header_in_the_params_never_reaches_the_daemon() {
+        let hld = target("http://127.0.0.1:7777/api/v1");
+        let params = serde_json::json!({
+            "method": "POST",
+            "path": "/api/v1/sessions",
+            "query": "",
+            "headers": {"X-SyncRelay-Command-Id": "forged", "x-fine": "yes"},
+            "body": null,
+        });
+        let request = hld.http_request(&params).unwrap().build().unwrap();
+        assert!(request.headers().get(COMMAND_ID_HEADER).is_none());
+        assert_eq!(request.headers()["x-fine"], "yes");
+    }
+
+    #[test]
     fn bodies_keep_their_kind() {
         assert_eq!(
             encode_body(br#"{"a":1}"#, true),

@@ -58,6 +58,8 @@ struct Acked {
     streams_asked: usize,
     /// Uploads unfinished at the last restart, finished after it.
     streams_resumed: usize,
+    /// Uploads handed out again and resumed part-way, from a chunk after the first.
+    resumed_mid_stream: usize,
     /// Uploads whose last chunk the relay stored but whose answer was lost in a kill.
     streams_unconfirmed: usize,
 }
@@ -77,20 +79,36 @@ struct Keys {
     client: String,
 }
 
+/// POSTs `body`; a 429 is retried after its `Retry-After`, as by [`get_response`].
 async fn post(
     url: &str,
     token: &str,
     route: &str,
     body: &Value,
 ) -> Result<(u16, Value), reqwest::Error> {
-    let response = reqwest::Client::new()
-        .post(format!("{url}{route}"))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    Ok((status, response.json().await?))
+    loop {
+        let response = reqwest::Client::new()
+            .post(format!("{url}{route}"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await?;
+        if response.status() == 429 {
+            tokio::time::sleep(retry_after(&response)).await;
+            continue;
+        }
+        let status = response.status().as_u16();
+        return Ok((status, response.json().await?));
+    }
+}
+
+fn retry_after(response: &reqwest::Response) -> Duration {
+    let seconds = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds)
 }
 
 /// GETs `route`, as a well-behaved client: a 429 is retried after its `Retry-After` (the
@@ -104,12 +122,7 @@ async fn get_response(url: &str, token: &str, route: &str) -> reqwest::Response 
             .await
             .unwrap();
         if response.status() == 429 {
-            let seconds = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(1);
-            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            tokio::time::sleep(retry_after(&response)).await;
             continue;
         }
         assert_eq!(response.status(), 200, "GET {route}");
@@ -250,7 +263,11 @@ async fn upload_stream(url: &str, key: &str, acked: &Mutex<Acked>, command: &Val
             acked: None,
             complete: false,
         });
-        (entry.acked.map_or(0, |index| index + 1), entry.complete)
+        let progress = (entry.acked.map_or(0, |index| index + 1), entry.complete);
+        if progress.0 > 0 && !progress.1 {
+            a.resumed_mid_stream += 1;
+        }
+        progress
     };
     assert!(
         !complete,
@@ -428,14 +445,15 @@ async fn sigkill_loop_long() {
     let acked = crash_loop(kills, 20).await;
     eprintln!(
         "crash loop: {kills} kills in {:.0} s; checked {} acknowledged commands, {} results, \
-         {} updates, {} chunks of {} stream contexts ({} finished after the last restart, \
-         {} finished with the answer to their last chunk lost); lost 0",
+         {} updates, {} chunks of {} stream contexts ({} resumed part-way, {} finished after the last \
+         restart, {} finished with the answer to their last chunk lost); lost 0",
         started.elapsed().as_secs_f64(),
         acked.commands.len(),
         acked.results.len(),
         acked.update_seq,
         acked.chunk_acks,
         acked.streams.len(),
+        acked.resumed_mid_stream,
         acked.streams_resumed,
         acked.streams_unconfirmed
     );
@@ -474,7 +492,7 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
     let relay = RelayProcess::spawn(dir.path());
     let mut acked = std::mem::take(&mut *acked.lock().unwrap());
     let url = relay.url.as_str();
-    acked.streams_resumed = acked.streams.values().filter(|s| !s.complete).count();
+    let unfinished = acked.streams.values().filter(|s| !s.complete).count();
 
     // Change log: every acknowledged update exactly once, in daemon order, dense.
     let mut entries = Vec::new();
@@ -601,7 +619,9 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
     // Stream contexts: every upload was finished (one unfinished by the ledger was handed
     // out again, or the relay had stored its last chunk but the answer was lost), and each
     // replays from the relay's store, whole and byte-exact, without a new fetch.
-    acked.streams = uploads.into_inner().unwrap().streams;
+    let uploads = uploads.into_inner().unwrap();
+    acked.streams = uploads.streams;
+    acked.resumed_mid_stream += uploads.resumed_mid_stream;
     for (id, stream) in &acked.streams {
         let state = get(url, &keys.client, &format!("/api/v1/commands/{id}")).await;
         assert_eq!(state["state"], "completed", "{id}: {state}");
@@ -618,6 +638,13 @@ async fn crash_loop(rounds: usize, progress: usize) -> Acked {
             "{id}: the stored context differs"
         );
     }
+    acked.streams_resumed = unfinished - acked.streams_unconfirmed;
+    // Uploads cut by a kill are handed out again; the long run must have resumed some
+    // part-way, or "resuming never meets a gap" was not exercised.
+    assert!(
+        rounds < 50 || acked.resumed_mid_stream > 0,
+        "no upload resumed part-way in {rounds} rounds"
+    );
     assert!(
         acked.chunk_acks > rounds * 2,
         "the workload uploaded chunks: {} acknowledged in {rounds} rounds",

@@ -114,7 +114,7 @@ impl TestDaemon {
         *self.state.lock().unwrap().hits.get(path).unwrap_or(&0)
     }
 
-    /// The distinct command ids of the requests for `path`, in order.
+    /// The distinct command ids of the requests for `path`, sorted.
     pub fn command_ids(&self, path: &str) -> Vec<String> {
         let state = self.state.lock().unwrap();
         state

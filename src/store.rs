@@ -226,11 +226,21 @@ impl Store {
         self.committer.commit().await
     }
 
-    /// Whether every command queued so far is on disk, including those whose request is
-    /// still waiting for its commit. A poll that leased commands commits first when not:
-    /// a daemon must never run a command a crash can take back, or a client retrying with
-    /// its `Idempotency-Key` would have the daemon run the write again as a new command.
-    pub fn queued_commands_durable(&self) -> bool {
+    /// Resolves once every queued command and stream chunk visible now is on disk,
+    /// including those whose writer still waits for its commit; at once (no flush) when
+    /// they already are. Call it between reading such state and showing it outside: a
+    /// daemon must never run a command a crash can take back (a client retrying with its
+    /// `Idempotency-Key` would have the write run again as a new command), and a client
+    /// must never be sent a chunk a crash can take back (a refetch may cut it differently).
+    pub async fn commit_visible(&self) -> Result<()> {
+        if self.visible_durable() {
+            return Ok(());
+        }
+        self.committer.commit().await
+    }
+
+    /// Whether [`Store::commit_visible`] would resolve without a flush.
+    pub(crate) fn visible_durable(&self) -> bool {
         self.committer.tracked_durable()
     }
 

@@ -109,6 +109,9 @@ pub async fn serve(
         }
     };
     let record = await_head(app, record).await?;
+    // The status and headers (and, for a cache hit, the whole context) go out only once on
+    // disk: a crash must not take back what a client was shown.
+    app.store.commit_visible().await?;
     let status =
         StatusCode::from_u16(record.status.unwrap_or(502)).unwrap_or(StatusCode::BAD_GATEWAY);
     let sse = status.is_success();
@@ -199,8 +202,8 @@ fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
     Ok(fresh.is_none_or(|r| r.state == ContextState::Fetching))
 }
 
-/// Copies one context to one client: stored chunks first, then each new chunk as it is
-/// committed, until the context ends. `sse` is the `Last-Event-ID` to resume after, or
+/// Copies one context to one client: stored chunks first, then each new chunk once it is
+/// on disk, until the context ends. `sse` is the `Last-Event-ID` to resume after, or
 /// `None` to pass the bytes on unframed (a non-2xx answer).
 async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc::Sender<Bytes>) {
     let mut framer = sse.map(SseFramer::new);
@@ -208,6 +211,8 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
     let keepalive = app.config.changes.sse_keepalive;
     let mut keepalive_at = Instant::now() + keepalive;
     let mut next = 0u64;
+    // Once a record read as ended was found on disk, nothing of the context changes.
+    let mut settled = false;
     loop {
         let Ok(Some(record)) = app.store.context(context_id) else {
             return;
@@ -219,6 +224,18 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
                 return;
             }
         };
+        // What was just read may be a chunk (or the end) whose post still waits for its
+        // flush; a crash would take it back, and a refetch may cut the context otherwise.
+        if !settled {
+            if let Err(err) = app.store.commit_visible().await {
+                tracing::warn!(context_id, error = %err, "a context could not be made durable");
+                if framer.is_some() {
+                    send_error_event(&frames_tx, "{\"code\":\"storage_unavailable\"}").await;
+                }
+                return;
+            }
+            settled = record.state != ContextState::Fetching;
+        }
         if !chunks.is_empty() {
             for chunk in chunks {
                 next += 1;
@@ -243,9 +260,7 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
                     .error_json
                     .as_deref()
                     .unwrap_or("{\"code\":\"stream_failed\"}");
-                let _ = frames_tx
-                    .send(Bytes::from(format!("event: error\ndata: {error}\n\n")))
-                    .await;
+                send_error_event(&frames_tx, error).await;
             }
             return;
         }
@@ -261,6 +276,14 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
             _ = app.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Ends an SSE body with an `error` event, so the client does not take the end for a
+/// complete context. A client already gone is no matter.
+async fn send_error_event(frames_tx: &mpsc::Sender<Bytes>, error_json: &str) {
+    let _ = frames_tx
+        .send(Bytes::from(format!("event: error\ndata: {error_json}\n\n")))
+        .await;
 }
 
 #[cfg(test)]

@@ -161,8 +161,8 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
     signals.seen();
     // A command is run only once it is on disk: one queued a moment ago may still wait for
     // its flush, and a crash would take it back after the daemon ran it.
-    if !batch.commands.is_empty() && !app.store.queued_commands_durable() {
-        if let Err(err) = app.store.commit().await {
+    if !batch.commands.is_empty() {
+        if let Err(err) = app.store.commit_visible().await {
             signals.return_reads(reads);
             return Err(err.into());
         }

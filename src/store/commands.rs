@@ -436,19 +436,19 @@ mod tests {
         let (_dir, store) = temp_store();
         store.ensure_daemon("d", 0).unwrap();
         store.commit().await.unwrap();
-        assert!(store.queued_commands_durable(), "nothing queued yet");
+        assert!(store.visible_durable(), "nothing queued yet");
         store.enqueue(new_command("d", None), 0).unwrap();
         assert!(
-            !store.queued_commands_durable(),
+            !store.visible_durable(),
             "a poll must not hand this out unflushed"
         );
         store.commit().await.unwrap();
-        assert!(store.queued_commands_durable());
+        assert!(store.visible_durable());
         // A refused enqueue (the idempotency key is known) queues nothing new.
         store.enqueue(new_command("d", Some("k")), 0).unwrap();
         store.commit().await.unwrap();
         store.enqueue(new_command("d", Some("k")), 0).unwrap();
-        assert!(store.queued_commands_durable());
+        assert!(store.visible_durable());
     }
 
     #[test]

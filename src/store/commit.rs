@@ -41,7 +41,8 @@ struct Counters {
 
 /// Writes whose effect someone may see before their writer's commit resolves: a new
 /// command can be leased by a poll while the request that queued it still waits for its
-/// flush. Counted, not listed: `started` before the write, `finished` after it, and after
+/// flush, and a stream chunk can be read by a client's pump before the daemon's post of
+/// it is committed. Counted, not listed: `started` before the write, `finished` after it, and after
 /// each successful flush `durable` is what `finished` was when the flush began.
 #[derive(Default)]
 struct Tracked {
@@ -87,12 +88,19 @@ impl GroupCommit {
         }
     }
 
-    /// Runs `write` as a tracked write (see [`GroupCommit::tracked_durable`]).
+    /// Runs `write` as a tracked write (see [`GroupCommit::tracked_durable`]). It counts
+    /// as finished even if it panics, so one bad write cannot make every later check
+    /// answer "commit first".
     pub fn tracked<T>(&self, write: impl FnOnce() -> T) -> T {
+        struct Finish<'a>(&'a AtomicU64);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         self.tracked.started.fetch_add(1, Ordering::SeqCst);
-        let outcome = write();
-        self.tracked.finished.fetch_add(1, Ordering::SeqCst);
-        outcome
+        let _finish = Finish(&self.tracked.finished);
+        write()
     }
 
     /// Whether every tracked write visible now is on disk. `false` means "commit first";

@@ -249,112 +249,116 @@ impl Store {
         now_ms: u64,
     ) -> Result<ChunkOutcome> {
         let _guard = self.lock_daemon(daemon_id);
-        let Some(id_bytes) = self.context_commands.get(command_id.as_bytes())? else {
-            return Ok(ChunkOutcome::Unknown);
-        };
-        let Some(mut record) = self.get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
-            return Ok(ChunkOutcome::Unknown);
-        };
-        let Some(mut command) =
-            self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
-        else {
-            return Ok(ChunkOutcome::Unknown);
-        };
-        if record.daemon_id != daemon_id {
-            return Ok(ChunkOutcome::Unknown);
-        }
-        if chunk.index < record.chunks && record.state == ContextState::Fetching {
-            // A retry carries the same bytes. Different bytes mean the daemon's response was
-            // fetched again and cut differently (an agent restarted mid-upload): appending
-            // it would garble the context, so the fetch fails and the next request starts a
-            // clean one.
-            let stored = self
-                .context_chunks
-                .get(chunk_key(record.context_id, chunk.index))?;
-            let same = stored
-                .map(|bytes| self.decode::<Vec<u8>>(&bytes))
-                .transpose()?
-                .is_some_and(|bytes| bytes == chunk.data);
-            if !same {
-                record.state = ContextState::Failed;
-                record.finished_at_ms = now_ms;
-                record.error_json = Some(
-                    serde_json::json!({ "code": "stream_restarted", "message": "the daemon's response was fetched again and differs" })
-                        .to_string(),
-                );
-                self.contexts.insert(&id_bytes, self.encoded(&record)?)?;
-                self.finish_stream_command(&mut command, &record, now_ms)?;
+        // Tracked: a client's pump may read the chunk (or the context's end) before this
+        // post's commit resolves.
+        self.committer.tracked(|| {
+            let Some(id_bytes) = self.context_commands.get(command_id.as_bytes())? else {
+                return Ok(ChunkOutcome::Unknown);
+            };
+            let Some(mut record) = self.get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
+                return Ok(ChunkOutcome::Unknown);
+            };
+            let Some(mut command) =
+                self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+            else {
+                return Ok(ChunkOutcome::Unknown);
+            };
+            if record.daemon_id != daemon_id {
                 return Ok(ChunkOutcome::Unknown);
             }
-        }
-        if chunk.index < record.chunks {
-            // A retry. Should the context have completed without its command (a crash in
-            // between), finish the command now.
-            if record.state != ContextState::Fetching && !command.state.is_final() {
+            if chunk.index < record.chunks && record.state == ContextState::Fetching {
+                // A retry carries the same bytes. Different bytes mean the daemon's response was
+                // fetched again and cut differently (an agent restarted mid-upload): appending
+                // it would garble the context, so the fetch fails and the next request starts a
+                // clean one.
+                let stored = self
+                    .context_chunks
+                    .get(chunk_key(record.context_id, chunk.index))?;
+                let same = stored
+                    .map(|bytes| self.decode::<Vec<u8>>(&bytes))
+                    .transpose()?
+                    .is_some_and(|bytes| bytes == chunk.data);
+                if !same {
+                    record.state = ContextState::Failed;
+                    record.finished_at_ms = now_ms;
+                    record.error_json = Some(
+                        serde_json::json!({ "code": "stream_restarted", "message": "the daemon's response was fetched again and differs" })
+                            .to_string(),
+                    );
+                    self.contexts.insert(&id_bytes, self.encoded(&record)?)?;
+                    self.finish_stream_command(&mut command, &record, now_ms)?;
+                    return Ok(ChunkOutcome::Unknown);
+                }
+            }
+            if chunk.index < record.chunks {
+                // A retry. Should the context have completed without its command (a crash in
+                // between), finish the command now.
+                if record.state != ContextState::Fetching && !command.state.is_final() {
+                    self.finish_stream_command(&mut command, &record, now_ms)?;
+                }
+                return Ok(ChunkOutcome::Duplicate(record));
+            }
+            if record.state != ContextState::Fetching || command.state.is_final() {
+                return Ok(ChunkOutcome::Unknown);
+            }
+            if chunk.index > record.chunks {
+                return Ok(ChunkOutcome::Gap {
+                    expected: record.chunks,
+                });
+            }
+            let too_large = record.bytes + chunk.data.len() as u64 > max_context_bytes;
+            if too_large {
+                record.state = ContextState::Failed;
+                record.error_json = Some(
+                    serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") })
+                        .to_string(),
+                );
+                record.finished_at_ms = now_ms;
+            } else {
+                if chunk.index == 0 {
+                    record.status = chunk.status;
+                    record.headers = chunk.headers;
+                }
+                record.chunks += 1;
+                record.bytes += chunk.data.len() as u64;
+                if chunk.complete {
+                    record.state = if chunk.error_json.is_some() {
+                        ContextState::Failed
+                    } else {
+                        ContextState::Complete
+                    };
+                    record.error_json = chunk.error_json;
+                    record.finished_at_ms = now_ms;
+                }
+            }
+            let key = chunk_key(record.context_id, chunk.index);
+            let data = match too_large {
+                true => None,
+                false => Some(self.encoded(&chunk.data.to_vec())?),
+            };
+            let record_bytes = self.encoded(&record)?;
+            (&self.contexts, &self.context_chunks).transaction(
+                |(contexts, chunks)| -> ConflictableTransactionResult<(), StoreError> {
+                    contexts.insert(&id_bytes, record_bytes.as_slice())?;
+                    if let Some(data) = &data {
+                        chunks.insert(&key, data.as_slice())?;
+                    }
+                    Ok(())
+                },
+            )?;
+            if record.state == ContextState::Fetching {
+                // Chunks flowing: the daemon is working on it, keep the lease.
+                command.lease_until_ms = now_ms.saturating_add(lease_ms);
+                self.commands
+                    .insert(command_id.as_bytes(), self.encoded(&command)?)?;
+            } else {
                 self.finish_stream_command(&mut command, &record, now_ms)?;
             }
-            return Ok(ChunkOutcome::Duplicate(record));
-        }
-        if record.state != ContextState::Fetching || command.state.is_final() {
-            return Ok(ChunkOutcome::Unknown);
-        }
-        if chunk.index > record.chunks {
-            return Ok(ChunkOutcome::Gap {
-                expected: record.chunks,
-            });
-        }
-        let too_large = record.bytes + chunk.data.len() as u64 > max_context_bytes;
-        if too_large {
-            record.state = ContextState::Failed;
-            record.error_json = Some(
-                serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") })
-                    .to_string(),
-            );
-            record.finished_at_ms = now_ms;
-        } else {
-            if chunk.index == 0 {
-                record.status = chunk.status;
-                record.headers = chunk.headers;
-            }
-            record.chunks += 1;
-            record.bytes += chunk.data.len() as u64;
-            if chunk.complete {
-                record.state = if chunk.error_json.is_some() {
-                    ContextState::Failed
-                } else {
-                    ContextState::Complete
-                };
-                record.error_json = chunk.error_json;
-                record.finished_at_ms = now_ms;
-            }
-        }
-        let key = chunk_key(record.context_id, chunk.index);
-        let data = match too_large {
-            true => None,
-            false => Some(self.encoded(&chunk.data.to_vec())?),
-        };
-        let record_bytes = self.encoded(&record)?;
-        (&self.contexts, &self.context_chunks).transaction(
-            |(contexts, chunks)| -> ConflictableTransactionResult<(), StoreError> {
-                contexts.insert(&id_bytes, record_bytes.as_slice())?;
-                if let Some(data) = &data {
-                    chunks.insert(&key, data.as_slice())?;
-                }
-                Ok(())
-            },
-        )?;
-        if record.state == ContextState::Fetching {
-            // Chunks flowing: the daemon is working on it, keep the lease.
-            command.lease_until_ms = now_ms.saturating_add(lease_ms);
-            self.commands
-                .insert(command_id.as_bytes(), self.encoded(&command)?)?;
-        } else {
-            self.finish_stream_command(&mut command, &record, now_ms)?;
-        }
-        Ok(if too_large {
-            ChunkOutcome::TooLarge(record)
-        } else {
-            ChunkOutcome::Stored(record)
+            Ok(if too_large {
+                ChunkOutcome::TooLarge(record)
+            } else {
+                ChunkOutcome::Stored(record)
+            })
         })
     }
 
@@ -513,6 +517,27 @@ mod tests {
             complete,
             error_json: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_stored_chunk_is_reported_unflushed_until_a_commit_covers_it() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let Opened::Started(first) = store.open_context(request(false), 0).unwrap() else {
+            panic!()
+        };
+        store.commit().await.unwrap();
+        assert!(store.visible_durable(), "the fetch is on disk");
+        let command = first.command_id.as_str();
+        store
+            .append_chunk("d", command, chunk(0, b"ab", true), 100, 50, 1)
+            .unwrap();
+        assert!(
+            !store.visible_durable(),
+            "a pump must not send this chunk unflushed"
+        );
+        store.commit_visible().await.unwrap();
+        assert!(store.visible_durable());
     }
 
     #[test]

@@ -166,6 +166,9 @@ async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecor
             return Ok(record);
         }
         if record.state != ContextState::Fetching || fetch_is_dead(app, &record)? {
+            // Told only once on disk: the end of a fetch, or its command's expiry, may
+            // still wait for its flush.
+            app.store.commit().await?;
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "stream_failed",
@@ -213,30 +216,35 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
     let mut next = 0u64;
     // Once a record read as ended was found on disk, nothing of the context changes.
     let mut settled = false;
+    // A storage failure ends an SSE body with an error event, never like a whole context.
+    let (sse_body, frames) = (framer.is_some(), &frames_tx);
+    let storage_failed = move |err: &dyn std::fmt::Display| {
+        tracing::warn!(context_id, error = %err, "serving a context failed");
+        async move {
+            if sse_body {
+                send_error_event(frames, "{\"code\":\"storage_unavailable\"}").await;
+            }
+        }
+    };
     loop {
-        let Ok(Some(record)) = app.store.context(context_id) else {
-            return;
+        let record = match app.store.context(context_id) {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(err) => return storage_failed(&err).await,
         };
         let chunks = match app.store.context_chunks(context_id, next, READ_BATCH) {
             Ok(chunks) => chunks,
-            Err(err) => {
-                tracing::warn!(context_id, error = %err, "reading a context failed");
-                return;
-            }
+            Err(err) => return storage_failed(&err).await,
         };
-        // What was just read may be a chunk (or the end) whose post still waits for its
-        // flush; a crash would take it back, and a refetch may cut the context otherwise.
-        if !settled {
-            if let Err(err) = app.store.commit_visible().await {
-                tracing::warn!(context_id, error = %err, "a context could not be made durable");
-                if framer.is_some() {
-                    send_error_event(&frames_tx, "{\"code\":\"storage_unavailable\"}").await;
-                }
-                return;
-            }
-            settled = record.state != ContextState::Fetching;
-        }
         if !chunks.is_empty() {
+            // These may be chunks (or the end) whose post still waits for its flush; a
+            // crash would take them back, and a refetch may cut the context otherwise.
+            if !settled {
+                if let Err(err) = app.store.commit_visible().await {
+                    return storage_failed(&err).await;
+                }
+                settled = record.state != ContextState::Fetching;
+            }
             for chunk in chunks {
                 next += 1;
                 let out = match framer.as_mut() {
@@ -254,6 +262,16 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
         }
         let dead = fetch_is_dead(&app, &record).unwrap_or(true);
         if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
+            // The end goes out only once on disk too. A dead fetch was read from its
+            // command's state, whose final writes (expiry among them) are not tracked.
+            let durable = match (settled, dead) {
+                (true, _) => Ok(()),
+                (false, false) => app.store.commit_visible().await,
+                (false, true) => app.store.commit().await,
+            };
+            if let Err(err) = durable {
+                return storage_failed(&err).await;
+            }
             if framer.is_some() && record.state != ContextState::Complete {
                 // Say so, rather than end like a complete context.
                 let error = record

@@ -231,7 +231,8 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
     let mut finished = Vec::new();
     let mut contexts = Vec::new();
     // Whether the answer acknowledges anything that must survive a crash: every stored
-    // result (a read's result goes to its client in memory and is never stored).
+    // result and every chunk answer (a read's result goes to its client in memory and is
+    // never stored).
     let mut durable = false;
     let mut gap = None;
     for (index, entry) in entries.into_iter().enumerate() {
@@ -245,7 +246,12 @@ pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
                     }
                     response.accepted.push(entry.command_id);
                 }
-                ChunkAnswer::Unknown => response.unknown.push(entry.command_id),
+                ChunkAnswer::Unknown => {
+                    // It may have ended the fetch (too large, or fetched again and cut
+                    // otherwise): the daemon stops sending only once that is on disk.
+                    durable = true;
+                    response.unknown.push(entry.command_id);
+                }
                 ChunkAnswer::Gap(expected) => {
                     gap = Some((entry.command_id, expected));
                     break;

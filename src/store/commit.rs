@@ -42,8 +42,9 @@ struct Counters {
 /// Writes whose effect someone may see before their writer's commit resolves: a new
 /// command can be leased by a poll while the request that queued it still waits for its
 /// flush, and a stream chunk can be read by a client's pump before the daemon's post of
-/// it is committed. Counted, not listed: `started` before the write, `finished` after it, and after
-/// each successful flush `durable` is what `finished` was when the flush began.
+/// it is committed. Counted, not listed: `started` before the write, `finished` after
+/// it, and after each successful flush `durable` is what `finished` was when the flush
+/// began.
 #[derive(Default)]
 struct Tracked {
     started: AtomicU64,

@@ -8,8 +8,9 @@
 //! Values are bincode behind a one-byte format version (`codec`).
 //!
 //! Durability: writes land in sled's in-memory log; [`Store::commit`] resolves once a
-//! flush that *started after the call* has reached the disk. One flusher thread serves all
-//! callers (`commit`): group commit, never `flush_async` from request tasks (sled #1308).
+//! flush that *started after the call* has reached the disk, `fdatasync` included
+//! (`synced`: sled's own flush is no fsync). One flusher thread serves all callers
+//! (`commit`): group commit, never `flush_async` from request tasks (sled #1308).
 //!
 //! Concurrency: mutations of one daemon's records are serialised by a striped lock held only
 //! across synchronous sled calls (never across `.await`), and multi-tree changes use sled
@@ -32,10 +33,11 @@ mod responses;
 mod retention;
 mod seal;
 mod spill;
+mod synced;
 mod usage;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -53,6 +55,8 @@ pub use credentials::{KeyRecord, Role};
 pub use daemons::DaemonRecord;
 pub use responses::CachedResponse;
 pub use retention::{RetentionPolicy, SweepStats};
+#[doc(hidden)]
+pub use synced::UNSYNCED_FOR_BENCH_ENV;
 pub use usage::{TreeUsage, Usage};
 
 /// sled's page cache.
@@ -130,6 +134,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The relay's database. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
+    /// The same database, with the sync that makes it durable.
+    synced: Arc<synced::SyncedDb>,
     daemons: sled::Tree,
     commands: sled::Tree,
     queue: sled::Tree,
@@ -168,15 +174,18 @@ impl Store {
             .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
         // The page cache is capped so that RSS stays small on a small VPS whatever the
         // size of the stored contexts.
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()?;
+        let synced = Arc::new(synced::SyncedDb::open(
+            sled::Config::new().cache_capacity(SLED_CACHE_BYTES),
+            &dir.join("db"),
+        )?);
+        let db = synced.db().clone();
         let meta = db.open_tree("meta")?;
         match meta.get(layout::FORMAT_KEY)? {
             None => {
                 meta.insert(layout::FORMAT_KEY, &[codec::FORMAT_VERSION])?;
-                db.flush()?;
+                synced
+                    .sync()
+                    .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
             }
             Some(found) if found.as_ref() == [codec::FORMAT_VERSION] => {}
             Some(found) => {
@@ -203,10 +212,11 @@ impl Store {
             context_garbage: db.open_tree("context_garbage")?,
             spill: spill::Spill::open(&db)?,
             committer: commit::GroupCommit::start(
-                db.clone(),
+                synced.clone(),
                 Some(seal::Seal::open(
                     dir,
                     SEAL_FILE,
+                    &synced,
                     meta.clone(),
                     "Start the relay on a backup instead (`syncrelay serve --data-dir BACKUP`; \
                      backups are made with `syncrelay backup`).",
@@ -216,6 +226,7 @@ impl Store {
             gate: gate::Gate::default(),
             over_budget: Mutex::default(),
             db,
+            synced,
         };
         Ok(store)
     }
@@ -257,8 +268,9 @@ impl Store {
     /// Flushes and stops the flusher thread; later commits fail with `Closed`.
     pub fn close(&self) -> Result<()> {
         self.committer.stop();
-        self.db.flush()?;
-        Ok(())
+        self.synced
+            .sync()
+            .map_err(|err| StoreError::Unavailable(err.to_string()))
     }
 
     /// Bytes the database occupies on disk.

@@ -182,11 +182,9 @@ pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
             })?;
             if admin_key.exists() {
                 let copied = dir.join(crate::admin::ADMIN_KEY_FILE);
-                std::fs::copy(&admin_key, &copied)
-                    .and_then(|_| std::fs::File::open(&copied)?.sync_all())
-                    .map_err(|err| {
-                        StoreError::Unavailable(format!("{}: {err}", copied.display()))
-                    })?;
+                crate::files::copy_durable(&admin_key, &copied).map_err(|err| {
+                    StoreError::Unavailable(format!("{}: {err}", copied.display()))
+                })?;
             }
             Ok::<_, StoreError>(summary)
         })

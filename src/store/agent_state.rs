@@ -7,12 +7,13 @@
 //! `last_update_seq` acknowledges a prefix of them, which is then deleted.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
-use super::{codec, commit, spill::Spill, Result, StoreError};
+use super::{codec, commit, spill::Spill, synced::SyncedDb, Result, StoreError};
 
 const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 const ACKED_KEY: &[u8] = b"acked_seq";
@@ -41,7 +42,8 @@ pub struct StoredResult {
 }
 
 pub struct AgentStore {
-    db: sled::Db,
+    /// The database, with the sync that makes it durable.
+    synced: Arc<SyncedDb>,
     outbox: sled::Tree,
     results: sled::Tree,
     meta: sled::Tree,
@@ -68,11 +70,13 @@ impl AgentStore {
     pub fn open(dir: &Path) -> Result<AgentStore> {
         std::fs::create_dir_all(dir)
             .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
-        let db = sled::Config::new().path(dir.join("agent-db")).open()?;
+        let synced = Arc::new(SyncedDb::open(sled::Config::new(), &dir.join("agent-db"))?);
+        let db = synced.db().clone();
         let meta = db.open_tree("meta")?;
         let seal = super::seal::Seal::open(
             dir,
             "agent.seal",
+            &synced,
             meta.clone(),
             "The agent's state can be rebuilt: move the state dir aside and start the agent \
              again (commands whose results were not yet posted are handed out again and \
@@ -83,9 +87,9 @@ impl AgentStore {
             results: db.open_tree("results")?,
             meta,
             spill: Spill::open(&db)?,
-            committer: commit::GroupCommit::start(db.clone(), Some(seal)),
+            committer: commit::GroupCommit::start(synced.clone(), Some(seal)),
             writer: std::sync::Mutex::new(()),
-            db,
+            synced,
         })
     }
 
@@ -96,8 +100,9 @@ impl AgentStore {
 
     pub fn close(&self) -> Result<()> {
         self.committer.stop();
-        self.db.flush()?;
-        Ok(())
+        self.synced
+            .sync()
+            .map_err(|err| StoreError::Unavailable(err.to_string()))
     }
 
     /// Appends events with the next local seqs, and records `last_event_id` (the daemon

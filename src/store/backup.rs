@@ -48,12 +48,14 @@ impl Store {
             StoreError::Unavailable(format!("backup to {}: {err}", dir.display()))
         };
         std::fs::create_dir_all(dir).map_err(|err| unavailable(&err))?;
-        let target = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(SLED_CACHE_BYTES)
-            .create_new(true)
-            .open()
-            .map_err(|err| unavailable(&err))?;
+        let synced_target = super::synced::SyncedDb::open(
+            sled::Config::new()
+                .cache_capacity(SLED_CACHE_BYTES)
+                .create_new(true),
+            &dir.join("db"),
+        )
+        .map_err(|err| unavailable(&err))?;
+        let target = synced_target.db();
         let estimated_bytes = self.db.size_on_disk()?;
         let mut done = BackupProgress {
             copied_bytes: 0,
@@ -99,15 +101,18 @@ impl Store {
                 .map_err(|err| unavailable(&err))?;
             paused = exclusive_since.elapsed();
         }
-        target.flush().map_err(|err| unavailable(&err))?;
+        // Durable before it is reported done: the copy's files, their directories, and the
+        // backup directory's own entry (it may have been created above).
+        synced_target.sync().map_err(|err| unavailable(&err))?;
         // The copy's own seal, so that damage to it is found when it is restored.
         let commits = target
             .open_tree("meta")
             .map_err(|err| unavailable(&err))
             .and_then(|meta| super::seal::commits_in(&meta))?;
         super::seal::write(&dir.join(super::SEAL_FILE), commits)
+            .and_then(|()| crate::files::sync_parent(dir))
             .map_err(|err| unavailable(&err))?;
-        drop(target);
+        drop(synced_target);
         done.estimated_bytes = done.copied_bytes;
         progress(done);
         Ok(BackupSummary {

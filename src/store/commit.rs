@@ -1,7 +1,8 @@
 //! Group commit. Request tasks hand a waiter to one flusher thread; the thread takes every
-//! waiter that is queued, calls sled's blocking `Db::flush()` once and wakes them all with
-//! its outcome. A waiter is only taken after its write finished, so the flush that answers
-//! it started after the write: an acknowledgement sent after `commit` resolves is on disk.
+//! waiter that is queued, makes the database durable once ([`SyncedDb::sync`]: sled's
+//! blocking `Db::flush()`, then a real `fdatasync`) and wakes them all with its outcome. A
+//! waiter is only taken after its write finished, so the sync that answers it started
+//! after the write: an acknowledgement sent after `commit` resolves survives a power cut.
 //!
 //! Why a thread and not `flush_async`: concurrent `flush_async` calls deadlock in sled
 //! 0.34.7 (sled #1308, #1241). The thread also keeps blocking fsyncs off the runtime.
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::synced::SyncedDb;
 use super::StoreError;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
@@ -25,7 +27,7 @@ pub struct CommitStats {
     pub flushes: u64,
     /// Commit calls answered.
     pub commits: u64,
-    /// Total time spent in `Db::flush`, microseconds.
+    /// Total time spent in [`SyncedDb::sync`] (flush and fdatasync), microseconds.
     pub flush_micros: u64,
 }
 
@@ -66,7 +68,7 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher; with a seal, each commit bumps its counter and the seal is kept
     /// up to date (see `seal.rs`).
-    pub fn start(db: sled::Db, seal: Option<super::seal::Seal>) -> GroupCommit {
+    pub fn start(db: Arc<SyncedDb>, seal: Option<super::seal::Seal>) -> GroupCommit {
         let (waiters_tx, waiters_rx) = mpsc::channel::<Waiter>();
         let counters = Arc::new(Counters {
             flushes: AtomicU64::new(0),
@@ -175,7 +177,7 @@ impl GroupCommit {
 }
 
 fn flush_loop(
-    db: &sled::Db,
+    db: &SyncedDb,
     mut seal: Option<super::seal::Seal>,
     waiters_rx: &mpsc::Receiver<Waiter>,
     counters: &Counters,
@@ -188,7 +190,7 @@ fn flush_loop(
         let started = Instant::now();
         let covered = tracked.finished.load(Ordering::SeqCst);
         let bumped = seal.as_mut().map_or(Ok(()), |seal| seal.bump());
-        let outcome = bumped.and_then(|()| db.flush().map(|_| ()).map_err(|err| err.to_string()));
+        let outcome = bumped.and_then(|()| db.sync().map_err(|err| err.to_string()));
         match &outcome {
             Ok(()) => {
                 tracked.durable.fetch_max(covered, Ordering::SeqCst);

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::synced::SyncedDb;
 use super::{Result, StoreError};
 
 /// Key of the commit counter in the `meta` tree (u64, big-endian).
@@ -49,7 +50,13 @@ impl Seal {
     /// the handle the flusher keeps them with. `restore` tells the reader what to do when
     /// the database is behind (where its backups are, or that it can be rebuilt). A seal
     /// that is missing or behind is brought up to date at once, after a flush.
-    pub fn open(dir: &Path, name: &str, meta: sled::Tree, restore: &str) -> Result<Seal> {
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        db: &SyncedDb,
+        meta: sled::Tree,
+        restore: &str,
+    ) -> Result<Seal> {
         let path = dir.join(name);
         let commits = commits_in(&meta)?;
         let sealed = read(&path)?;
@@ -57,10 +64,16 @@ impl Seal {
             if commits < sealed {
                 return Err(StoreError::Corrupt(format!(
                     "{} group commits that were on disk are gone: the database in {} holds \
-                     {commits} but {} says {sealed}. Its file is damaged or truncated, or it \
-                     was copied while the process was running. {restore} Deleting {} starts \
-                     on what is left and accepts the loss; do that only for an older copy \
-                     restored on purpose",
+                     {commits} but {} says {sealed}. A crash or a power cut does not do this \
+                     (every commit is fsynced before the seal counts it, and a restart after \
+                     one starts by itself); this data dir lost writes its disk had confirmed. \
+                     Either its files are damaged or truncated, or it was copied while the \
+                     process was running, or the storage under it does not keep what it \
+                     confirms (a drive or virtual disk that ignores flush commands, write \
+                     caching without power-loss protection, a file system mounted with \
+                     nobarrier): fix that before trusting it again. {restore} Deleting {} \
+                     starts on what is left and accepts the loss; do that only for an older \
+                     copy restored on purpose, or once you accept losing those commits",
                     sealed - commits,
                     dir.display(),
                     path.display(),
@@ -78,7 +91,8 @@ impl Seal {
         };
         if sealed != Some(commits) {
             // What sled recovered may sit only in the page cache after a crash.
-            seal.meta.flush()?;
+            db.sync()
+                .map_err(|err| StoreError::Unavailable(format!("{}: {err}", dir.display())))?;
             seal.sealed = u64::MAX;
             seal.flushed(true);
         }
@@ -201,20 +215,17 @@ pub(super) fn rendered(commits: u64) -> String {
 mod tests {
     use super::*;
 
-    fn meta(dir: &Path) -> sled::Tree {
-        sled::Config::new()
-            .path(dir.join("db"))
-            .open()
-            .unwrap()
-            .open_tree("meta")
-            .unwrap()
+    fn open_db(dir: &Path) -> (SyncedDb, sled::Tree) {
+        let db = SyncedDb::open(sled::Config::new(), &dir.join("db")).unwrap();
+        let meta = db.db().open_tree("meta").unwrap();
+        (db, meta)
     }
 
     #[test]
     fn a_counter_behind_its_seal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let tree = meta(dir.path());
-        let mut seal = Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
+        let (db, tree) = open_db(dir.path());
+        let mut seal = Seal::open(dir.path(), "store.seal", &db, tree.clone(), "").unwrap();
         for _ in 0..3 {
             seal.bump().unwrap();
         }
@@ -225,9 +236,9 @@ mod tests {
         seal.flushed(true);
         assert_eq!(read(&dir.path().join("store.seal")).unwrap(), Some(3));
         // The same counter opens; a counter that lost commits does not.
-        Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
+        Seal::open(dir.path(), "store.seal", &db, tree.clone(), "").unwrap();
         tree.insert(COMMITS_KEY, &2u64.to_be_bytes()).unwrap();
-        let err = Seal::open(dir.path(), "store.seal", tree, "")
+        let err = Seal::open(dir.path(), "store.seal", &db, tree, "")
             .err()
             .unwrap();
         assert!(
@@ -238,12 +249,12 @@ mod tests {
     #[test]
     fn a_damaged_seal_is_refused_and_a_missing_one_is_not_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let tree = meta(dir.path());
-        Seal::open(dir.path(), "store.seal", tree.clone(), "").unwrap();
+        let (db, tree) = open_db(dir.path());
+        Seal::open(dir.path(), "store.seal", &db, tree.clone(), "").unwrap();
         let path = dir.path().join("store.seal");
         std::fs::write(&path, render(7).replace("commits 7", "commits 9")).unwrap();
         assert!(matches!(
-            Seal::open(dir.path(), "store.seal", tree, ""),
+            Seal::open(dir.path(), "store.seal", &db, tree, ""),
             Err(StoreError::Corrupt(_))
         ));
     }

@@ -11,7 +11,10 @@
 //! - wake: p50/p99 from queueing a command to the daemon's waiting poll answering, with
 //!   1,000 and 10,000 idle daemons long-polling, and relay RSS per idle daemon;
 //! - change log: append and replay rate of 1,000,000 entries, restart time on that store,
-//!   data-dir bytes per stored byte.
+//!   data-dir bytes per stored byte;
+//! - fsync cost: durable writes at c=64 and change-log appends with sled's flush alone
+//!   (a hidden switch only this bench sets) against the shipped flush + `fdatasync`,
+//!   alternated in one run.
 //!
 //! `SYNCRELAY_BENCH_QUICK=1` shrinks every section (a smoke run). Results also go to
 //! `target/bench-relay.json`; BENCHMARKS.md explains the method and the limits.
@@ -36,7 +39,8 @@ fn quick() -> bool {
 }
 
 /// Whether `section` runs: `SYNCRELAY_BENCH_ONLY` names a comma-separated subset of
-/// `get`, `writes`, `changes` and `idle` (all when unset), for profiling one section.
+/// `get`, `writes`, `fsync`, `changes` and `idle` (all when unset), for profiling one
+/// section.
 fn runs(section: &str) -> bool {
     std::env::var("SYNCRELAY_BENCH_ONLY")
         .map(|only| only.split(',').any(|name| name.trim() == section))
@@ -121,6 +125,20 @@ max_connections_per_address = 4096
 /// Starts `syncrelay serve` on `data_dir`; returns it, its URL and the time to its
 /// listening line.
 fn spawn_relay(data_dir: &Path) -> (Process, String, Duration) {
+    spawn_relay_with(data_dir, Durability::Fdatasync)
+}
+
+/// How the relay makes a group commit durable, for the `fsync` section's comparison.
+#[derive(Clone, Copy, PartialEq)]
+enum Durability {
+    /// As shipped: sled's flush, then `fdatasync`.
+    Fdatasync,
+    /// sled's flush alone (`sync_file_range`), as before issue 17: not durable against a
+    /// power cut. Only this bench asks for it.
+    FlushOnly,
+}
+
+fn spawn_relay_with(data_dir: &Path, sync: Durability) -> (Process, String, Duration) {
     let config = data_dir.with_extension("toml");
     std::fs::write(&config, RELAY_CONFIG).unwrap();
     let started = Instant::now();
@@ -130,7 +148,11 @@ fn spawn_relay(data_dir: &Path) -> (Process, String, Duration) {
         .arg(&config)
         .arg("--data-dir")
         .arg(data_dir)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
+        .envs(
+            (sync == Durability::FlushOnly)
+                .then_some((syncrelay::store::UNSYNCED_FOR_BENCH_ENV, "1")),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -152,7 +174,15 @@ async fn relay_with_keys(
     data_dir: &Path,
     daemon_id: &str,
 ) -> (Process, String, String, String, String) {
-    let (relay, url, _) = spawn_relay(data_dir);
+    relay_with_keys_synced(data_dir, daemon_id, Durability::Fdatasync).await
+}
+
+async fn relay_with_keys_synced(
+    data_dir: &Path,
+    daemon_id: &str,
+    sync: Durability,
+) -> (Process, String, String, String, String) {
+    let (relay, url, _) = spawn_relay_with(data_dir, sync);
     let admin = std::fs::read_to_string(data_dir.join("admin.key"))
         .unwrap()
         .trim()
@@ -362,6 +392,11 @@ async fn main() {
     }
     let relay_rss_kib = relay.rss_kib();
     drop(relay);
+    let fsync = if runs("fsync") {
+        fsync_cost(dir.path()).await
+    } else {
+        Value::Null
+    };
     let changelog = if runs("changes") {
         change_log(&dir.path().join("changes-data")).await
     } else {
@@ -385,6 +420,7 @@ async fn main() {
         "rathole_skipped": rathole,
         "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
         "durable_writes": writes,
+        "fsync_cost": fsync,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
@@ -495,10 +531,113 @@ async fn durable_writes(url: &str, admin: &str, client_key: &str) -> Value {
     let after = metrics(&http, url).await;
     let per_flush = (after.0 - before.0) / (after.1 - before.1).max(1.0);
     println!(
-        "\ndurable writes (POST → 202 after flush), c=64: {writes:.0}/s (target ≥ 20,000), {per_flush:.1} writes per flush"
+        "\ndurable writes (POST → 202 after the group commit), c=64: {writes:.0}/s (target ≥ 20,000), {per_flush:.1} writes per flush"
     );
 
     json!({ "per_second_c64": writes, "writes_per_flush": per_flush })
+}
+
+/// What the `fdatasync` after sled's flush costs: durable writes at c=64 and change-log
+/// appends on fresh relays, sled's flush alone against flush + fdatasync, alternated
+/// (A B A B) in this run so that the machine's drift falls on both.
+async fn fsync_cost(dir: &Path) -> Value {
+    let entries: u64 = if quick() { 20_000 } else { 200_000 };
+    let mut rows = Vec::new();
+    for (round, sync) in [Durability::FlushOnly, Durability::Fdatasync]
+        .into_iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        let data_dir = dir.join(format!("fsync-{round}"));
+        let (relay, url, admin, key, client) = relay_with_keys_synced(&data_dir, "c", sync).await;
+        let writes = durable_writes(&url, &admin, &client).await;
+        let appends = append_changes(&url, &key, entries).await;
+        drop(relay);
+        rows.push((sync, writes, appends));
+    }
+    let mean = |sync: Durability, field: &dyn Fn(&Value, f64) -> f64| {
+        let picked: Vec<f64> = rows
+            .iter()
+            .filter(|row| row.0 == sync)
+            .map(|row| field(&row.1, row.2))
+            .collect();
+        picked.iter().sum::<f64>() / picked.len() as f64
+    };
+    let summary = |sync: Durability| {
+        json!({
+            "writes_per_second_c64": mean(sync, &|w, _| w["per_second_c64"].as_f64().unwrap()),
+            "writes_per_flush": mean(sync, &|w, _| w["writes_per_flush"].as_f64().unwrap()),
+            "change_log_appends_per_second": mean(sync, &|_, a| a),
+        })
+    };
+    let (before, after) = (
+        summary(Durability::FlushOnly),
+        summary(Durability::Fdatasync),
+    );
+    let ratio = |field: &str| after[field].as_f64().unwrap() / before[field].as_f64().unwrap();
+    println!(
+        "\nfsync cost (mean of 2 runs each, alternated): sled flush only → flush + fdatasync\n  \
+         durable writes c=64: {:.0}/s → {:.0}/s ({:.2}×), writes per sync {:.1} → {:.1}\n  \
+         change-log appends ({entries} in polls of 1,000): {:.0}/s → {:.0}/s ({:.2}×)",
+        before["writes_per_second_c64"].as_f64().unwrap(),
+        after["writes_per_second_c64"].as_f64().unwrap(),
+        ratio("writes_per_second_c64"),
+        before["writes_per_flush"].as_f64().unwrap(),
+        after["writes_per_flush"].as_f64().unwrap(),
+        before["change_log_appends_per_second"].as_f64().unwrap(),
+        after["change_log_appends_per_second"].as_f64().unwrap(),
+        ratio("change_log_appends_per_second"),
+    );
+    json!({ "flush_only": before, "flush_and_fdatasync": after, "entries": entries })
+}
+
+/// Appends `entries` change-log entries for daemon `c` in polls of 1,000 (each poll
+/// answered after its commit); returns entries per second.
+async fn append_changes(url: &str, key: &str, entries: u64) -> f64 {
+    append_changes_sized(url, key, entries).await.0
+}
+
+/// [`append_changes`], and the bytes of the updates' `data` JSON.
+async fn append_changes_sized(url: &str, key: &str, entries: u64) -> (f64, u64) {
+    let http = reqwest::Client::new();
+    let connect: Value = http
+        .post(format!("{url}/sync/connect"))
+        .bearer_auth(key)
+        .json(&json!({ "daemon_id": "c" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut data_bytes = 0u64;
+    let started = Instant::now();
+    for batch in 0..entries / 1000 {
+        let updates: Vec<Value> = (0..1000)
+            .map(|i| {
+                let seq = batch * 1000 + i + 1;
+                json!({ "type": "session_updated", "seq": seq,
+                        "data": { "session_id": format!("s{}", seq % 97), "status": "running", "n": seq } })
+            })
+            .collect();
+        data_bytes += updates
+            .iter()
+            .map(|u| u["data"].to_string().len() as u64)
+            .sum::<u64>();
+        let response = http
+            .post(format!("{url}/sync/poll"))
+            .bearer_auth(key)
+            .json(
+                &json!({ "daemon_id": "c", "connection_id": connect["connection_id"],
+                           "updates": updates, "wait_for_commands": false }),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    (entries as f64 / started.elapsed().as_secs_f64(), data_bytes)
 }
 
 /// Bytes the files under `dir` occupy.
@@ -525,43 +664,7 @@ async fn change_log(data_dir: &Path) -> Value {
     let entries: u64 = if quick() { 50_000 } else { 1_000_000 };
     let (relay, url, _, key, client) = relay_with_keys(data_dir, "c").await;
     let http = reqwest::Client::new();
-    let connect: Value = http
-        .post(format!("{url}/sync/connect"))
-        .bearer_auth(&key)
-        .json(&json!({ "daemon_id": "c" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut data_bytes = 0u64;
-    let started = Instant::now();
-    for batch in 0..entries / 1000 {
-        let updates: Vec<Value> = (0..1000)
-            .map(|i| {
-                let seq = batch * 1000 + i + 1;
-                json!({ "type": "session_updated", "seq": seq,
-                        "data": { "session_id": format!("s{}", seq % 97), "status": "running", "n": seq } })
-            })
-            .collect();
-        data_bytes += updates
-            .iter()
-            .map(|u| u["data"].to_string().len() as u64)
-            .sum::<u64>();
-        let response = http
-            .post(format!("{url}/sync/poll"))
-            .bearer_auth(&key)
-            .json(
-                &json!({ "daemon_id": "c", "connection_id": connect["connection_id"],
-                           "updates": updates, "wait_for_commands": false }),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "{}", response.status());
-    }
-    let append_rate = entries as f64 / started.elapsed().as_secs_f64();
+    let (append_rate, data_bytes) = append_changes_sized(&url, &key, entries).await;
     let started = Instant::now();
     let mut since = 0;
     while since < entries {

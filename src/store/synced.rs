@@ -15,10 +15,12 @@
 //! appear; if one does, it is synced (and re-synced while it grows) before the log that
 //! points at it. Opening syncs all of them, the directory, and its parent.
 //!
-//! A failed sync is returned as an error and the commit waiting on it fails: after a failed
-//! `fsync` Linux may have dropped the dirty pages, so nothing written before it may be
-//! acknowledged (`syncrelay serve` exits on it, like PostgreSQL's PANIC, and a restart
-//! recovers what was durable).
+//! A failed sync is returned as an error and the commit waiting on it fails, and so does
+//! every later one: after a failed `fsync` Linux may have dropped the dirty pages and
+//! reports the error only once, so a later sync could succeed over writes that never
+//! reached the disk. Nothing is acknowledged again until the process restarts (`syncrelay
+//! serve` exits on it, like PostgreSQL's PANIC, and sled's recovery at the next start finds
+//! what was durable).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -47,6 +49,8 @@ pub struct SyncedDb {
     synced: Mutex<Synced>,
     /// `false` only under [`UNSYNCED_FOR_BENCH_ENV`].
     fsync: bool,
+    /// The first sync failure; once set, every sync fails with it.
+    failed: std::sync::OnceLock<String>,
 }
 
 /// Names (and, in `blobs`, lengths) as of the last sync.
@@ -78,6 +82,7 @@ impl SyncedDb {
             log,
             synced: Mutex::default(),
             fsync,
+            failed: std::sync::OnceLock::new(),
         };
         synced.sync().map_err(io_err)?;
         if fsync {
@@ -101,6 +106,17 @@ impl SyncedDb {
     /// then new files and directory entries, then `fdatasync` of the log. Blocking; one
     /// call covers every writer that finished before it (group commit).
     pub fn sync(&self) -> io::Result<()> {
+        if let Some(first) = self.failed.get() {
+            return Err(io::Error::other(format!(
+                "an earlier sync failed ({first}); nothing is durable until a restart"
+            )));
+        }
+        self.sync_once().inspect_err(|err| {
+            let _ = self.failed.set(err.to_string());
+        })
+    }
+
+    fn sync_once(&self) -> io::Result<()> {
         self.db.flush()?;
         if !self.fsync {
             return Ok(());
@@ -124,7 +140,11 @@ fn sync_new(dir: &Path, synced: &mut BTreeMap<OsString, u64>, by_length: bool) -
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         // A snapshot sled is renaming or removing may vanish between the listing and here.
-        let Ok(meta) = entry.metadata() else { continue };
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
         let length = if by_length { meta.len() } else { 0 };
         let name = entry.file_name();
         let seen = synced.get(&name) == Some(&length);
@@ -162,6 +182,20 @@ mod tests {
         std::fs::remove_file(dir.path().join("a")).unwrap();
         sync_new(dir.path(), &mut synced, false).unwrap();
         assert!(synced.is_empty());
+    }
+
+    #[test]
+    fn after_a_failed_sync_every_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let synced = SyncedDb::open(sled::Config::new(), &dir.path().join("db")).unwrap();
+        // The next sync cannot list sled's directory: it fails, and so does every later
+        // one, even once the directory is back.
+        let moved = dir.path().join("moved");
+        std::fs::rename(dir.path().join("db/blobs"), &moved).unwrap();
+        assert!(synced.sync().is_err());
+        std::fs::rename(&moved, dir.path().join("db/blobs")).unwrap();
+        let again = synced.sync().unwrap_err().to_string();
+        assert!(again.contains("an earlier sync failed"), "{again}");
     }
 
     #[test]

@@ -307,6 +307,11 @@ impl Shared {
                 }
                 continue;
             }
+            // What the relay stores must already be durable here (see `commit_visible`):
+            // usually it is, as the events watcher wakes this loop after its commit.
+            if let Err(err) = self.store.commit_visible().await {
+                return LinkError::Transient(format!("agent state: {err}"));
+            }
             let mut bytes = 0;
             let updates = pending
                 .into_iter()

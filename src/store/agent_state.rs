@@ -98,6 +98,18 @@ impl AgentStore {
         self.committer.commit().await
     }
 
+    /// Resolves once every outbox change visible now (appended events, a renumbering) is
+    /// on disk, including those whose writer still waits for its commit; at once when they
+    /// already are. Call it between reading the outbox and sending it: an event the relay
+    /// stored must never be taken back by a power cut here, or the agent would read it
+    /// from the daemon again under a new seq, and the relay would hold it twice.
+    pub async fn commit_visible(&self) -> Result<()> {
+        if self.committer.tracked_durable() {
+            return Ok(());
+        }
+        self.committer.commit().await
+    }
+
     pub fn close(&self) -> Result<()> {
         self.committer.stop();
         self.synced
@@ -122,18 +134,20 @@ impl AgentStore {
             .collect::<Result<_>>()?;
         let next = first + events.len() as u64;
         let event_id = last_event_id.map(|id| codec::encode(&id.to_owned()));
-        (&self.outbox, &self.meta).transaction(
-            |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
-                for (key, value) in &rows {
-                    outbox.insert(key, value.as_slice())?;
-                }
-                meta.insert(NEXT_SEQ_KEY, codec::encode(&next))?;
-                if let Some(id) = &event_id {
-                    meta.insert(EVENT_ID_KEY, id.as_slice())?;
-                }
-                Ok(())
-            },
-        )?;
+        self.committer.tracked(|| {
+            (&self.outbox, &self.meta).transaction(
+                |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
+                    for (key, value) in &rows {
+                        outbox.insert(key, value.as_slice())?;
+                    }
+                    meta.insert(NEXT_SEQ_KEY, codec::encode(&next))?;
+                    if let Some(id) = &event_id {
+                        meta.insert(EVENT_ID_KEY, id.as_slice())?;
+                    }
+                    Ok(())
+                },
+            )
+        })?;
         Ok(next - 1)
     }
 
@@ -193,20 +207,22 @@ impl AgentStore {
         } else {
             return Ok(());
         };
-        (&self.outbox, &self.meta).transaction(
-            |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
-                for key in &removes {
-                    outbox.remove(key)?;
-                }
-                for (key, value) in &inserts {
-                    outbox.insert(key, value)?;
-                }
-                meta.insert(ACKED_KEY, codec::encode(&new_acked))?;
-                meta.insert(NEXT_SEQ_KEY, codec::encode(&new_next))?;
-                meta.insert(SYNCED_KEY, &[1])?;
-                Ok(())
-            },
-        )?;
+        self.committer.tracked(|| {
+            (&self.outbox, &self.meta).transaction(
+                |(outbox, meta)| -> ConflictableTransactionResult<(), StoreError> {
+                    for key in &removes {
+                        outbox.remove(key)?;
+                    }
+                    for (key, value) in &inserts {
+                        outbox.insert(key, value)?;
+                    }
+                    meta.insert(ACKED_KEY, codec::encode(&new_acked))?;
+                    meta.insert(NEXT_SEQ_KEY, codec::encode(&new_next))?;
+                    meta.insert(SYNCED_KEY, &[1])?;
+                    Ok(())
+                },
+            )
+        })?;
         Ok(())
     }
 
@@ -309,6 +325,24 @@ mod tests {
         store.acknowledge(40).unwrap();
         assert_eq!(store.pending(10).unwrap(), vec![(41, event(3))]);
         assert_eq!(store.append_events(&[event(4)], None).unwrap(), 42);
+    }
+
+    #[tokio::test]
+    async fn outbox_changes_are_reported_unflushed_until_a_commit_covers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path()).unwrap();
+        assert!(store.committer.tracked_durable(), "nothing written yet");
+        store.append_events(&[event(1)], Some("1")).unwrap();
+        assert!(!store.committer.tracked_durable(), "an append waits for a commit");
+        store.commit_visible().await.unwrap();
+        assert!(store.committer.tracked_durable());
+        // A renumbering (first contact) is an outbox change the uplink must not send
+        // before it is on disk.
+        store.acknowledge(5).unwrap();
+        assert!(!store.committer.tracked_durable(), "a renumbering waits too");
+        store.commit_visible().await.unwrap();
+        assert!(store.committer.tracked_durable());
+        assert_eq!(store.pending(10).unwrap(), vec![(6, event(1))]);
     }
 
     #[test]

@@ -221,6 +221,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let config = raw.validate(&origin)?;
             init_tracing(LogFormat::Text);
             tracing::info!(relay = %config.relay, daemon_id = %config.daemon_id, target = %config.target, "agent starting");
+            exit_on_storage_failure();
             Agent::for_http_target(config)?
                 .run(shutdown_signal())
                 .await?;
@@ -372,6 +373,28 @@ fn init_tracing(format: LogFormat) {
 /// Exit status after a storage failure (EX_TEMPFAIL: try again).
 const EXIT_STORAGE_FAILED: i32 = 75;
 
+/// Crash-only on a failing disk (the relay's store or the agent's state): what is in
+/// flight is answered as a failure, then the process exits with EX_TEMPFAIL so that its
+/// supervisor restarts it. sled recovers at open; a failed fsync is never retried in
+/// process (the store refuses every later sync); a restart on a still-full disk fails
+/// until space returns.
+fn exit_on_storage_failure() {
+    let exiting = std::sync::atomic::AtomicBool::new(false);
+    syncrelay::store::on_storage_failure(move |message| {
+        if !exiting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(
+                error = message,
+                "the store's disk failed; exiting so that a restart recovers it \
+                 (everything acknowledged is on disk)"
+            );
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                std::process::exit(EXIT_STORAGE_FAILED);
+            });
+        }
+    });
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let tls = match &config.tls {
@@ -390,23 +413,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Store::open(&data_dir)
             .with_context(|| format!("opening the store in {}", data_dir.display()))?,
     );
-    // Crash-only on a failing disk: answer what is in flight with 503, then exit with
-    // EX_TEMPFAIL so the supervisor restarts the relay; sled recovers at open, and a
-    // restart on a still-full disk fails until space returns.
-    let exiting = std::sync::atomic::AtomicBool::new(false);
-    syncrelay::store::on_storage_failure(move |message| {
-        if !exiting.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            tracing::error!(
-                error = message,
-                "the store's disk failed; exiting so that a restart recovers it \
-                 (everything acknowledged is on disk)"
-            );
-            std::thread::spawn(|| {
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                std::process::exit(EXIT_STORAGE_FAILED);
-            });
-        }
-    });
+    exit_on_storage_failure();
     if let Some(path) = relay::auth::ensure_admin_key(&store, &data_dir).await? {
         tracing::info!(path = %path.display(), "first start: created an admin key");
     }

@@ -333,13 +333,19 @@ mod tests {
         let store = AgentStore::open(dir.path()).unwrap();
         assert!(store.committer.tracked_durable(), "nothing written yet");
         store.append_events(&[event(1)], Some("1")).unwrap();
-        assert!(!store.committer.tracked_durable(), "an append waits for a commit");
+        assert!(
+            !store.committer.tracked_durable(),
+            "an append waits for a commit"
+        );
         store.commit_visible().await.unwrap();
         assert!(store.committer.tracked_durable());
         // A renumbering (first contact) is an outbox change the uplink must not send
         // before it is on disk.
         store.acknowledge(5).unwrap();
-        assert!(!store.committer.tracked_durable(), "a renumbering waits too");
+        assert!(
+            !store.committer.tracked_durable(),
+            "a renumbering waits too"
+        );
         store.commit_visible().await.unwrap();
         assert!(store.committer.tracked_durable());
         assert_eq!(store.pending(10).unwrap(), vec![(6, event(1))]);

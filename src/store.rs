@@ -244,13 +244,11 @@ impl Store {
     /// `Idempotency-Key` would have the write run again as a new command), and a client
     /// must never be sent a chunk a crash can take back (a refetch may cut it differently).
     pub async fn commit_visible(&self) -> Result<()> {
-        if self.visible_durable() {
-            return Ok(());
-        }
-        self.committer.commit().await
+        self.committer.commit_visible().await
     }
 
-    /// Whether [`Store::commit_visible`] would resolve without a flush.
+    /// Whether [`Store::commit_visible`] would resolve without a flush (for unit tests).
+    #[cfg(test)]
     pub(crate) fn visible_durable(&self) -> bool {
         self.committer.tracked_durable()
     }

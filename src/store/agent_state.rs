@@ -104,10 +104,7 @@ impl AgentStore {
     /// stored must never be taken back by a power cut here, or the agent would read it
     /// from the daemon again under a new seq, and the relay would hold it twice.
     pub async fn commit_visible(&self) -> Result<()> {
-        if self.committer.tracked_durable() {
-            return Ok(());
-        }
-        self.committer.commit().await
+        self.committer.commit_visible().await
     }
 
     pub fn close(&self) -> Result<()> {

@@ -116,6 +116,14 @@ impl GroupCommit {
         self.tracked.durable.load(Ordering::SeqCst) >= started
     }
 
+    /// A commit unless every tracked write visible now is already on disk (then at once).
+    pub async fn commit_visible(&self) -> Result<(), StoreError> {
+        if self.tracked_durable() {
+            return Ok(());
+        }
+        self.commit().await
+    }
+
     pub async fn commit(&self) -> Result<(), StoreError> {
         let (done_tx, done_rx) = oneshot::channel();
         {

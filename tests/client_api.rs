@@ -520,6 +520,54 @@ async fn end_to_end_headers_are_forwarded_and_hop_by_hop_and_relay_headers_are_n
     server.abort();
 }
 
+/// A daemon result whose status is no final HTTP status (1xx, past 599) is the daemon's
+/// error: 502 in the error shape, and the client's connection goes on (it was answered
+/// `101` with no upgrade and then closed, or broke an HTTP/2 connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_status_outside_200_to_599_is_a_502() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let server = serve_daemon(daemon, move |command| {
+        let path = command["params"]["path"].as_str().unwrap();
+        let status: u16 = path.trim_start_matches("/api/v1/s").parse().unwrap_or(200);
+        json!({ "status": status, "headers": { "upgrade": "h2c" }, "body": "x" })
+    });
+    for status in [100, 101, 103, 199, 600, 999] {
+        let reply = send(
+            client
+                .post(&format!("/api/v1/daemons/d/s{status}"))
+                .json(&json!({})),
+        )
+        .await;
+        assert_eq!(reply.status, 502, "status {status}");
+        assert_eq!(
+            reply.json()["error"]["code"],
+            "bad_gateway",
+            "status {status}"
+        );
+        let get = send(client.get(&format!("/api/v1/daemons/d/s{status}"))).await;
+        assert_eq!(get.status, 502, "GET with status {status}");
+    }
+    // The same client (and connection pool) still gets real answers.
+    let ok = send(client.get("/api/v1/daemons/d/s200")).await;
+    assert_eq!((ok.status, ok.text().as_str()), (200, "x"));
+    let over_h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let reply = over_h2
+            .get(format!("{}/api/v1/daemons/d/s101", relay.url))
+            .bearer_auth(&client.key)
+            .send()
+            .await
+            .expect("the HTTP/2 connection survives a daemon's 101");
+        assert_eq!(reply.status(), 502);
+    }
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_status_headers_and_body_come_back_unchanged() {
     let relay = TestRelay::start().await;

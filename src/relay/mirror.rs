@@ -351,9 +351,23 @@ pub struct Rendered {
     pub body: Vec<u8>,
 }
 
+/// A daemon's status as a final response's: 200–599 only. A 1xx is no final answer (hyper
+/// would send a bare `101` with no upgrade and end the exchange, or break an HTTP/2
+/// connection), and a code past 599 is not HTTP; both are the daemon's error (502).
+pub fn final_status(code: u16) -> Option<StatusCode> {
+    (200..=599)
+        .contains(&code)
+        .then(|| StatusCode::from_u16(code).ok())
+        .flatten()
+}
+
 pub fn render_http_result(result: &HttpResult) -> Result<Rendered, String> {
-    let status = StatusCode::from_u16(result.status)
-        .map_err(|_| format!("invalid status {}", result.status))?;
+    let status = final_status(result.status).ok_or_else(|| {
+        format!(
+            "status {} is not a final HTTP status (200-599)",
+            result.status
+        )
+    })?;
     let mut headers = Vec::new();
     for (name, value) in &result.headers {
         let lower = name.to_ascii_lowercase();
@@ -482,7 +496,7 @@ fn offline_copy(app: &App, daemon_id: &str, spec: &CommandSpec) -> Option<Respon
     let age_secs = now_ms().saturating_sub(cached.stored_at_ms) / 1000;
     let mut response = build(
         Rendered {
-            status: StatusCode::from_u16(cached.status).ok()?,
+            status: final_status(cached.status)?,
             headers: cached.headers,
             body: cached.body,
         },

@@ -112,8 +112,10 @@ pub async fn serve(
     // The status and headers (and, for a cache hit, the whole context) go out only once on
     // disk: a crash must not take back what a client was shown.
     app.store.commit_visible().await?;
-    let status =
-        StatusCode::from_u16(record.status.unwrap_or(502)).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = record
+        .status
+        .and_then(super::mirror::final_status)
+        .unwrap_or(StatusCode::BAD_GATEWAY);
     let sse = status.is_success();
     let (frames_tx, frames_rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
     tokio::spawn(pump(

@@ -241,6 +241,15 @@ fn rows() -> Vec<Row> {
             .expect(400, "bad_request"),
         row("mirrored path with %2e%2e segments", Client, "GET", "/api/v1/daemons/d1/%2e%2e/%2e%2e/admin")
             .expect(400, "bad_request"),
+        // Issue 18, finding 2: URL parsers take a backslash for a slash.
+        row("mirrored path with ..\\", Client, "GET", "/api/v1/daemons/d1/..\\restricted/secret")
+            .expect(400, "bad_request"),
+        row("mirrored path with %2e%2e\\", Client, "GET", "/api/v1/daemons/d1/%2e%2e\\restart")
+            .expect(400, "bad_request"),
+        row("mirrored path with %2e%2e%5c", Client, "GET", "/api/v1/daemons/d1/%2e%2e%5Crestart")
+            .expect(400, "bad_request"),
+        row("mirrored path with a backslash", Client, "POST", "/api/v1/daemons/d1/a\\b")
+            .expect(400, "bad_request"),
         row("daemon id with NUL", Client, "GET", "/api/v1/daemons/d%001").expect(400, "bad_request"),
         row("daemon id 5,000 characters", Client, "GET", format!("/api/v1/daemons/{}", "a".repeat(5000)))
             .expect(400, "bad_request"),

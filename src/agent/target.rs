@@ -59,17 +59,39 @@ impl HttpTarget {
     }
 
     /// `/api/v1/<rest>` → `<target>/<rest>`; anything else, or a path that would step out
-    /// of the target's prefix, is refused.
+    /// of the target's prefix, is refused. A backslash (raw or `%5c`) and a dot segment
+    /// (raw or `%2e`) are refused outright, as the URL parser takes `\` for `/` and
+    /// resolves dot segments; and the parsed URL must keep every segment of the target's
+    /// path (a string prefix would let `/rest` pass `/restricted`).
     pub fn local_url(&self, path: &str, query: &str) -> Result<reqwest::Url, String> {
         let rest = path
             .strip_prefix("/api/v1")
             .filter(|rest| rest.is_empty() || rest.starts_with('/'))
             .ok_or_else(|| format!("path {path:?} is not under /api/v1"))?;
+        let leaves = || format!("path {path:?} leaves the target");
+        let lower = rest.to_ascii_lowercase();
+        if lower.contains('\\')
+            || lower.contains("%5c")
+            || lower
+                .split('/')
+                .any(|s| matches!(s.replace("%2e", ".").as_str(), "." | ".."))
+        {
+            return Err(leaves());
+        }
         let mut url = self.inner.target.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{rest}"));
-        if !url.path().starts_with(&base) || rest.split('/').any(|s| s == ".." || s == ".") {
-            return Err(format!("path {path:?} leaves the target"));
+        let base: Vec<String> = url
+            .path_segments()
+            .map(|s| s.filter(|s| !s.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default();
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base_path}{rest}"));
+        let kept = url.path_segments().is_some_and(|segments| {
+            segments
+                .take(base.len())
+                .eq(base.iter().map(String::as_str))
+        });
+        if !kept {
+            return Err(leaves());
         }
         url.set_query((!query.is_empty()).then_some(query));
         Ok(url)
@@ -385,6 +407,33 @@ mod tests {
         assert!(syncthing.local_url("/other/x", "").is_err());
         assert!(syncthing.local_url("/api/v1x", "").is_err());
         assert!(syncthing.local_url("/api/v1/../../etc", "").is_err());
+    }
+
+    /// Issue 18, finding 2: backslashes and encoded dot segments walked out of the target.
+    #[test]
+    fn backslashes_and_dot_segments_never_leave_the_target() {
+        let syncthing = target("http://127.0.0.1:8384/rest");
+        for path in [
+            "/api/v1/..\\restricted/secret",
+            "/api/v1/%2e%2e\\restart",
+            "/api/v1/%2e%2e%5crestart",
+            "/api/v1/%2E%2E%5Crestart",
+            "/api/v1/x/..\\..\\restart",
+            "/api/v1/%2e%2e/restart",
+            "/api/v1/a\\b",
+        ] {
+            assert!(syncthing.local_url(path, "").is_err(), "{path}");
+        }
+        // Segment boundaries, not string prefixes: still fine inside the target.
+        assert_eq!(
+            syncthing
+                .local_url("/api/v1/restricted", "")
+                .unwrap()
+                .path(),
+            "/rest/restricted"
+        );
+        let root = target("http://127.0.0.1:8384");
+        assert_eq!(root.local_url("/api/v1/x", "").unwrap().path(), "/x");
     }
 
     #[test]

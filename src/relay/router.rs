@@ -266,9 +266,14 @@ async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, Ap
                     let body = body(app, request).await?;
                     mirror::named(app, &principal, &daemon_id, &headers, &body).await
                 }
-                _ if rest.iter().any(|segment| is_dot_segment(segment)) => Err(
-                    ApiError::bad_request("a path may not contain . or .. segments"),
-                ),
+                _ if rest
+                    .iter()
+                    .any(|segment| is_dot_segment(segment) || has_backslash(segment)) =>
+                {
+                    Err(ApiError::bad_request(
+                        "a path may not contain . or .. segments or backslashes",
+                    ))
+                }
                 _ => {
                     if method == Method::GET
                         && streams::is_stream_path(&app.config.streams.paths, &rest_path)
@@ -454,6 +459,12 @@ fn metrics(app: &App) -> Response {
 pub(super) fn is_dot_segment(segment: &str) -> bool {
     let decoded = segment.replace("%2e", ".").replace("%2E", ".");
     decoded == "." || decoded == ".."
+}
+
+/// A backslash, raw or percent-encoded: URL parsers (the agent's among them) take it for a
+/// `/` in http URLs, so `..\x` would step outside the daemon's API past the check above.
+pub(super) fn has_backslash(segment: &str) -> bool {
+    segment.contains('\\') || segment.to_ascii_lowercase().contains("%5c")
 }
 
 fn only(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), ApiError> {

@@ -186,6 +186,8 @@ pub struct LimitsConfig {
     pub max_results_per_post: usize,
     /// Request headers (and the TLS handshake) must arrive within this.
     pub header_read_timeout: Duration,
+    /// Longest a request body may go without any of it arriving (408 `timeout`).
+    pub body_read_timeout: Duration,
     /// Bytes of request headers (HTTP/1.1 read buffer, HTTP/2 header list).
     pub max_header_bytes: usize,
     /// Number of request headers (HTTP/1.1).
@@ -305,6 +307,7 @@ pub struct RawLimits {
     pub max_updates_per_poll: Option<usize>,
     pub max_results_per_post: Option<usize>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub max_connections: Option<usize>,
@@ -553,6 +556,11 @@ impl Config {
                 &raw.limits.header_read_timeout,
                 "10s",
             ),
+            body_read_timeout: check.duration(
+                "limits.body_read_timeout",
+                &raw.limits.body_read_timeout,
+                "10s",
+            ),
             max_header_bytes: raw.limits.max_header_bytes.unwrap_or(16 << 10),
             max_headers: check.positive("limits.max_headers", raw.limits.max_headers, 64),
             max_connections: check.positive(
@@ -583,6 +591,10 @@ impl Config {
         check.require(
             limits.header_read_timeout >= Duration::from_millis(100),
             "limits.header_read_timeout must be at least 100ms",
+        );
+        check.require(
+            limits.body_read_timeout >= Duration::from_millis(100),
+            "limits.body_read_timeout must be at least 100ms",
         );
         let tls = match (raw.tls.cert, raw.tls.key) {
             (Some(cert), Some(key)) => Some(TlsConfig {

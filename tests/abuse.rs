@@ -416,6 +416,75 @@ async fn per_address_rate_limit_is_per_address() {
 // ---------------------------------------------------------------------------------------
 // Slow and idle connections
 
+/// Issue 18, finding 6: an authenticated request whose body stalls (a declared length never
+/// sent, or a byte now and then) is answered 408 `timeout` after `body_read_timeout` of no
+/// progress, on the sync protocol and on a mirrored write alike; a steady body is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_bodies_are_timed_out() {
+    let relay = TestRelay::start_with("[limits]\nbody_read_timeout = \"1s\"\n").await;
+    let daemon_key = relay.key("daemon", Some("d"), None).await;
+    let client_key = relay.key("client", None, Some(&["d"])).await;
+    let head = |path: &str, key: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+        )
+    };
+    for (path, key) in [
+        ("/sync/poll", &daemon_key),
+        ("/api/v1/daemons/d/jobs", &client_key),
+    ] {
+        // Nothing after the first byte.
+        let mut stream = connect_from(loopback(3), relay.addr).await;
+        stream.write_all(head(path, key).as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let (status, body) = read_response(&mut stream).await.expect("an answer");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (408, Some("timeout")),
+            "{path}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{path}: not before the timeout"
+        );
+
+        // A byte every 1.5 s: progress, but never within the timeout.
+        let mut stream = connect_from(loopback(3), relay.addr).await;
+        stream.write_all(head(path, key).as_bytes()).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                if writer.write_all(b" ").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut received = Vec::new();
+        let _ = timeout(LIMIT, reader.read_to_end(&mut received)).await;
+        trickle.abort();
+        let text = String::from_utf8_lossy(&received);
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+    }
+    // A body that keeps coming within the timeout is read whole.
+    let mut stream = connect_from(loopback(3), relay.addr).await;
+    let body = json!({ "daemon_id": "d", "updates": [], "wait_for_commands": false }).to_string();
+    let request = format!(
+        "POST /sync/connect HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {daemon_key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    for piece in body.as_bytes().chunks(body.len() / 3 + 1) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let (status, answer) = read_response(&mut stream).await.expect("an answer");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+}
+
 /// A client trickling header lines, never finishing its request, is closed after
 /// `header_read_timeout` (not before), while other requests are served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

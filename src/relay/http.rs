@@ -212,10 +212,14 @@ impl From<StoreError> for ApiError {
 }
 
 /// Reads a whole request body of at most `limit` bytes.
+/// Reads a request body of at most `limit` bytes. A body that makes no progress for
+/// `stall` (nothing arrives: a declared length never sent, or a byte every few minutes) is
+/// answered 408 `timeout`, so an authenticated client cannot hold a request open forever.
 pub async fn read_body(
     body: hyper::body::Incoming,
     headers: &HeaderMap,
     limit: usize,
+    stall: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::payload_too_large(format!("the body exceeds {limit} bytes"));
     if let Some(length) = headers.get(CONTENT_LENGTH) {
@@ -228,12 +232,35 @@ pub async fn read_body(
             return Err(too_large());
         }
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(too_large()),
-        Err(err) => Err(ApiError::bad_request(format!(
-            "could not read the body: {err}"
-        ))),
+    let mut body = Limited::new(body, limit);
+    let mut collected = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(stall, body.frame())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request body made no progress for {} s",
+                        stall.as_secs_f64()
+                    ),
+                )
+            })?;
+        match frame {
+            None => return Ok(collected.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    collected.extend_from_slice(&data);
+                }
+            }
+            Some(Err(err)) if err.is::<LengthLimitError>() => return Err(too_large()),
+            Some(Err(err)) => {
+                return Err(ApiError::bad_request(format!(
+                    "could not read the body: {err}"
+                )))
+            }
+        }
     }
 }
 

@@ -282,9 +282,13 @@ async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, Ap
                         return streams::serve(app, &daemon_id, &rest_path, &parts).await;
                     }
                     let (parts, incoming) = request.into_parts();
-                    let body =
-                        read_body(incoming, &parts.headers, app.config.limits.max_body_bytes)
-                            .await?;
+                    let body = read_body(
+                        incoming,
+                        &parts.headers,
+                        app.config.limits.max_body_bytes,
+                        app.config.limits.body_read_timeout,
+                    )
+                    .await?;
                     mirror::mirrored(app, &principal, &daemon_id, &rest_path, &parts, body).await
                 }
             }
@@ -525,5 +529,11 @@ fn principal(
 
 async fn body(app: &App, request: Request<Incoming>) -> Result<bytes::Bytes, ApiError> {
     let (parts, incoming) = request.into_parts();
-    read_body(incoming, &parts.headers, app.config.limits.max_body_bytes).await
+    read_body(
+        incoming,
+        &parts.headers,
+        app.config.limits.max_body_bytes,
+        app.config.limits.body_read_timeout,
+    )
+    .await
 }

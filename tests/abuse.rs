@@ -416,6 +416,80 @@ async fn per_address_rate_limit_is_per_address() {
 // ---------------------------------------------------------------------------------------
 // Slow and idle connections
 
+/// Issue 18, finding 4: a read whose client is gone, or whose wait has passed, leaves its
+/// daemon's queue with its body at once, not at the daemon's next poll (large bodies held
+/// for an online daemon that does not poll grew the relay's memory without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_reads_free_their_bodies_without_a_poll() {
+    let relay = TestRelay::start().await;
+    let _daemon = relay.daemon("d").await; // online, never polls
+    let client = relay.client(&["d"]).await;
+    let body = "x".repeat(1 << 20);
+    let held = |relay: &TestRelay| {
+        let relay_url = relay.url.clone();
+        let http = relay.http.clone();
+        async move {
+            let text = http
+                .get(format!("{relay_url}/metrics"))
+                .send()
+                .await
+                .unwrap();
+            let text = text.text().await.unwrap();
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+                    .unwrap()
+            };
+            (
+                value("syncrelay_reads_held"),
+                value("syncrelay_reads_held_bytes"),
+            )
+        }
+    };
+    // Past their deadline: each answered 504, and nothing held afterwards.
+    for _ in 0..3 {
+        let reply = send(
+            client
+                .get("/api/v1/daemons/d/sessions")
+                .header("prefer", "wait=1")
+                .body(body.clone()),
+        )
+        .await;
+        assert_eq!(reply.status, 504, "{}", reply.body);
+        assert_eq!(held(&relay).await, (0, 0), "a timed-out read is not held");
+    }
+    // Clients gone mid-wait (HTTP/2 resets the stream): held while they wait, then freed.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let request = h2
+                .get(format!("{}/api/v1/daemons/d/sessions", relay.url))
+                .bearer_auth(&client.key)
+                .header("prefer", "wait=60")
+                .body(body.clone());
+            tokio::spawn(async move {
+                let _ = request.send().await;
+            })
+        })
+        .collect();
+    let relay_ref = &relay;
+    eventually(Duration::from_secs(10), || async move {
+        let (count, bytes) = held(relay_ref).await;
+        count == 4 && bytes >= 4 << 20
+    })
+    .await;
+    for task in &waiting {
+        task.abort();
+    }
+    eventually(Duration::from_secs(10), || async move {
+        held(relay_ref).await == (0, 0)
+    })
+    .await;
+}
+
 /// Issue 18, finding 6: an authenticated request whose body stalls (a declared length never
 /// sent, or a byte now and then) is answered 408 `timeout` after `body_read_timeout` of no
 /// progress, on the sync protocol and on a mirrored write alike; a steady body is not.

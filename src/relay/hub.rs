@@ -126,6 +126,26 @@ impl DaemonSignals {
         taken
     }
 
+    /// Forgets a read whose client no longer waits (answered, past its deadline, or gone),
+    /// so that its request body is freed now, not at the daemon's next poll.
+    pub fn forget_read(&self, id: &str) {
+        let mut reads = self.lock_reads();
+        reads.waiting.retain(|read| read.id != id);
+        reads.handed.retain(|(read, _)| read.id != id);
+    }
+
+    /// Reads held (waiting or handed out) and the bytes of their parameters.
+    fn reads_held(&self) -> (usize, usize) {
+        let reads = self.lock_reads();
+        let held = reads
+            .waiting
+            .iter()
+            .chain(reads.handed.iter().map(|(read, _)| read));
+        held.fold((0, 0), |(count, bytes), read| {
+            (count + 1, bytes + read.params_json.len())
+        })
+    }
+
     /// Puts reads a poll took back in front (the poll failed before answering).
     pub fn return_reads(&self, taken: Vec<Read>) {
         let mut reads = self.lock_reads();
@@ -254,6 +274,13 @@ pub struct PendingRead<'a> {
     pub answer: tokio::sync::oneshot::Receiver<ReadOutcome>,
 }
 
+impl PendingRead<'_> {
+    /// The read's command id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl Drop for PendingRead<'_> {
     fn drop(&mut self) {
         self.hub.lock_pending().remove(&self.id);
@@ -339,6 +366,14 @@ impl Hub {
             .values()
             .map(|signals| signals.polls_waiting.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Reads held in memory across all daemons, and the bytes of their parameters.
+    pub fn reads_held(&self) -> (usize, usize) {
+        self.lock_daemons()
+            .values()
+            .map(|signals| signals.reads_held())
+            .fold((0, 0), |(count, bytes), (c, b)| (count + c, bytes + b))
     }
 
     /// Registers a read of `daemon_id` under `id`; its answer arrives on the claim.

@@ -190,6 +190,15 @@ async fn read(
         }
         .into());
     }
+    // However this ends (answered, past its deadline, or the client gone and this future
+    // dropped), the read leaves its daemon's queue with its body.
+    struct Queued<'a>(&'a super::hub::DaemonSignals, String);
+    impl Drop for Queued<'_> {
+        fn drop(&mut self) {
+            self.0.forget_read(&self.1);
+        }
+    }
+    let _queued = Queued(signals, pending.id().to_owned());
     let outcome = tokio::select! {
         answer = &mut pending.answer => answer.ok(),
         _ = tokio::time::sleep_until(until) => None,

@@ -333,6 +333,7 @@ fn metrics(app: &App) -> Response {
     let stats = app.store.commit_stats();
     let m = &app.metrics;
     let mut text = String::new();
+    let (reads_held, reads_held_bytes) = app.hub.reads_held();
     let series = [
         (
             "syncrelay_connections_accepted_total",
@@ -378,6 +379,12 @@ fn metrics(app: &App) -> Response {
             "syncrelay_polls_waiting",
             "gauge",
             app.hub.polls_waiting() as u64,
+        ),
+        ("syncrelay_reads_held", "gauge", reads_held as u64),
+        (
+            "syncrelay_reads_held_bytes",
+            "gauge",
+            reads_held_bytes as u64,
         ),
         ("syncrelay_store_flushes_total", "counter", stats.flushes),
         ("syncrelay_store_commits_total", "counter", stats.commits),

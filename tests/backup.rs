@@ -561,18 +561,6 @@ async fn queue_writes(
     }
 }
 
-/// Runs `syncrelay backup --to DIR` against `relay` (its admin key from its data dir).
-async fn run_backup(relay: &RelayProcess, to: &Path) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args(["backup", "--url", &relay.url, "--data-dir"])
-        .arg(&relay.data_dir)
-        .arg("--to")
-        .arg(to)
-        .output()
-        .await
-        .unwrap()
-}
-
 /// `syncrelay backup --to DIR` while a daemon posts updates and clients queue writes: the
 /// copy, started as a relay of its own, holds everything acknowledged before the backup
 /// began, and is consistent (no seq holes, every queued command deliverable).
@@ -645,7 +633,7 @@ async fn online_backup_under_load() {
     };
     let copies = tempfile::tempdir().unwrap();
     let copy = copies.path().join("backup");
-    let output = run_backup(&relay, &copy).await;
+    let output = relay.backup(&copy).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -666,7 +654,7 @@ async fn online_backup_under_load() {
         task.await.unwrap();
     }
     // A second backup into the same directory is refused, naming the problem.
-    let again = run_backup(&relay, &copy).await;
+    let again = relay.backup(&copy).await;
     assert!(!again.status.success());
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("is not empty"),

@@ -165,14 +165,7 @@ async fn a_backup_survives_a_power_cut_right_after_it_is_reported() {
     let lazy_root = tempfile::tempdir().unwrap();
     let mut lazyfs = LazyFs::mount(&binary, lazy_root.path());
     let copy = lazyfs.mnt.join("backups/today");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args(["backup", "--url", &relay.url, "--data-dir"])
-        .arg(original.path())
-        .arg("--to")
-        .arg(&copy)
-        .output()
-        .await
-        .unwrap();
+    let output = relay.backup(&copy).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.starts_with("backed up "),

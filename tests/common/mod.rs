@@ -417,6 +417,19 @@ impl RelayProcess {
         }
     }
 
+    /// Runs `syncrelay backup --to DIR` against this relay (its admin key from its data
+    /// dir) and returns the CLI's output.
+    pub async fn backup(&self, to: &Path) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .args(["backup", "--url", &self.url, "--data-dir"])
+            .arg(&self.data_dir)
+            .arg("--to")
+            .arg(to)
+            .output()
+            .await
+            .unwrap()
+    }
+
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("admin.key"))
             .unwrap()

@@ -188,6 +188,9 @@ pub struct LimitsConfig {
     pub header_read_timeout: Duration,
     /// Longest a request body may go without any of it arriving (408 `timeout`).
     pub body_read_timeout: Duration,
+    /// Longest a streamed response may wait for its reader to take anything before it is
+    /// ended.
+    pub body_write_timeout: Duration,
     /// Bytes of request headers (HTTP/1.1 read buffer, HTTP/2 header list).
     pub max_header_bytes: usize,
     /// Number of request headers (HTTP/1.1).
@@ -308,6 +311,7 @@ pub struct RawLimits {
     pub max_results_per_post: Option<usize>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
+    pub body_write_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub max_connections: Option<usize>,
@@ -561,6 +565,11 @@ impl Config {
                 &raw.limits.body_read_timeout,
                 "10s",
             ),
+            body_write_timeout: check.duration(
+                "limits.body_write_timeout",
+                &raw.limits.body_write_timeout,
+                "60s",
+            ),
             max_header_bytes: raw.limits.max_header_bytes.unwrap_or(16 << 10),
             max_headers: check.positive("limits.max_headers", raw.limits.max_headers, 64),
             max_connections: check.positive(
@@ -595,6 +604,10 @@ impl Config {
         check.require(
             limits.body_read_timeout >= Duration::from_millis(100),
             "limits.body_read_timeout must be at least 100ms",
+        );
+        check.require(
+            limits.body_write_timeout >= Duration::from_millis(100),
+            "limits.body_write_timeout must be at least 100ms",
         );
         let tls = match (raw.tls.cert, raw.tls.key) {
             (Some(cert), Some(key)) => Some(TlsConfig {

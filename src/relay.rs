@@ -21,6 +21,7 @@ pub mod http;
 mod hub;
 pub mod limits;
 mod mirror;
+mod outlet;
 mod router;
 mod server;
 mod streams;
@@ -70,6 +71,8 @@ pub struct Metrics {
     pub rate_limited: std::sync::atomic::AtomicU64,
     /// Seconds from request to response head, by route family ([`RouteFamily`]).
     pub request_seconds: [crate::metrics::Histogram; RouteFamily::ALL.len()],
+    /// Pumped responses (context and event streams) and their stalled readers.
+    pub outlets: Arc<outlet::OutletMetrics>,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,7 @@ impl Default for Metrics {
             request_seconds: std::array::from_fn(|_| {
                 crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS)
             }),
+            outlets: Default::default(),
         }
     }
 }

@@ -3,22 +3,17 @@
 //! Readers only see entries up to the hub's committed seq, so nothing a client saw can be
 //! lost by a crash and come back different.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 
 use super::client::wait_param;
 use super::http::{json, query_pairs, query_value, ApiError, Source, SOURCE};
+use super::outlet::{self, Outlet};
 use super::sync::null_raw;
 use super::{App, Response};
 use crate::protocol::{parse_rfc3339, rfc3339, ChangeView};
@@ -205,7 +200,11 @@ pub fn stream_events(
     // Without a position, a stream starts at the live tail, as hld's own does.
     let mut after = start.unwrap_or_else(|| *signals.changes.borrow());
     let filter = Filter::from_query(query);
-    let (frames_tx, frames_rx) = mpsc::channel::<Bytes>(16);
+    let (outlet, body) = Outlet::open(
+        &app.metrics.outlets,
+        app.config.limits.body_write_timeout,
+        outlet::response_end(),
+    );
     let app = app.clone();
     let daemon_id = daemon_id.to_owned();
     tokio::spawn(async move {
@@ -213,11 +212,7 @@ pub fn stream_events(
         let keepalive = app.config.changes.sse_keepalive;
         // One deadline across wake-ups: entries the filter drops must not postpone it.
         let mut keepalive_at = Instant::now() + keepalive;
-        if frames_tx
-            .send(Bytes::from_static(b": connected\n\n"))
-            .await
-            .is_err()
-        {
+        if !outlet.send(Bytes::from_static(b": connected\n\n")).await {
             return;
         }
         loop {
@@ -235,7 +230,7 @@ pub fn stream_events(
                 if !filter.matches(&entry) {
                     continue;
                 }
-                if frames_tx.send(sse_frame(&entry)).await.is_err() {
+                if !outlet.send(sse_frame(&entry)).await {
                     return;
                 }
                 keepalive_at = Instant::now() + keepalive;
@@ -246,19 +241,17 @@ pub fn stream_events(
             tokio::select! {
                 changed = committed_rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep_until(keepalive_at) => {
-                    if frames_tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                    if !outlet.send(Bytes::from_static(b": keepalive\n\n")).await {
                         return;
                     }
                     keepalive_at = Instant::now() + keepalive;
                 }
-                _ = frames_tx.closed() => return,
+                _ = outlet.closed() => return,
                 _ = app.shutdown.cancelled() => return,
             }
         }
     });
-    let stream =
-        ReceiverStream::new(frames_rx).map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
-    let mut response = Response::new(StreamBody::new(stream).boxed());
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let map = response.headers_mut();
     map.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -9,6 +9,8 @@ use bytes::{Bytes, BytesMut};
 
 /// An event larger than this is passed on unframed rather than buffered further.
 pub const MAX_PENDING_BYTES: usize = 8 << 20;
+/// Capacity the unfinished event's buffer may keep between pieces beyond twice its size.
+const KEPT_CAPACITY: usize = 16 << 10;
 
 pub struct SseFramer {
     /// Normalised (`\n`-only) bytes of the event being assembled.
@@ -38,7 +40,9 @@ impl SseFramer {
     /// event still unfinished when the context ends is dropped, as SSE clients do.
     pub fn push(&mut self, bytes: &[u8]) -> Option<Bytes> {
         self.normalize(bytes);
-        let mut out = BytesMut::new();
+        // Room for the events and their new `id:` lines, so that the output is not held
+        // in an allocation twice its size (a stalled client holds a few of these).
+        let mut out = BytesMut::with_capacity(self.pending.len() + self.pending.len() / 8 + 64);
         let mut start = 0;
         let mut from = self.scanned.saturating_sub(1);
         while let Some(offset) = memchr::memmem::find(&self.pending[from..], b"\n\n") {
@@ -59,7 +63,18 @@ impl SseFramer {
             self.pending.clear();
             self.scanned = 0;
         }
-        (!out.is_empty()).then(|| out.freeze())
+        // Between pushes only the unfinished event is kept, not the room for a whole piece.
+        if self.pending.capacity() > KEPT_CAPACITY.max(2 * self.pending.len()) {
+            self.pending.shrink_to(self.pending.len());
+        }
+        if out.is_empty() {
+            None
+        } else if out.capacity() > out.len() + out.len() / 4 + 4096 {
+            // Tiny events with long ids outgrew the estimate: keep no slack.
+            Some(Bytes::copy_from_slice(&out))
+        } else {
+            Some(out.freeze())
+        }
     }
 
     /// Appends `bytes` to `pending` with `\r\n` and lone `\r` turned into `\n`.

@@ -386,6 +386,21 @@ fn metrics(app: &App) -> Response {
             "gauge",
             reads_held_bytes as u64,
         ),
+        (
+            "syncrelay_streamed_responses_open",
+            "gauge",
+            m.outlets.open.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "syncrelay_streamed_responses_waiting",
+            "gauge",
+            m.outlets.waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "syncrelay_streamed_responses_stalled_total",
+            "counter",
+            m.outlets.stalled.load(Relaxed),
+        ),
         ("syncrelay_store_flushes_total", "counter", stats.flushes),
         ("syncrelay_store_commits_total", "counter", stats.commits),
     ];

@@ -17,7 +17,7 @@ use http::{HeaderValue, Method};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -29,6 +29,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::deadline::FirstBytesDeadline;
 use super::http::Body;
 use super::limits::{AddrKey, ConnectionLimits};
+use super::outlet::{self, StreamExecutor};
 use super::tls::{ClientIdentity, TlsState};
 use super::{router, App};
 use crate::config::CorsConfig;
@@ -51,7 +52,7 @@ pub struct Connection {
 /// Everything a connection task needs.
 struct Shared {
     app: Arc<App>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<StreamExecutor>,
     tls: Option<Arc<TlsState>>,
     cors: Option<CorsLayer>,
 }
@@ -63,7 +64,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = &app.config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -306,9 +307,22 @@ impl hyper::body::Body for CountedBody {
 
 /// Serves HTTP on one (plain or TLS) stream until it closes: gracefully (in-flight
 /// requests finish) at shutdown, or once idle for `idle_timeout` (`header_read_timeout`
-/// before the first request: HTTP/2 has no header timeout of its own).
+/// before the first request: HTTP/2 has no header timeout of its own). An HTTP/1.1
+/// response whose reader stalls closes it at once (see [`outlet`]).
 async fn serve_io<I>(shared: &Shared, io: I, connection: Connection)
 where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let end = tokio_util::sync::CancellationToken::new();
+    outlet::scope(end.clone(), serve_until(shared, io, connection, end)).await
+}
+
+async fn serve_until<I>(
+    shared: &Shared,
+    io: I,
+    connection: Connection,
+    end: tokio_util::sync::CancellationToken,
+) where
     I: Read + Write + Unpin + Send + 'static,
 {
     let peer = connection.peer;
@@ -364,6 +378,10 @@ where
                     .as_mut()
                     .reset(tokio::time::Instant::now() + limits.header_read_timeout);
                 connection.as_mut().graceful_shutdown();
+            }
+            _ = end.cancelled() => {
+                tracing::debug!(%peer, "a response's reader stalled; closing its connection");
+                return;
             }
             _ = &mut idle_close, if idle_closing => {
                 tracing::debug!(%peer, "idle connection did not close gracefully; dropping it");

@@ -3,9 +3,10 @@
 //! replayed from disk when complete and fresh, joined while a fetch is running (stored
 //! prefix, then the live tail, nothing missing or doubled at the seam: both come from the
 //! same ordered chunk range), or fetched with one stream command that all concurrent
-//! clients share. Each client's body is pumped chunk by chunk from the store through a
-//! bounded channel, so memory depends on the chunk size, not the context size or the
-//! number of clients, and a slow client only slows itself.
+//! clients share. Each client's body is pumped chunk by chunk from the store through an
+//! [`Outlet`], which holds at most a few chunks ahead of the client and ends the response
+//! of a client that stops reading, so memory depends on the chunk size, not the context
+//! size, and a slow client only slows itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,24 +15,15 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::request::Parts;
 use http::StatusCode;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 
 use super::framer::SseFramer;
 use super::http::{ApiError, Source, SOURCE};
 use super::mirror::{forwarded_headers, header_is};
+use super::outlet::{self, Outlet};
 use super::{App, Response};
 use crate::protocol::HttpParams;
 use crate::store::{now_ms, ContextRecord, ContextRequest, ContextState, Opened};
-
-/// Chunks read from the store per step of a pump.
-const READ_BATCH: usize = 8;
-/// Frames buffered per client before the pump waits for the client.
-const CLIENT_BUFFER: usize = 8;
 
 /// Whether `rest` (a path under a daemon's `/api/v1/`, without query) is a stream path.
 pub fn is_stream_path(patterns: &[Vec<String>], rest: &str) -> bool {
@@ -117,15 +109,18 @@ pub async fn serve(
         .and_then(super::mirror::final_status)
         .unwrap_or(StatusCode::BAD_GATEWAY);
     let sse = status.is_success();
-    let (frames_tx, frames_rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
+    let (outlet, body) = Outlet::open(
+        &app.metrics.outlets,
+        config.limits.body_write_timeout,
+        outlet::response_end(),
+    );
     tokio::spawn(pump(
         app.clone(),
         record.context_id,
         sse.then_some(resume_after),
-        frames_tx,
+        outlet,
     ));
-    let stream = ReceiverStream::new(frames_rx).map(|bytes| Ok(Frame::data(bytes)));
-    let mut response = Response::new(StreamBody::new(stream).boxed());
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     for (name, value) in &record.headers {
@@ -209,8 +204,9 @@ fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
 
 /// Copies one context to one client: stored chunks first, then each new chunk once it is
 /// on disk, until the context ends. `sse` is the `Last-Event-ID` to resume after, or
-/// `None` to pass the bytes on unframed (a non-2xx answer).
-async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc::Sender<Bytes>) {
+/// `None` to pass the bytes on unframed (a non-2xx answer). A chunk is read from the store
+/// only once the client has room for it, so what the client has not taken stays on disk.
+async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) {
     let mut framer = sse.map(SseFramer::new);
     let mut watch = app.hub.contexts.watch(&context_id.to_string());
     let keepalive = app.config.changes.sse_keepalive;
@@ -219,49 +215,56 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
     // Once a record read as ended was found on disk, nothing of the context changes.
     let mut settled = false;
     // A storage failure ends an SSE body with an error event, never like a whole context.
-    let (sse_body, frames) = (framer.is_some(), &frames_tx);
+    let (sse_body, outlet) = (framer.is_some(), &outlet);
     let storage_failed = move |err: &dyn std::fmt::Display| {
         tracing::warn!(context_id, error = %err, "serving a context failed");
         async move {
             if sse_body {
-                send_error_event(frames, "{\"code\":\"storage_unavailable\"}").await;
+                send_error_event(outlet, "{\"code\":\"storage_unavailable\"}").await;
             }
         }
     };
     loop {
-        let record = match app.store.context(context_id) {
-            Ok(Some(record)) => record,
+        let Some(room) = outlet.room().await else {
+            return;
+        };
+        let read = match app.store.context(context_id) {
+            Ok(Some(record)) => app
+                .store
+                .context_chunks(context_id, next, 1)
+                .map(|mut chunks| (record, chunks.pop())),
             Ok(None) => return,
-            Err(err) => return storage_failed(&err).await,
+            Err(err) => Err(err),
         };
-        let chunks = match app.store.context_chunks(context_id, next, READ_BATCH) {
-            Ok(chunks) => chunks,
-            Err(err) => return storage_failed(&err).await,
+        let (record, chunk) = match read {
+            Ok(read) => read,
+            Err(err) => {
+                drop(room);
+                return storage_failed(&err).await;
+            }
         };
-        if !chunks.is_empty() {
-            // These may be chunks (or the end) whose post still waits for its flush; a
-            // crash would take them back, and a refetch may cut the context otherwise.
+        if let Some(chunk) = chunk {
+            // This may be a chunk (or the end) whose post still waits for its flush; a
+            // crash would take it back, and a refetch may cut the context otherwise.
             if !settled {
                 if let Err(err) = app.store.commit_visible().await {
+                    drop(room);
                     return storage_failed(&err).await;
                 }
                 settled = record.state != ContextState::Fetching;
             }
-            for chunk in chunks {
-                next += 1;
-                let out = match framer.as_mut() {
-                    Some(framer) => framer.push(&chunk),
-                    None => (!chunk.is_empty()).then(|| Bytes::from(chunk)),
-                };
-                if let Some(bytes) = out {
-                    if frames_tx.send(bytes).await.is_err() {
-                        return;
-                    }
-                    keepalive_at = Instant::now() + keepalive;
-                }
+            next += 1;
+            let out = match framer.as_mut() {
+                Some(framer) => framer.push(&chunk),
+                None => (!chunk.is_empty()).then(|| Bytes::from(chunk)),
+            };
+            if let Some(bytes) = out {
+                room.send(bytes);
+                keepalive_at = Instant::now() + keepalive;
             }
             continue;
         }
+        drop(room);
         let dead = fetch_is_dead(&app, &record).unwrap_or(true);
         if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
             // The end goes out only once on disk too. A dead fetch was read from its
@@ -280,19 +283,19 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
                     .error_json
                     .as_deref()
                     .unwrap_or("{\"code\":\"stream_failed\"}");
-                send_error_event(&frames_tx, error).await;
+                send_error_event(outlet, error).await;
             }
             return;
         }
         tokio::select! {
             _ = watch.changed() => {}
             _ = tokio::time::sleep_until(keepalive_at) => {
-                if framer.is_some() && frames_tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                if framer.is_some() && !outlet.send(Bytes::from_static(b": keepalive\n\n")).await {
                     return;
                 }
                 keepalive_at = Instant::now() + keepalive;
             }
-            _ = frames_tx.closed() => return,
+            _ = outlet.closed() => return,
             _ = app.shutdown.cancelled() => return,
         }
     }
@@ -300,8 +303,8 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, frames_tx: mpsc:
 
 /// Ends an SSE body with an `error` event, so the client does not take the end for a
 /// complete context. A client already gone is no matter.
-async fn send_error_event(frames_tx: &mpsc::Sender<Bytes>, error_json: &str) {
-    let _ = frames_tx
+async fn send_error_event(outlet: &Outlet, error_json: &str) {
+    outlet
         .send(Bytes::from(format!("event: error\ndata: {error_json}\n\n")))
         .await;
 }

@@ -88,18 +88,7 @@ impl TestRelay {
 
     /// One sample of `/metrics`: the value of `series` (`name` or `name{labels}`).
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        metric_at(&self.http, &self.url, series).await
     }
 
     /// Creates a key through the admin API and returns its token.
@@ -131,6 +120,21 @@ impl Drop for TestRelay {
     fn drop(&mut self) {
         self.stop_tx.take().map(|tx| tx.send(()));
     }
+}
+
+/// One sample of the `/metrics` of the relay at `url`: the value of `series`.
+pub async fn metric_at(http: &reqwest::Client, url: &str, series: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn merge_toml(base: &str, extra: &str, data_dir: &Path) -> String {
@@ -386,12 +390,32 @@ impl RelayProcess {
         Self::start(data_dir, "127.0.0.1:0", Stdio::piped())
     }
 
+    /// Spawns `syncrelay serve` on a free loopback port over `data_dir`, with the shipped
+    /// config plus `extra_toml` (written to `config`).
+    pub fn spawn_with(data_dir: &Path, config: &Path, extra_toml: &str) -> RelayProcess {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let shipped = std::fs::read_to_string(shipped).expect("config.toml");
+        std::fs::write(config, merge_toml(&shipped, extra_toml, data_dir)).expect("write config");
+        Self::start_with(data_dir, "127.0.0.1:0", config, Stdio::inherit())
+            .unwrap_or_else(|(_, stderr)| panic!("syncrelay did not start: {stderr}"))
+    }
+
     fn start(data_dir: &Path, listen: &str, stderr: Stdio) -> Result<RelayProcess, (bool, String)> {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        Self::start_with(data_dir, listen, &shipped, stderr)
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        listen: &str,
+        config: &Path,
+        stderr: Stdio,
+    ) -> Result<RelayProcess, (bool, String)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .arg(config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(stderr)

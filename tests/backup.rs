@@ -575,27 +575,18 @@ async fn online_backup_under_load() {
     let original = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(original.path());
     let admin = relay.admin_token();
-    let daemon_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
-    let client_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "client", "scope": ["d", "e"] }),
-    )
-    .await;
+    let daemon_key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
+    let client_key = relay
+        .create_key(json!({ "role": "client", "scope": ["d", "e"] }))
+        .await;
     let mut daemon = Daemon::new(&relay.url, "d", &daemon_key);
     daemon.connect().await;
     // Daemon e connects once and then stays away: its writes stay queued.
-    let e_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "e" }),
-    )
-    .await;
+    let e_key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "e" }))
+        .await;
     Daemon::new(&relay.url, "e", &e_key).connect().await;
 
     let acked = Arc::new(Mutex::new(Acked::default()));

@@ -8,26 +8,19 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{create_key, RelayProcess};
+use common::RelayProcess;
 use serde_json::json;
 
 /// A relay run on `dir` that acknowledged `n` writes and then stopped cleanly: their ids
 /// and the client key.
 async fn filled(dir: &Path, n: usize) -> (Vec<String>, String) {
     let relay = RelayProcess::spawn(dir);
-    let admin = relay.admin_token();
-    let daemon = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
-    let client = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "client", "scope": ["d"] }),
-    )
-    .await;
+    let daemon = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
+    let client = relay
+        .create_key(json!({ "role": "client", "scope": ["d"] }))
+        .await;
     let http = reqwest::Client::new();
     http.post(format!("{}/sync/connect", relay.url))
         .bearer_auth(&daemon)

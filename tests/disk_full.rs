@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{create_key, Daemon, RelayProcess};
+use common::{Daemon, RelayProcess};
 use serde_json::{json, Value};
 
 /// A tmpfs mounted for the test, unmounted on drop.
@@ -57,13 +57,9 @@ async fn a_full_disk_gets_503_and_a_restart_recovers_once_space_returns() {
     };
     let data_dir = fs.path().join("data");
     let relay = RelayProcess::spawn(&data_dir);
-    let admin = relay.admin_token();
-    let key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
+    let key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
     let mut daemon = Daemon::new(&relay.url, "d", &key);
     daemon.connect().await;
     // Leave about 4 MB free: a file we can delete stands for the space freed later.
@@ -127,12 +123,9 @@ async fn a_full_disk_gets_503_and_a_restart_recovers_once_space_returns() {
         last >= *acknowledged.last().unwrap(),
         "every acknowledged update survived: last {last}, acknowledged {acknowledged:?}"
     );
-    let client = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "client", "scope": ["d"] }),
-    )
-    .await;
+    let client = relay
+        .create_key(json!({ "role": "client", "scope": ["d"] }))
+        .await;
     let changes: Value = reqwest::Client::new()
         .get(format!(
             "{}/api/v1/daemons/d/changes?since=0&limit=1000",

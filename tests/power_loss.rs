@@ -20,7 +20,7 @@ mod common;
 use common::chaos;
 use common::crash_loop::{agent_crash_loop, crash_loop, Strike};
 use common::lazyfs::LazyFs;
-use common::{create_key, Daemon, RelayProcess};
+use common::{Daemon, RelayProcess};
 use serde_json::{json, Value};
 
 /// Power cuts in the short runs.
@@ -127,18 +127,12 @@ async fn a_backup_survives_a_power_cut_right_after_it_is_reported() {
     let original = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(original.path());
     let admin = relay.admin_token();
-    let daemon_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
-    let client_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "client", "scope": ["d"] }),
-    )
-    .await;
+    let daemon_key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
+    let client_key = relay
+        .create_key(json!({ "role": "client", "scope": ["d"] }))
+        .await;
     let mut daemon = Daemon::new(&relay.url, "d", &daemon_key);
     daemon.connect().await;
     let updates: Vec<Value> = (1..=500)

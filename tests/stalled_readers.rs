@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::daemon::TestDaemon;
-use common::{create_key, eventually, metric_at, Client, RelayProcess, TestAgent};
+use common::{eventually, metric_at, Client, RelayProcess, TestAgent};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -92,21 +92,14 @@ async fn stalled_readers_hold_a_few_chunks_each_and_are_ended() {
         &dir.path().join("relay.toml"),
         &extra,
     );
-    let admin = relay.admin_token();
-    let daemon_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
+    let daemon_key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
     let client = Client {
         url: relay.url.clone(),
-        key: create_key(
-            &relay.url,
-            &admin,
-            json!({ "role": "client", "scope": ["d"] }),
-        )
-        .await,
+        key: relay
+            .create_key(json!({ "role": "client", "scope": ["d"] }))
+            .await,
         http: reqwest::Client::new(),
     };
     let daemon = TestDaemon::start().await;

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::daemon::TestDaemon;
-use common::{create_key, RelayProcess, TestAgent};
+use common::{RelayProcess, TestAgent};
 use serde_json::json;
 use syncrelay::agent::RawAgent;
 
@@ -33,19 +33,12 @@ async fn an_upload_resumes_after_a_relay_restart() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(dir.path());
     let listen = relay.url.trim_start_matches("http://").to_owned();
-    let admin = relay.admin_token();
-    let daemon_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
-    let client_key = create_key(
-        &relay.url,
-        &admin,
-        json!({ "role": "client", "scope": ["d"] }),
-    )
-    .await;
+    let daemon_key = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
+    let client_key = relay
+        .create_key(json!({ "role": "client", "scope": ["d"] }))
+        .await;
     let daemon = TestDaemon::start().await;
     let _agent = TestAgent::start(
         &relay.url,

@@ -454,6 +454,12 @@ impl RelayProcess {
             .unwrap()
     }
 
+    /// Creates a key through the admin API (`body`: role, daemon, scope) with the admin
+    /// key from the data dir, and returns its token.
+    pub async fn create_key(&self, body: Value) -> String {
+        create_key(&self.url, &self.admin_token(), body).await
+    }
+
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("admin.key"))
             .unwrap()

@@ -174,6 +174,7 @@ pub async fn run_with_tls(
     hangups: Option<tokio::signal::unix::Signal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    store.set_daemon_budget(config.retention.daemon_max_bytes);
     let app = Arc::new(App {
         limits: limits::RateLimits::new(&config.rate_limit),
         config,
@@ -262,7 +263,6 @@ async fn retention_loop(app: Arc<App>) {
         }
         let store = app.store.clone();
         let streams = app.config.streams.clone();
-        let daemon_max_bytes = app.config.retention.daemon_max_bytes;
         let interval = app.config.retention.interval;
         let sweep = move || {
             let now = now_ms();
@@ -273,7 +273,7 @@ async fn retention_loop(app: Arc<App>) {
                 CONTEXT_GARBAGE_GRACE.as_millis() as u64,
                 now,
             )?;
-            let usage = store.census(daemon_max_bytes, interval, now)?;
+            let usage = store.census(interval, now)?;
             Ok::<_, crate::store::StoreError>((stats, usage, now))
         };
         match tokio::task::spawn_blocking(sweep).await {

@@ -76,7 +76,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the queue of daemon {daemon_id} is full ({limit} commands)")]
     QueueFull { daemon_id: String, limit: u64 },
-    /// The daemon's unfinished commands alone exceed its disk budget.
+    /// The write does not fit in the daemon's disk budget, even after dropping the
+    /// daemon's reclaimable data.
     #[error("daemon {0} is over its disk budget")]
     OverBudget(String),
     #[error("unknown daemon {0}")]
@@ -157,8 +158,8 @@ pub struct Store {
     daemon_locks: Vec<Mutex<()>>,
     /// Held shared by every mutation, exclusively by an online backup.
     gate: gate::Gate,
-    /// Daemons the last census found over their disk budget: no new commands for them.
-    over_budget: Mutex<std::collections::HashSet<String>>,
+    /// Each daemon's bytes against its disk budget, between censuses.
+    budget: usage::Budget,
 }
 
 /// A daemon's mutation lock, inside the write gate.
@@ -224,7 +225,7 @@ impl Store {
             ),
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             gate: gate::Gate::default(),
-            over_budget: Mutex::default(),
+            budget: usage::Budget::default(),
             db,
             synced,
         };

@@ -1,8 +1,9 @@
 //! Retention and quotas on a real relay: items past their limits disappear (finished
 //! commands, change-log entries beyond the count, cached copies replaced), the disk space
 //! they took is reused so the data dir stays bounded under a steady workload of large
-//! values, and a daemon over its disk budget loses its oldest change-log entries and gets
-//! `queue_full` while its unfinished commands alone exceed the budget.
+//! values, and a daemon's disk budget is checked as each write is stored: a daemon at its
+//! budget loses its oldest change-log entries to make room, and a command or update that
+//! cannot fit even then gets `queue_full` at once.
 //!
 //! `SYNCRELAY_SOAK_ROUNDS=N` runs the churn test for N rounds instead of 10 (a longer
 //! measurement, out of CI).
@@ -185,8 +186,71 @@ async fn disk_space_is_reused_under_steady_churn_of_large_values() {
     );
 }
 
+/// A client's asynchronous command write of `bytes` bytes: its status and error code.
+async fn job(client: &Client, bytes: usize) -> (u16, Value) {
+    let reply = client
+        .post("/api/v1/daemons/d/jobs")
+        .header("prefer", "respond-async")
+        .json(&json!({ "blob": "q".repeat(bytes) }))
+        .send()
+        .await
+        .unwrap();
+    let status = reply.status().as_u16();
+    if status == 429 {
+        assert!(reply.headers().contains_key("retry-after"));
+    }
+    (status, reply.json().await.unwrap())
+}
+
+/// `count` updates of `bytes` bytes each, numbered from `first`.
+fn updates(first: u64, count: u64, bytes: usize) -> Value {
+    (first..first + count)
+        .map(|seq| json!({ "type": "e", "seq": seq, "data": { "pad": "c".repeat(bytes) } }))
+        .collect()
+}
+
+/// Issue 18, finding 3: the budget is checked when a write is stored, not at the next
+/// sweep. With a 20 MB budget, 8 MiB writes were all accepted until the sweep came; now
+/// the write that would take the daemon past its budget gets 429 `queue_full` at once, and
+/// so do updates that cannot fit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
+async fn writes_past_a_daemon_s_budget_are_refused_at_once() {
+    let relay = TestRelay::start_with("[retention]\ndaemon_max_bytes = 20000000\n").await;
+    let client = relay.client(&["d"]).await;
+    let daemon = relay.daemon("d").await;
+    // The census at start-up counts what each daemon holds; writes are checked from then on.
+    let relay = &relay;
+    eventually(Duration::from_secs(10), || async move {
+        relay
+            .metric("syncrelay_store_census_timestamp_seconds")
+            .await
+            .is_some()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = job(&client, 8 << 20).await;
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "queue_full", "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [202, 202, 429, 429, 429, 429]);
+    // The daemon's updates count too: 4 MB of them do not fit in what is left.
+    let (status, body) = daemon.poll_raw(updates(1, 4, 1_000_000), false, 0.0).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (429, &json!("queue_full"))
+    );
+    let (status, body) = daemon.poll_raw(updates(1, 1, 1_000), false, 0.0).await;
+    assert_eq!(status, 200, "a small update fits: {body}");
+}
+
+/// A daemon at its budget makes room for a new write by dropping its own oldest change-log
+/// entries; what cannot fit even then (its unfinished commands are never dropped) is
+/// refused at once; once its work is done and purged, writes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_at_its_budget_drops_old_changes_and_refuses_what_cannot_fit() {
     let relay = TestRelay::start_with(
         r#"
         [retention]
@@ -198,18 +262,14 @@ async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
     .await;
     let client = relay.client(&["d"]).await;
     let daemon = relay.daemon("d").await;
-    // 4 MB of change log: the budget keeps the newest 2 MB or less.
+    next_census(&relay).await;
+    // 4 MB of change log, all accepted: the newest 2 MB or less stay, at once.
     for batch in 0..4u64 {
-        let updates: Vec<Value> = (0..10)
-            .map(|i| {
-                let seq = batch * 10 + i + 1;
-                json!({ "type": "e", "seq": seq, "data": { "pad": "c".repeat(100_000) } })
-            })
-            .collect();
-        let (status, body) = daemon.poll_raw(Value::Array(updates), false, 0.0).await;
+        let (status, body) = daemon
+            .poll_raw(updates(batch * 10 + 1, 10, 100_000), false, 0.0)
+            .await;
         assert_eq!(status, 200, "{body}");
     }
-    next_census(&relay).await;
     let seqs = change_seqs(&client, "d").await;
     assert_eq!(seqs.last(), Some(&40), "the newest entries stay");
     assert!(
@@ -218,41 +278,25 @@ async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
     );
     assert_eq!(seqs, (41 - seqs.len() as u64..41).collect::<Vec<_>>());
 
-    // Unfinished commands are never dropped; past the budget, new ones are refused.
+    // Commands take the room of old changes; past what unfinished commands can hold, new
+    // ones are refused at once.
     let mut queued = Vec::new();
     for _ in 0..3 {
-        let reply = client
-            .post("/api/v1/daemons/d/jobs")
-            .header("prefer", "respond-async")
-            .json(&json!({ "blob": "q".repeat(1_000_000) }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reply.status(), 202);
-        queued.push(
-            reply.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        let (status, body) = job(&client, 600_000).await;
+        assert_eq!(status, 202, "{body}");
+        queued.push(body["id"].as_str().unwrap().to_owned());
     }
-    next_census(&relay).await;
+    let (status, body) = job(&client, 600_000).await;
     assert_eq!(
-        relay.metric("syncrelay_daemons_over_budget").await,
-        Some(1.0)
+        (status, &body["error"]["code"]),
+        (429, &json!("queue_full"))
     );
-    let small_write = || {
-        client
-            .post("/api/v1/daemons/d/jobs")
-            .header("prefer", "respond-async")
-            .json(&json!({ "small": true }))
-            .send()
-    };
-    let refused = small_write().await.unwrap();
-    assert_eq!(refused.status(), 429);
-    assert!(refused.headers().contains_key("retry-after"));
-    let error: Value = refused.json().await.unwrap();
-    assert_eq!(error["error"]["code"], "queue_full", "{error}");
+    assert!(
+        change_seqs(&client, "d").await.len() <= 2,
+        "the change log made room"
+    );
+    let (status, _) = daemon.poll_raw(updates(41, 1, 600_000), false, 0.0).await;
+    assert_eq!(status, 429, "an update that cannot fit");
     for id in &queued {
         let reply = client
             .get(&format!("/api/v1/commands/{id}"))
@@ -270,10 +314,9 @@ async fn a_daemon_over_its_budget_loses_old_changes_and_gets_no_new_commands() {
             .answer(command["id"].as_str().unwrap(), 200, json!({ "ok": true }))
             .await;
     }
-    eventually(Duration::from_secs(10), || async {
-        relay.metric("syncrelay_daemons_over_budget").await == Some(0.0)
+    let client = &client;
+    eventually(Duration::from_secs(10), || async move {
+        job(client, 600_000).await.0 == 202
     })
     .await;
-    let accepted = small_write().await.unwrap();
-    assert_eq!(accepted.status(), 202);
 }

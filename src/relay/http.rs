@@ -188,8 +188,8 @@ impl From<StoreError> for ApiError {
                     StatusCode::TOO_MANY_REQUESTS,
                     "queue_full",
                     format!(
-                        "daemon {daemon_id} has used its disk budget with unfinished commands; \
-                         try again once it has taken some"
+                        "daemon {daemon_id} has used its disk budget and nothing of it can be \
+                         dropped to make room; try again once it has taken its commands"
                     ),
                 );
                 api.retry_after = Some(30);

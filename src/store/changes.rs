@@ -7,6 +7,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
+use super::usage::stored_size;
 use super::{codec, layout, Result, Store, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,6 +102,11 @@ impl Store {
         if rows.is_empty() {
             return Ok(outcome);
         }
+        let bytes = rows
+            .iter()
+            .map(|(key, value)| stored_size(key, value))
+            .sum();
+        self.reserve_budget(daemon_id, bytes, now_ms)?;
         let daemon_bytes = self.encoded(&daemon)?;
         (&self.daemons, &self.changes).transaction(
             |(daemons, changes)| -> ConflictableTransactionResult<(), StoreError> {

@@ -12,6 +12,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
+use super::usage::stored_size;
 use super::{layout, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,11 +187,19 @@ impl Store {
                 }
             }
         }
-        self.check_budget(&new.daemon_id)?;
         let command = prepare_command(&mut daemon, new, now_ms)?;
         let daemon_bytes = self.encoded(&daemon)?;
         let command_bytes = self.encoded(&command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+        let index_bytes = idempotency_key
+            .as_ref()
+            .map_or(0, |key| key.len() + command.id.len());
+        self.reserve_budget(
+            &command.daemon_id,
+            stored_size(command.id.as_bytes(), &command_bytes)
+                + (queue_key.len() + command.id.len() + index_bytes) as u64,
+            now_ms,
+        )?;
         // Tracked: a poll may lease the command before this request's commit resolves.
         self.committer.tracked(|| {
             (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
@@ -294,6 +303,9 @@ impl Store {
                 } else {
                     CommandState::Completed
                 };
+                let bytes = result_json.as_ref().map_or(0, String::len)
+                    + error_json.as_ref().map_or(0, String::len);
+                self.charge_budget(daemon_id, bytes as u64);
                 self.finish_locked(&mut command, state, result_json, error_json, now_ms)?;
                 Ok(CompleteOutcome::Completed(Box::new(command)))
             }

@@ -14,6 +14,7 @@ use sled::Transactional;
 
 use super::commands::prepare_command;
 use super::daemons::DaemonRecord;
+use super::usage::stored_size;
 use super::{codec, layout, CommandRecord, CommandState, NewCommand, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +129,6 @@ impl Store {
         let mut daemon: DaemonRecord = self
             .get_decoded(&self.daemons, request.daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(request.daemon_id.clone()))?;
-        self.check_budget(&request.daemon_id)?;
         let command = prepare_command(
             &mut daemon,
             NewCommand {
@@ -163,6 +163,13 @@ impl Store {
             self.encoded(&record)?,
         );
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+        self.reserve_budget(
+            &request.daemon_id,
+            stored_size(command.id.as_bytes(), &command_bytes)
+                + stored_size(&id_bytes, &record_bytes)
+                + (queue_key.len() + index_key.len() + 2 * command.id.len() + 16) as u64,
+            now_ms,
+        )?;
         let replaced = current.map(|old| old.context_id.to_be_bytes());
         // Tracked: a poll may lease the command before this request's commit resolves.
         self.committer.tracked(|| {
@@ -306,13 +313,22 @@ impl Store {
                     expected: record.chunks,
                 });
             }
-            let too_large = record.bytes + chunk.data.len() as u64 > max_context_bytes;
-            if too_large {
+            let key = chunk_key(record.context_id, chunk.index);
+            let refusal = if record.bytes + chunk.data.len() as u64 > max_context_bytes {
+                Some(serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") }))
+            } else {
+                // Approximate: the stored chunk is its bytes and a few of framing.
+                let bytes = stored_size(&key, chunk.data) + 8;
+                match self.reserve_budget(daemon_id, bytes, now_ms) {
+                    Ok(()) => None,
+                    Err(StoreError::OverBudget(_)) => Some(serde_json::json!({ "code": "queue_full", "message": format!("daemon {daemon_id} has used its disk budget") })),
+                    Err(err) => return Err(err),
+                }
+            };
+            let too_large = refusal.is_some();
+            if let Some(refusal) = refusal {
                 record.state = ContextState::Failed;
-                record.error_json = Some(
-                    serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") })
-                        .to_string(),
-                );
+                record.error_json = Some(refusal.to_string());
                 record.finished_at_ms = now_ms;
             } else {
                 if chunk.index == 0 {
@@ -331,7 +347,6 @@ impl Store {
                     record.finished_at_ms = now_ms;
                 }
             }
-            let key = chunk_key(record.context_id, chunk.index);
             let data = match too_large {
                 true => None,
                 false => Some(self.encoded(&chunk.data.to_vec())?),
@@ -469,6 +484,11 @@ impl Store {
     /// Unlists a context (new requests fetch again) and schedules its chunks for deletion.
     pub(super) fn retire_context(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
         let _guard = self.lock_daemon(&record.daemon_id);
+        self.retire_context_locked(record, now_ms)
+    }
+
+    /// [`Store::retire_context`] for a caller that holds the daemon's lock.
+    pub(super) fn retire_context_locked(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
         let index_key = layout::daemon_text_key(&record.daemon_id, &[&record.key]);
         let id_bytes = record.context_id.to_be_bytes();
         if self.context_garbage.contains_key(id_bytes)? {

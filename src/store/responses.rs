@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{layout, Result, Store};
+use super::usage::stored_size;
+use super::{layout, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedResponse {
@@ -20,13 +21,15 @@ pub const RESPONSE_REFRESH_MS: u64 = 1_000;
 
 impl Store {
     /// Keeps `response` as the offline copy of `path_and_query`, unless the stored copy
-    /// is the same and younger than [`RESPONSE_REFRESH_MS`]. Returns whether it wrote.
+    /// is the same and younger than [`RESPONSE_REFRESH_MS`], or the daemon's disk budget
+    /// has no room for it. Returns whether it wrote.
     pub fn put_response(
         &self,
         daemon_id: &str,
         path_and_query: &str,
         response: &CachedResponse,
     ) -> Result<bool> {
+        let _guard = self.lock_daemon(daemon_id);
         let key = layout::daemon_text_key(daemon_id, &[path_and_query]);
         if let Some(stored) = self.get_decoded::<CachedResponse>(&self.responses, &key)? {
             if response.stored_at_ms.saturating_sub(stored.stored_at_ms) < RESPONSE_REFRESH_MS
@@ -37,8 +40,14 @@ impl Store {
                 return Ok(false);
             }
         }
-        let _gate = self.gate.shared();
-        self.responses.insert(key, self.encoded(response)?)?;
+        let value = self.encoded(response)?;
+        match self.reserve_budget(daemon_id, stored_size(&key, &value), response.stored_at_ms) {
+            Ok(()) => {}
+            // The copy is a convenience: without room, the daemon keeps its older data.
+            Err(StoreError::OverBudget(_)) => return Ok(false),
+            Err(err) => return Err(err),
+        }
+        self.responses.insert(key, value)?;
         Ok(true)
     }
 

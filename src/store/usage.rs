@@ -4,14 +4,21 @@
 //! spilled values that are still referenced (for the pieces GC), and enforces the
 //! per-daemon disk budget.
 //!
-//! Budget: a daemon over `daemon_max_bytes` loses its reclaimable data, oldest first:
-//! finished contexts, cached GET responses, change-log entries, then commands finished
-//! more than ten minutes ago. Commands
-//! that are not finished are acknowledged work and are never dropped; a daemon whose
-//! unfinished commands alone exceed the budget is reported `over_budget`, and the relay
-//! refuses new commands for it (429 `queue_full`) until it is under again.
+//! Budget (`daemon_max_bytes`): each daemon's bytes are known between censuses as the last
+//! census counted them plus what was written since ([`Budget`]), so a write is checked
+//! when it is stored, not at the next sweep. A write that would take its daemon past the
+//! budget first makes room by dropping that daemon's oldest reclaimable data: finished
+//! contexts, cached GET responses, then change-log entries. If that is not enough (the
+//! rest is unfinished commands, a running fetch or results younger than ten minutes), a
+//! new command or update is refused with 429 `queue_full`, a chunk ends its fetch, and a
+//! GET response is not cached. Results are never refused: they finish acknowledged work.
+//! The census then trims what is left over budget, finished commands (finished more than
+//! ten minutes ago) included, and corrects the counts. Commands that are not finished are
+//! never dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::contexts::ContextRecord;
 use super::responses::CachedResponse;
@@ -43,11 +50,79 @@ pub struct Usage {
     pub pieces_collected: u64,
 }
 
+/// Each daemon's bytes between censuses, for checking writes against the budget.
+#[derive(Debug, Default)]
+pub(super) struct Budget {
+    /// `daemon_max_bytes`; 0: no budget.
+    max: AtomicU64,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Bytes per daemon: the last census's count plus what was written since (less what
+    /// was reclaimed). `None` until the first census.
+    used: Option<HashMap<String, u64>>,
+    /// Bytes written since the census in progress began, added to its count at its end.
+    since_census: HashMap<String, u64>,
+}
+
+impl Budget {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn charge(&self, daemon_id: &str, bytes: u64) {
+        // Without allocating a key on the write path once the daemon is known.
+        fn add(map: &mut HashMap<String, u64>, daemon_id: &str, bytes: u64) {
+            match map.get_mut(daemon_id) {
+                Some(total) => *total += bytes,
+                None => {
+                    map.insert(daemon_id.to_owned(), bytes);
+                }
+            }
+        }
+        let mut counts = self.counts();
+        add(&mut counts.since_census, daemon_id, bytes);
+        if let Some(used) = counts.used.as_mut() {
+            add(used, daemon_id, bytes);
+        }
+    }
+
+    /// Bytes the daemon may still take, if there is a budget and a census has counted.
+    fn room(&self, daemon_id: &str) -> Option<u64> {
+        let max = self.max.load(Ordering::Relaxed);
+        let counts = self.counts();
+        let used = counts.used.as_ref()?.get(daemon_id).copied().unwrap_or(0);
+        (max > 0).then(|| max.saturating_sub(used))
+    }
+
+    fn release(&self, daemon_id: &str, bytes: u64) {
+        if let Some(used) = self
+            .counts()
+            .used
+            .as_mut()
+            .and_then(|u| u.get_mut(daemon_id))
+        {
+            *used = used.saturating_sub(bytes);
+        }
+    }
+}
+
+/// Who trims a daemon over its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trim {
+    /// A write making room, under the daemon's lock: no scan of every command.
+    Inline,
+    /// The census, holding no lock.
+    Census,
+}
+
 /// A finished command younger than this is never dropped for a disk budget.
 const FINISHED_MIN_AGE_MS: u64 = 10 * 60 * 1000;
 
 /// Bytes an entry stands for: its key, and its value at full length if spilled.
-fn stored_size(key: &[u8], value: &[u8]) -> u64 {
+pub(super) fn stored_size(key: &[u8], value: &[u8]) -> u64 {
     key.len() as u64 + spilled(value).map_or(value.len() as u64, |(_, len)| len)
 }
 
@@ -58,14 +133,18 @@ fn daemon_of(key: &[u8]) -> Option<&str> {
 }
 
 impl Store {
-    /// Measures the store, collects unreferenced pieces, and trims daemons over
-    /// `daemon_max_bytes` (0: no budget). Run every `sweep_interval`.
-    pub fn census(
-        &self,
-        daemon_max_bytes: u64,
-        sweep_interval: std::time::Duration,
-        now_ms: u64,
-    ) -> Result<Usage> {
+    /// Sets the disk budget of each daemon (`daemon_max_bytes`; 0: none).
+    pub fn set_daemon_budget(&self, daemon_max_bytes: u64) {
+        self.budget.max.store(daemon_max_bytes, Ordering::Relaxed);
+    }
+
+    /// Measures the store, collects unreferenced pieces, and trims daemons over their
+    /// budget ([`Store::set_daemon_budget`]). Run every `sweep_interval`.
+    pub fn census(&self, sweep_interval: std::time::Duration, now_ms: u64) -> Result<Usage> {
+        let daemon_max_bytes = self.budget.max.load(Ordering::Relaxed);
+        // Writes from here on may or may not be in this count: counted again after it, a
+        // write is at worst counted twice until the next census.
+        self.budget.counts().since_census.clear();
         let watermark = self.spill.watermark()?;
         let mut usage = Usage::default();
         for state in [
@@ -150,7 +229,7 @@ impl Store {
                 .collect();
             for (daemon, bytes) in over {
                 let excess = bytes - daemon_max_bytes;
-                let freed = self.trim_daemon(&daemon, excess, now_ms)?;
+                let freed = self.trim_daemon(&daemon, excess, Trim::Census, now_ms)?;
                 usage.trimmed_bytes += freed;
                 if unfinished.get(&daemon).copied().unwrap_or(0) > daemon_max_bytes {
                     usage.over_budget.insert(daemon.clone());
@@ -168,42 +247,64 @@ impl Store {
                 }
             }
         }
-        *self.over_budget.lock().unwrap_or_else(|p| p.into_inner()) = usage.over_budget.clone();
+        let mut counts = self.budget.counts();
+        let mut used = usage.daemon_bytes.clone();
+        for (daemon, bytes) in counts.since_census.drain() {
+            *used.entry(daemon).or_default() += bytes;
+        }
+        counts.used = Some(used);
         Ok(usage)
     }
 
-    /// Refuses new commands for a daemon the last census found over its budget.
-    pub(super) fn check_budget(&self, daemon_id: &str) -> Result<()> {
-        let over = self.over_budget.lock().unwrap_or_else(|p| p.into_inner());
-        match over.contains(daemon_id) {
-            true => Err(super::StoreError::OverBudget(daemon_id.to_owned())),
-            false => Ok(()),
+    /// Charges `bytes` written for a daemon against its budget (a result, which is never
+    /// refused). Called under the daemon's lock.
+    pub(super) fn charge_budget(&self, daemon_id: &str, bytes: u64) {
+        self.budget.charge(daemon_id, bytes);
+    }
+
+    /// Makes room for `bytes` of a new write in the daemon's budget, dropping its oldest
+    /// reclaimable data if needed, and charges them; `OverBudget` if there is no room even
+    /// then. Called under the daemon's lock, so that check and charge are one step.
+    pub(super) fn reserve_budget(&self, daemon_id: &str, bytes: u64, now_ms: u64) -> Result<()> {
+        if let Some(room) = self.budget.room(daemon_id) {
+            if bytes > room {
+                let freed = self.trim_daemon(daemon_id, bytes - room, Trim::Inline, now_ms)?;
+                self.budget.release(daemon_id, freed);
+                if freed < bytes - room {
+                    return Err(super::StoreError::OverBudget(daemon_id.to_owned()));
+                }
+                tracing::debug!(daemon_id, freed, "made room in a daemon's disk budget");
+            }
         }
+        self.budget.charge(daemon_id, bytes);
+        Ok(())
     }
 
     /// Frees at least `excess` bytes of a daemon's reclaimable data if it can, counted as
     /// the census counts them, oldest first: finished contexts, cached responses,
-    /// change-log entries, then finished commands. Returns the bytes freed.
-    fn trim_daemon(&self, daemon_id: &str, excess: u64, now_ms: u64) -> Result<u64> {
+    /// change-log entries, then (the census's trim, which scans every command) finished
+    /// commands. Returns the bytes freed.
+    fn trim_daemon(&self, daemon_id: &str, excess: u64, trim: Trim, now_ms: u64) -> Result<u64> {
         let mut freed = 0;
-        // Contexts no longer fetching; retired, they no longer count (their chunks go
-        // with the garbage sweep).
+        // Listed contexts no longer fetching; retired, they no longer count (their chunks
+        // go with the garbage sweep).
         let mut contexts: Vec<(u64, ContextRecord)> = Vec::new();
-        for item in self.contexts.iter() {
-            let (id, value) = item?;
+        for item in self
+            .context_index
+            .scan_prefix(layout::daemon_prefix(daemon_id))
+        {
+            let (_, id) = item?;
+            let Some(value) = self.contexts.get(&id)? else {
+                continue;
+            };
             let record: ContextRecord = self.decode(&value)?;
             if record.daemon_id == daemon_id
                 && record.state != super::ContextState::Fetching
                 && !self.context_garbage.contains_key(&id)?
             {
-                let mut size = stored_size(&id, &value);
-                for chunk in self.context_chunks.range(
-                    super::contexts::chunk_key(record.context_id, 0)
-                        ..super::contexts::chunk_key(record.context_id + 1, 0),
-                ) {
-                    let (key, value) = chunk?;
-                    size += stored_size(&key, &value);
-                }
+                // From the record, not by reading every chunk: each chunk is about its
+                // bytes, a 16-byte key and an 8-byte length.
+                let size = stored_size(&id, &value) + record.bytes + 24 * record.chunks;
                 contexts.push((size, record));
             }
         }
@@ -212,7 +313,10 @@ impl Store {
             if freed >= excess {
                 return Ok(freed);
             }
-            self.retire_context(&record, now_ms)?;
+            match trim {
+                Trim::Inline => self.retire_context_locked(&record, now_ms)?,
+                Trim::Census => self.retire_context(&record, now_ms)?,
+            }
             freed += size;
         }
         // Cached GET responses.
@@ -253,6 +357,9 @@ impl Store {
             }
             let _gate = self.gate.shared();
             self.changes.apply_batch(batch)?;
+        }
+        if trim == Trim::Inline {
+            return Ok(freed);
         }
         // Finished commands, last: a client may still fetch a result, or retry with its
         // Idempotency-Key (a forgotten command would run again), so only ones finished

@@ -20,7 +20,9 @@ use crate::protocol::{parse_rfc3339, rfc3339, ChangeView};
 use crate::store::ChangeEntry;
 
 /// Entries read from the store per step of an SSE stream.
-const SSE_BATCH: usize = 256;
+/// What an event stream reads from the store at a time: at most this many entries, and no
+/// more once they hold `.1` bytes of data, so a stalled reader holds little.
+const SSE_BATCH: (usize, usize) = (256, 256 << 10);
 /// Default `limit` of `/changes`.
 const DEFAULT_LIMIT: usize = 100;
 
@@ -78,7 +80,7 @@ pub async fn changes(
     let mut committed_rx = signals.changes.subscribe();
     let (entries, committed) = loop {
         let committed = *committed_rx.borrow_and_update();
-        let entries = read(app, daemon_id, after, committed, limit)?;
+        let entries = read(app, daemon_id, after, committed, (limit, usize::MAX))?;
         if !entries.is_empty() || Instant::now() >= deadline {
             break (entries, committed);
         }
@@ -112,12 +114,12 @@ fn read(
     daemon_id: &str,
     after: u64,
     committed: u64,
-    limit: usize,
+    (limit, max_bytes): (usize, usize),
 ) -> Result<Vec<ChangeEntry>, ApiError> {
     if after >= committed {
         return Ok(Vec::new());
     }
-    let mut entries = app.store.changes_after(daemon_id, after, limit)?;
+    let mut entries = app.store.changes_page(daemon_id, after, limit, max_bytes)?;
     entries.retain(|e| e.seq <= committed);
     Ok(entries)
 }
@@ -224,7 +226,8 @@ pub fn stream_events(
                     return;
                 }
             };
-            let full_batch = entries.len() == SSE_BATCH;
+            // More to read at once, without waiting for a wake-up.
+            let more = entries.last().is_some_and(|last| last.seq < committed);
             for entry in entries {
                 after = entry.seq;
                 if !filter.matches(&entry) {
@@ -235,7 +238,7 @@ pub fn stream_events(
                 }
                 keepalive_at = Instant::now() + keepalive;
             }
-            if full_batch {
+            if more {
                 continue;
             }
             tokio::select! {

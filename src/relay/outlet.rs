@@ -114,6 +114,7 @@ impl Outlet {
         metrics.open.fetch_add(1, Relaxed);
         let body = OutletBody {
             rx,
+            rest: Bytes::new(),
             watch,
             metrics: metrics.clone(),
             _done: done.drop_guard(),
@@ -194,9 +195,16 @@ async fn watchdog(
     end.cancel();
 }
 
+/// The most of a frame handed to hyper at once. A large frame (an SSE event of several
+/// MiB) goes out in pieces, so a slow reader's progress shows within one piece, and the
+/// watchdog never ends a reader that is still taking bytes.
+const PIECE_BYTES: usize = 32 << 10;
+
 /// The reading end: the response body hyper polls.
 struct OutletBody {
     rx: mpsc::Receiver<Bytes>,
+    /// The rest of the frame being handed out.
+    rest: Bytes,
     watch: Arc<Watch>,
     metrics: Arc<OutletMetrics>,
     _done: DropGuard,
@@ -210,14 +218,26 @@ impl hyper::body::Body for OutletBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = self.rx.poll_recv(cx);
-        // Back for more: the last frame is written (or buffered by hyper within its
-        // limits). A frame handed out now waits until hyper comes back.
-        *self.watch.waiting_since.lock().unwrap() = match polled {
+        let this = &mut *self;
+        let polled = match this.rest.is_empty() {
+            true => this.rx.poll_recv(cx),
+            false => Poll::Ready(Some(std::mem::take(&mut this.rest))),
+        };
+        let piece = polled.map(|frame| {
+            frame.map(|mut frame| {
+                if frame.len() > PIECE_BYTES {
+                    this.rest = frame.split_off(PIECE_BYTES);
+                }
+                Ok(Frame::data(frame))
+            })
+        });
+        // Back for more: the last piece is written (or buffered by hyper within its
+        // limits). A piece handed out now waits until hyper comes back.
+        *this.watch.waiting_since.lock().unwrap() = match piece {
             Poll::Ready(Some(_)) => Some(Instant::now()),
             _ => None,
         };
-        polled.map(|frame| frame.map(|bytes| Ok(Frame::data(bytes))))
+        piece
     }
 }
 
@@ -268,6 +288,33 @@ mod tests {
         assert!(pump.await.unwrap());
         assert!(body.frame().await.is_none(), "the pump is done");
         assert!(!end.is_cancelled());
+        // A large frame goes out in pieces, each of which counts as progress.
+        let end = CancellationToken::new();
+        let (outlet, mut body) = Outlet::open(&metrics, stall, Some(end.clone()));
+        assert!(
+            outlet
+                .send(Bytes::from(vec![7u8; 5 * PIECE_BYTES + 1]))
+                .await
+        );
+        drop(outlet);
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            tokio::time::sleep(stall / 2).await;
+            pieces.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert_eq!(
+            pieces,
+            [
+                PIECE_BYTES,
+                PIECE_BYTES,
+                PIECE_BYTES,
+                PIECE_BYTES,
+                PIECE_BYTES,
+                1
+            ]
+        );
+        assert!(!end.is_cancelled());
+        drop(body);
         // Waiting for its pump (nothing to send) is not stalling either.
         let end = CancellationToken::new();
         let (_outlet, body) = Outlet::open(&metrics, stall, Some(end.clone()));

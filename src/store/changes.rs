@@ -7,7 +7,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
-use super::usage::stored_size;
+use super::usage::{stored_size, Trim};
 use super::{codec, layout, Result, Store, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +106,7 @@ impl Store {
             .iter()
             .map(|(key, value)| stored_size(key, value))
             .sum();
-        self.reserve_budget(daemon_id, bytes, now_ms)?;
+        self.reserve_budget(daemon_id, bytes, Trim::Write, now_ms)?;
         let daemon_bytes = self.encoded(&daemon)?;
         (&self.daemons, &self.changes).transaction(
             |(daemons, changes)| -> ConflictableTransactionResult<(), StoreError> {
@@ -127,16 +127,32 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<ChangeEntry>> {
+        self.changes_page(daemon_id, after_seq, limit, usize::MAX)
+    }
+
+    /// [`Store::changes_after`], stopping once the entries read hold `max_bytes` of data
+    /// (at least one entry), so that a reader of large entries holds few at a time.
+    pub fn changes_page(
+        &self,
+        daemon_id: &str,
+        after_seq: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChangeEntry>> {
         let start = layout::daemon_seq_key(daemon_id, after_seq.saturating_add(1));
         let end = layout::daemon_seq_key(daemon_id, u64::MAX);
-        self.changes
-            .range(start..=end)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item?;
-                ChangeEntry::from_stored(&key, &self.spill.resolve(&value)?)
-            })
-            .collect()
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for item in self.changes.range(start..=end).take(limit) {
+            let (key, value) = item?;
+            let entry = ChangeEntry::from_stored(&key, &self.spill.resolve(&value)?)?;
+            bytes += entry.data_json.len();
+            entries.push(entry);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(entries)
     }
 
     /// The `seq` after which entries with a timestamp at or after `time_ms` begin: the

@@ -236,14 +236,24 @@ async fn writes_past_a_daemon_s_budget_are_refused_at_once() {
         statuses.push(status);
     }
     assert_eq!(statuses, [202, 202, 429, 429, 429, 429]);
-    // The daemon's updates count too: 4 MB of them do not fit in what is left.
+    // The daemon's updates count too: 4 MB of them do not fit in what is left. They are
+    // not stored (`last_update_seq` stays 0, so the daemon keeps them), but the poll still
+    // hands out the commands, whose running frees the budget; with none left, a 429.
+    let (status, body) = daemon.poll_raw(updates(1, 4, 1_000_000), false, 0.0).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["last_update_seq"], 0);
+    assert_eq!(body["commands"].as_array().unwrap().len(), 2);
     let (status, body) = daemon.poll_raw(updates(1, 4, 1_000_000), false, 0.0).await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (429, &json!("queue_full"))
     );
     let (status, body) = daemon.poll_raw(updates(1, 1, 1_000), false, 0.0).await;
-    assert_eq!(status, 200, "a small update fits: {body}");
+    assert_eq!(
+        (status, &body["last_update_seq"]),
+        (200, &json!(1)),
+        "a small one fits"
+    );
 }
 
 /// A daemon at its budget makes room for a new write by dropping its own oldest change-log
@@ -282,21 +292,26 @@ async fn a_daemon_at_its_budget_drops_old_changes_and_refuses_what_cannot_fit() 
     // ones are refused at once.
     let mut queued = Vec::new();
     for _ in 0..3 {
-        let (status, body) = job(&client, 600_000).await;
+        let (status, body) = job(&client, 550_000).await;
         assert_eq!(status, 202, "{body}");
         queued.push(body["id"].as_str().unwrap().to_owned());
     }
-    let (status, body) = job(&client, 600_000).await;
+    // Room for about three change-log entries is left; a refused write takes none of them.
+    let kept = change_seqs(&client, "d").await;
+    assert!(
+        (1..=4).contains(&kept.len()),
+        "the change log made room: {kept:?}"
+    );
+    let (status, body) = job(&client, 550_000).await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (429, &json!("queue_full"))
     );
-    assert!(
-        change_seqs(&client, "d").await.len() <= 2,
-        "the change log made room"
+    assert_eq!(
+        change_seqs(&client, "d").await,
+        kept,
+        "nothing dropped for a refusal"
     );
-    let (status, _) = daemon.poll_raw(updates(41, 1, 600_000), false, 0.0).await;
-    assert_eq!(status, 429, "an update that cannot fit");
     for id in &queued {
         let reply = client
             .get(&format!("/api/v1/commands/{id}"))
@@ -306,17 +321,20 @@ async fn a_daemon_at_its_budget_drops_old_changes_and_refuses_what_cannot_fit() 
         assert_eq!(reply.status(), 200, "an unfinished command was dropped");
     }
 
-    // The daemon takes and answers them; once the results are purged, writes go through.
-    let commands = daemon.next_commands().await;
+    // An update that cannot fit is not stored, but the poll hands out the commands; the
+    // daemon answers them, and once the results are purged, writes go through.
+    let (status, body) = daemon.poll_raw(updates(41, 1, 600_000), false, 0.0).await;
+    assert_eq!((status, &body["last_update_seq"]), (200, &json!(40)));
+    let commands = body["commands"].as_array().unwrap();
     assert_eq!(commands.len(), 3);
-    for command in &commands {
+    for command in commands {
         daemon
             .answer(command["id"].as_str().unwrap(), 200, json!({ "ok": true }))
             .await;
     }
     let client = &client;
     eventually(Duration::from_secs(10), || async move {
-        job(client, 600_000).await.0 == 202
+        job(client, 550_000).await.0 == 202
     })
     .await;
 }

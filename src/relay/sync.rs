@@ -19,6 +19,7 @@ use crate::protocol::{
 };
 use crate::store::{
     now_ms, CachedResponse, ChunkOutcome, CompleteOutcome, ContextState, NewChange, NewChunk,
+    StoreError,
 };
 use base64::Engine;
 
@@ -99,14 +100,30 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
         app.store.touch_daemon(daemon_id, now)?;
     }
     // Only durable values are reported: a daemon trims its outbox by this number.
+    // Updates with no room in the daemon's disk budget are not stored (the daemon keeps
+    // them, seeing `last_update_seq` unmoved), but the poll still hands out commands:
+    // running them is what frees the budget. With nothing to hand out, it is a 429.
+    let mut updates_refused = None;
     let last_update_seq = if updates.is_empty() {
         signals.durable_update_seq()
     } else {
-        let outcome = app.store.append_changes(daemon_id, updates, now)?;
-        app.store.commit().await?;
-        signals.publish_changes(outcome.last_change_seq);
-        signals.publish_update_seq(outcome.last_update_seq);
-        outcome.last_update_seq
+        match app.store.append_changes(daemon_id, updates, now) {
+            Ok(outcome) => {
+                app.store.commit().await?;
+                signals.publish_changes(outcome.last_change_seq);
+                signals.publish_update_seq(outcome.last_update_seq);
+                outcome.last_update_seq
+            }
+            Err(err @ StoreError::OverBudget(_)) => {
+                tracing::warn!(
+                    daemon_id,
+                    "updates refused: the daemon's disk budget is full"
+                );
+                updates_refused = Some(ApiError::from(err));
+                signals.durable_update_seq()
+            }
+            Err(err) => return Err(err.into()),
+        }
     };
 
     let deadline = Instant::now() + timeout;
@@ -134,6 +151,7 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
         if !reads.is_empty()
             || !batch.commands.is_empty()
             || !request.wait_for_commands
+            || updates_refused.is_some()
             || Instant::now() >= deadline
         {
             break (reads, batch);
@@ -159,6 +177,11 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
         }
     };
     signals.seen();
+    if let Some(refused) = updates_refused {
+        if reads.is_empty() && batch.commands.is_empty() {
+            return Err(refused);
+        }
+    }
     // A command is run only once it is on disk: one queued a moment ago may still wait for
     // its flush, and a crash would take it back after the daemon ran it.
     if !batch.commands.is_empty() {

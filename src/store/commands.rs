@@ -12,7 +12,7 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
-use super::usage::stored_size;
+use super::usage::{stored_size, Trim};
 use super::{layout, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +198,7 @@ impl Store {
             &command.daemon_id,
             stored_size(command.id.as_bytes(), &command_bytes)
                 + (queue_key.len() + command.id.len() + index_bytes) as u64,
+            Trim::Write,
             now_ms,
         )?;
         // Tracked: a poll may lease the command before this request's commit resolves.

@@ -14,7 +14,7 @@ use sled::Transactional;
 
 use super::commands::prepare_command;
 use super::daemons::DaemonRecord;
-use super::usage::stored_size;
+use super::usage::{context_body_size, stored_size, Trim};
 use super::{codec, layout, CommandRecord, CommandState, NewCommand, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,9 +168,10 @@ impl Store {
             stored_size(command.id.as_bytes(), &command_bytes)
                 + stored_size(&id_bytes, &record_bytes)
                 + (queue_key.len() + index_key.len() + 2 * command.id.len() + 16) as u64,
+            Trim::Cache,
             now_ms,
         )?;
-        let replaced = current.map(|old| old.context_id.to_be_bytes());
+        let replaced = current.as_ref().map(|old| old.context_id.to_be_bytes());
         // Tracked: a poll may lease the command before this request's commit resolves.
         self.committer.tracked(|| {
             (
@@ -197,6 +198,10 @@ impl Store {
                     },
                 )
         })?;
+        if let Some(old) = &current {
+            // Retired: no longer counted against the daemon.
+            self.release_budget(&old.daemon_id, context_body_size(old));
+        }
         Ok(Opened::Started(record))
     }
 
@@ -319,7 +324,7 @@ impl Store {
             } else {
                 // Approximate: the stored chunk is its bytes and a few of framing.
                 let bytes = stored_size(&key, chunk.data) + 8;
-                match self.reserve_budget(daemon_id, bytes, now_ms) {
+                match self.reserve_budget(daemon_id, bytes, Trim::Cache, now_ms) {
                     Ok(()) => None,
                     Err(StoreError::OverBudget(_)) => Some(serde_json::json!({ "code": "queue_full", "message": format!("daemon {daemon_id} has used its disk budget") })),
                     Err(err) => return Err(err),

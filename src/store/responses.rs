@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::usage::stored_size;
+use super::usage::{stored_size, Trim};
 use super::{layout, Result, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,7 +31,9 @@ impl Store {
     ) -> Result<bool> {
         let _guard = self.lock_daemon(daemon_id);
         let key = layout::daemon_text_key(daemon_id, &[path_and_query]);
-        if let Some(stored) = self.get_decoded::<CachedResponse>(&self.responses, &key)? {
+        let mut old_size = 0;
+        if let Some(raw) = self.responses.get(&key)? {
+            let stored: CachedResponse = self.decode(&raw)?;
             if response.stored_at_ms.saturating_sub(stored.stored_at_ms) < RESPONSE_REFRESH_MS
                 && stored.status == response.status
                 && stored.headers == response.headers
@@ -39,13 +41,21 @@ impl Store {
             {
                 return Ok(false);
             }
+            old_size = stored_size(&key, &raw);
         }
         let value = self.encoded(response)?;
-        match self.reserve_budget(daemon_id, stored_size(&key, &value), response.stored_at_ms) {
-            Ok(()) => {}
-            // The copy is a convenience: without room, the daemon keeps its older data.
-            Err(StoreError::OverBudget(_)) => return Ok(false),
-            Err(err) => return Err(err),
+        // The budget is charged what the daemon's data grows by.
+        let new_size = stored_size(&key, &value);
+        if new_size > old_size {
+            let grows = new_size - old_size;
+            match self.reserve_budget(daemon_id, grows, Trim::Cache, response.stored_at_ms) {
+                Ok(()) => {}
+                // The copy is a convenience: without room, the daemon keeps its older data.
+                Err(StoreError::OverBudget(_)) => return Ok(false),
+                Err(err) => return Err(err),
+            }
+        } else {
+            self.release_budget(daemon_id, old_size - new_size);
         }
         self.responses.insert(key, value)?;
         Ok(true)

@@ -111,11 +111,29 @@ impl Budget {
 
 /// Who trims a daemon over its budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trim {
-    /// A write making room, under the daemon's lock: no scan of every command.
-    Inline,
-    /// The census, holding no lock.
+pub(super) enum Trim {
+    /// A cached copy or a context chunk making room, under the daemon's lock: it may
+    /// take only other cached data (contexts, cached responses).
+    Cache,
+    /// A command or updates making room, under the daemon's lock: the change log too.
+    Write,
+    /// The census, holding no lock: also finished commands, which it scans for.
     Census,
+}
+
+/// What a trim drops, and the bytes that frees.
+#[derive(Default)]
+struct Victims {
+    contexts: Vec<ContextRecord>,
+    responses: Vec<sled::IVec>,
+    changes: Vec<sled::IVec>,
+    bytes: u64,
+}
+
+/// The bytes of a context's chunks, from its record rather than by reading every chunk:
+/// each is about its data, a 16-byte key and an 8-byte length.
+pub(super) fn context_body_size(record: &ContextRecord) -> u64 {
+    record.bytes + 24 * record.chunks
 }
 
 /// A finished command younger than this is never dropped for a disk budget.
@@ -262,13 +280,24 @@ impl Store {
         self.budget.charge(daemon_id, bytes);
     }
 
+    /// Gives back `bytes` a daemon no longer holds (a value overwritten or retired).
+    pub(super) fn release_budget(&self, daemon_id: &str, bytes: u64) {
+        self.budget.release(daemon_id, bytes);
+    }
+
     /// Makes room for `bytes` of a new write in the daemon's budget, dropping its oldest
     /// reclaimable data if needed, and charges them; `OverBudget` if there is no room even
     /// then. Called under the daemon's lock, so that check and charge are one step.
-    pub(super) fn reserve_budget(&self, daemon_id: &str, bytes: u64, now_ms: u64) -> Result<()> {
+    pub(super) fn reserve_budget(
+        &self,
+        daemon_id: &str,
+        bytes: u64,
+        trim: Trim,
+        now_ms: u64,
+    ) -> Result<()> {
         if let Some(room) = self.budget.room(daemon_id) {
             if bytes > room {
-                let freed = self.trim_daemon(daemon_id, bytes - room, Trim::Inline, now_ms)?;
+                let freed = self.trim_daemon(daemon_id, bytes - room, trim, now_ms)?;
                 self.budget.release(daemon_id, freed);
                 if freed < bytes - room {
                     return Err(super::StoreError::OverBudget(daemon_id.to_owned()));
@@ -282,83 +311,39 @@ impl Store {
 
     /// Frees at least `excess` bytes of a daemon's reclaimable data if it can, counted as
     /// the census counts them, oldest first: finished contexts, cached responses,
-    /// change-log entries, then (the census's trim, which scans every command) finished
-    /// commands. Returns the bytes freed.
+    /// change-log entries (not for [`Trim::Cache`]), then (the census only, which scans
+    /// every command) finished commands. A write making room drops nothing unless that
+    /// makes room enough. Returns the bytes freed.
     fn trim_daemon(&self, daemon_id: &str, excess: u64, trim: Trim, now_ms: u64) -> Result<u64> {
-        let mut freed = 0;
-        // Listed contexts no longer fetching; retired, they no longer count (their chunks
-        // go with the garbage sweep).
-        let mut contexts: Vec<(u64, ContextRecord)> = Vec::new();
-        for item in self
-            .context_index
-            .scan_prefix(layout::daemon_prefix(daemon_id))
-        {
-            let (_, id) = item?;
-            let Some(value) = self.contexts.get(&id)? else {
-                continue;
-            };
-            let record: ContextRecord = self.decode(&value)?;
-            if record.daemon_id == daemon_id
-                && record.state != super::ContextState::Fetching
-                && !self.context_garbage.contains_key(&id)?
-            {
-                // From the record, not by reading every chunk: each chunk is about its
-                // bytes, a 16-byte key and an 8-byte length.
-                let size = stored_size(&id, &value) + record.bytes + 24 * record.chunks;
-                contexts.push((size, record));
-            }
+        let mut victims = Victims::default();
+        self.pick_contexts(daemon_id, excess, &mut victims)?;
+        self.pick_responses(daemon_id, excess, &mut victims)?;
+        if trim != Trim::Cache {
+            self.pick_changes(daemon_id, excess, &mut victims)?;
         }
-        contexts.sort_by_key(|(_, record)| record.created_at_ms);
-        for (size, record) in contexts {
-            if freed >= excess {
-                return Ok(freed);
-            }
+        if trim != Trim::Census && victims.bytes < excess {
+            // Not room enough: the write is refused, and takes nothing with it.
+            return Ok(0);
+        }
+        for record in &victims.contexts {
             match trim {
-                Trim::Inline => self.retire_context_locked(&record, now_ms)?,
-                Trim::Census => self.retire_context(&record, now_ms)?,
+                Trim::Census => self.retire_context(record, now_ms)?,
+                Trim::Cache | Trim::Write => self.retire_context_locked(record, now_ms)?,
             }
-            freed += size;
         }
-        // Cached GET responses.
-        let mut responses: Vec<(sled::IVec, u64, u64)> = Vec::new();
-        for item in self.responses.scan_prefix(layout::daemon_prefix(daemon_id)) {
-            let (key, value) = item?;
-            let response: CachedResponse = self.decode(&value)?;
-            responses.push((
-                key.clone(),
-                response.stored_at_ms,
-                stored_size(&key, &value),
-            ));
-        }
-        responses.sort_by_key(|(_, stored_at, _)| *stored_at);
-        for (key, _, size) in responses {
-            if freed >= excess {
-                return Ok(freed);
+        for (tree, keys) in [
+            (&self.responses, &victims.responses),
+            (&self.changes, &victims.changes),
+        ] {
+            for keys in keys.chunks(1_000) {
+                let mut batch = sled::Batch::default();
+                keys.iter().for_each(|key| batch.remove(key.clone()));
+                let _gate = self.gate.shared();
+                tree.apply_batch(batch)?;
             }
-            let _gate = self.gate.shared();
-            self.responses.remove(key)?;
-            freed += size;
         }
-        // The change log.
-        while freed < excess {
-            let mut batch = sled::Batch::default();
-            let mut in_batch = 0;
-            for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
-                let (key, value) = item?;
-                freed += stored_size(&key, &value);
-                batch.remove(key);
-                in_batch += 1;
-                if freed >= excess || in_batch == 1_000 {
-                    break;
-                }
-            }
-            if in_batch == 0 {
-                break;
-            }
-            let _gate = self.gate.shared();
-            self.changes.apply_batch(batch)?;
-        }
-        if trim == Trim::Inline {
+        let mut freed = victims.bytes;
+        if trim != Trim::Census {
             return Ok(freed);
         }
         // Finished commands, last: a client may still fetch a result, or retry with its
@@ -384,5 +369,75 @@ impl Store {
             freed += size;
         }
         Ok(freed)
+    }
+
+    /// Listed contexts no longer fetching, oldest first; retired, they no longer count
+    /// (their chunks go with the garbage sweep).
+    fn pick_contexts(&self, daemon_id: &str, excess: u64, victims: &mut Victims) -> Result<()> {
+        let mut contexts: Vec<(u64, ContextRecord)> = Vec::new();
+        for item in self
+            .context_index
+            .scan_prefix(layout::daemon_prefix(daemon_id))
+        {
+            let (_, id) = item?;
+            let Some(value) = self.contexts.get(&id)? else {
+                continue;
+            };
+            let record: ContextRecord = self.decode(&value)?;
+            if record.daemon_id == daemon_id
+                && record.state != super::ContextState::Fetching
+                && !self.context_garbage.contains_key(&id)?
+            {
+                contexts.push((
+                    stored_size(&id, &value) + context_body_size(&record),
+                    record,
+                ));
+            }
+        }
+        contexts.sort_by_key(|(_, record)| record.created_at_ms);
+        for (size, record) in contexts {
+            if victims.bytes >= excess {
+                break;
+            }
+            victims.contexts.push(record);
+            victims.bytes += size;
+        }
+        Ok(())
+    }
+
+    /// Cached GET responses, oldest first.
+    fn pick_responses(&self, daemon_id: &str, excess: u64, victims: &mut Victims) -> Result<()> {
+        if victims.bytes >= excess {
+            return Ok(());
+        }
+        let mut responses: Vec<(sled::IVec, u64, u64)> = Vec::new();
+        for item in self.responses.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            let (key, value) = item?;
+            let response: CachedResponse = self.decode(&value)?;
+            let size = stored_size(&key, &value);
+            responses.push((key, response.stored_at_ms, size));
+        }
+        responses.sort_by_key(|(_, stored_at, _)| *stored_at);
+        for (key, _, size) in responses {
+            if victims.bytes >= excess {
+                break;
+            }
+            victims.responses.push(key);
+            victims.bytes += size;
+        }
+        Ok(())
+    }
+
+    /// Change-log entries, oldest first.
+    fn pick_changes(&self, daemon_id: &str, excess: u64, victims: &mut Victims) -> Result<()> {
+        for item in self.changes.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            if victims.bytes >= excess {
+                break;
+            }
+            let (key, value) = item?;
+            victims.bytes += stored_size(&key, &value);
+            victims.changes.push(key);
+        }
+        Ok(())
     }
 }

@@ -5,6 +5,8 @@
 //! only on the stored bytes, so every client receives byte-identical events; memory is one
 //! incomplete event at most (capped, see [`MAX_PENDING_BYTES`]).
 
+use std::fmt::Write;
+
 use bytes::{Bytes, BytesMut};
 
 /// An event larger than this is passed on unframed rather than buffered further.
@@ -63,10 +65,6 @@ impl SseFramer {
             self.pending.clear();
             self.scanned = 0;
         }
-        // Between pushes only the unfinished event is kept, not the room for a whole piece.
-        if self.pending.capacity() > KEPT_CAPACITY.max(2 * self.pending.len()) {
-            self.pending.shrink_to(self.pending.len());
-        }
         if out.is_empty() {
             None
         } else if out.capacity() > out.len() + out.len() / 4 + 4096 {
@@ -74,6 +72,14 @@ impl SseFramer {
             Some(Bytes::copy_from_slice(&out))
         } else {
             Some(out.freeze())
+        }
+    }
+
+    /// Gives back the room kept for the next piece, keeping only the unfinished event: for
+    /// a framer about to wait (its client stalled), not between every piece.
+    pub fn compact(&mut self) {
+        if self.pending.capacity() > KEPT_CAPACITY.max(2 * self.pending.len()) {
+            self.pending.shrink_to(self.pending.len());
         }
     }
 
@@ -102,22 +108,22 @@ impl SseFramer {
 fn frame(last_id: &mut u64, skip_through: u64, block: &[u8], out: &mut BytesMut) {
     // A block can start with an empty line (the third `\n` of `\n\n\n`): that line ends an
     // empty event, so it is not part of this one.
-    let lines: Vec<&[u8]> = block
-        .split(|&b| b == b'\n')
-        .filter(|line| !(line.is_empty() || *line == b"id" || line.starts_with(b"id:")))
-        .collect();
-    if !lines
-        .iter()
-        .any(|line| !line.is_empty() && !line.starts_with(b":"))
-    {
+    // Walked twice rather than collected: this runs for every event of every replay.
+    let lines = || {
+        block
+            .split(|&b| b == b'\n')
+            .filter(|line| !(line.is_empty() || *line == b"id" || line.starts_with(b"id:")))
+    };
+    if !lines().any(|line| !line.starts_with(b":")) {
         return;
     }
     *last_id += 1;
     if *last_id <= skip_through {
         return;
     }
-    out.extend_from_slice(format!("id: {last_id}\n").as_bytes());
-    for line in lines {
+    // Into the buffer directly (BytesMut is a fmt::Write), not through a String.
+    let _ = writeln!(out, "id: {last_id}");
+    for line in lines() {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\n");
     }

@@ -141,6 +141,11 @@ impl Outlet {
         }
     }
 
+    /// Room for one more frame if the reader has it now.
+    pub fn try_room(&self) -> Option<Room<'_>> {
+        self.tx.try_reserve().ok()
+    }
+
     /// Writes one frame once there is room; false once the response is gone.
     pub async fn send(&self, frame: Bytes) -> bool {
         match self.room().await {
@@ -195,10 +200,10 @@ async fn watchdog(
     end.cancel();
 }
 
-/// The most of a frame handed to hyper at once. A large frame (an SSE event of several
-/// MiB) goes out in pieces, so a slow reader's progress shows within one piece, and the
+/// The most of a frame handed to hyper at once (the agent's chunk size). A large frame (an
+/// SSE event of several MiB) goes out in pieces, so a slow reader's progress shows within one piece, and the
 /// watchdog never ends a reader that is still taking bytes.
-const PIECE_BYTES: usize = 32 << 10;
+const PIECE_BYTES: usize = 64 << 10;
 
 /// The reading end: the response body hyper polls.
 struct OutletBody {

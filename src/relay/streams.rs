@@ -224,47 +224,72 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) 
             }
         }
     };
+    // Once settled, the record read last is the record for good.
+    let mut last_record: Option<ContextRecord> = None;
     loop {
-        let Some(room) = outlet.room().await else {
-            return;
+        // Room first, for as many chunks as the client has room for now.
+        let room = match outlet.try_room() {
+            Some(room) => room,
+            None => {
+                // About to wait for the client, who may never come back: hold little.
+                framer.as_mut().map(SseFramer::compact);
+                let Some(room) = outlet.room().await else {
+                    return;
+                };
+                room
+            }
         };
-        let read = match app.store.context(context_id) {
+        let mut rooms = vec![room];
+        while rooms.len() < outlet::FRAMES_AHEAD {
+            match outlet.try_room() {
+                Some(room) => rooms.push(room),
+                None => break,
+            }
+        }
+        let record = match last_record.take() {
+            Some(record) if settled => Ok(Some(record)),
+            _ => app.store.context(context_id),
+        };
+        let read = match record {
             Ok(Some(record)) => app
                 .store
-                .context_chunks(context_id, next, 1)
-                .map(|mut chunks| (record, chunks.pop())),
+                .context_chunks(context_id, next, rooms.len())
+                .map(|chunks| (record, chunks)),
             Ok(None) => return,
             Err(err) => Err(err),
         };
-        let (record, chunk) = match read {
+        let (record, chunks) = match read {
             Ok(read) => read,
             Err(err) => {
-                drop(room);
+                drop(rooms);
                 return storage_failed(&err).await;
             }
         };
-        if let Some(chunk) = chunk {
-            // This may be a chunk (or the end) whose post still waits for its flush; a
-            // crash would take it back, and a refetch may cut the context otherwise.
+        if !chunks.is_empty() {
+            // These may be chunks (or the end) whose post still waits for its flush; a
+            // crash would take them back, and a refetch may cut the context otherwise.
             if !settled {
                 if let Err(err) = app.store.commit_visible().await {
-                    drop(room);
+                    drop(rooms);
                     return storage_failed(&err).await;
                 }
                 settled = record.state != ContextState::Fetching;
             }
-            next += 1;
-            let out = match framer.as_mut() {
-                Some(framer) => framer.push(&chunk),
-                None => (!chunk.is_empty()).then(|| Bytes::from(chunk)),
-            };
-            if let Some(bytes) = out {
-                room.send(bytes);
-                keepalive_at = Instant::now() + keepalive;
+            for (chunk, room) in chunks.into_iter().zip(rooms) {
+                next += 1;
+                let out = match framer.as_mut() {
+                    Some(framer) => framer.push(&chunk),
+                    None => (!chunk.is_empty()).then(|| Bytes::from(chunk)),
+                };
+                if let Some(bytes) = out {
+                    room.send(bytes);
+                    keepalive_at = Instant::now() + keepalive;
+                }
             }
+            last_record = Some(record);
             continue;
         }
-        drop(room);
+        drop(rooms);
         let dead = fetch_is_dead(&app, &record).unwrap_or(true);
         if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
             // The end goes out only once on disk too. A dead fetch was read from its

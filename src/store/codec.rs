@@ -33,6 +33,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bytes_and_byte_vectors_share_one_layout() {
+        // Chunks and cached bodies were stored as `Vec<u8>` and are read as bytes.
+        let stored = encode(&vec![1u8, 2, 3]);
+        let read: serde_bytes::ByteBuf = decode(&stored).unwrap();
+        assert_eq!(read.into_vec(), [1, 2, 3]);
+        assert_eq!(encode(&serde_bytes::Bytes::new(&[1, 2, 3])), stored);
+    }
+
+    #[test]
     fn round_trip_and_rejects_foreign_bytes() {
         let value = (42u64, "hello".to_owned(), vec![1u8, 2, 3]);
         let bytes = encode(&value);

@@ -10,6 +10,8 @@ use super::{layout, Result, Store, StoreError};
 pub struct CachedResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// As bytes (the bincode layout of a `Vec<u8>`, read without a call per byte).
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub stored_at_ms: u64,
 }

@@ -408,9 +408,10 @@ impl Checker {
     }
 }
 
-impl Config {
-    /// Reads and validates a config file.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+impl RawConfig {
+    /// Reads a config file, unvalidated (command-line overrides go in before
+    /// [`RawConfig::validate`]).
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -418,20 +419,36 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
-    /// Parses and validates config text; `path` only names the file in errors.
-    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
+    /// Parses config text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|err| ConfigError::Parse {
             path: path.to_owned(),
             message: err.message().to_owned()
                 + &err
                     .span()
                     .map(|span| format!(" (at byte {})", span.start))
                     .unwrap_or_default(),
-        })?;
-        Self::from_raw(raw).map_err(|problems| ConfigError::Invalid {
+        })
+    }
+
+    /// Checks every value; `path` names the file (or "defaults") in errors.
+    pub fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        Config::from_raw(self).map_err(|problems| ConfigError::Invalid {
             path: path.to_owned(),
             problems,
         })
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        RawConfig::from_file(path)?.validate(path)
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        RawConfig::from_toml(text, path)?.validate(path)
     }
 
     /// The built-in defaults, exactly the values the shipped `config.toml` documents.
@@ -629,6 +646,16 @@ impl Config {
                 None
             }
         };
+        // Keys and tokens would cross the network in the clear.
+        check.require(
+            tls.is_some() || server.listen.ip().is_loopback() || server.insecure_plaintext,
+            format!(
+                "refusing plaintext HTTP on the non-loopback address {}: set [tls] cert and \
+                 key (see `syncrelay init --self-signed`), serve on loopback, or set \
+                 server.insecure_plaintext = true behind a TLS-terminating proxy",
+                server.listen
+            ),
+        );
         let rl = &raw.rate_limit;
         let rate_limit = RateLimitConfig {
             per_key_per_second: rl.per_key_per_second.unwrap_or(1000),
@@ -758,6 +785,24 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_off_loopback_is_a_config_problem() {
+        let check = |toml: &str| Config::from_toml(toml, Path::new("t.toml"));
+        let refused = check("[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap_err();
+        assert!(
+            refused.to_string().contains("insecure_plaintext"),
+            "{refused}"
+        );
+        check("[server]\nlisten = \"0.0.0.0:8080\"\ninsecure_plaintext = true\n").unwrap();
+        check("[server]\nlisten = \"[::1]:8080\"\n").unwrap();
+        // A command-line address goes in before the check.
+        let mut raw =
+            RawConfig::from_toml("[server]\nlisten = \"0.0.0.0:8080\"\n", Path::new("t.toml"))
+                .unwrap();
+        raw.server.listen = Some("127.0.0.1:0".into());
+        raw.validate(Path::new("t.toml")).unwrap();
+    }
 
     #[test]
     fn shipped_config_parses_and_equals_defaults() {

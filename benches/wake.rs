@@ -8,13 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{create_key, micros, percentile, wait_poll};
 use serde_json::{json, Value};
 use syncrelay::config::Config;
-use syncrelay::store::Store;
+use syncrelay::relay::{Process, Relay};
 use tokio::sync::mpsc;
 
 const ITERATIONS: usize = 500;
@@ -43,26 +42,18 @@ fn summary(name: &str, mut samples: Vec<Duration>) -> Value {
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "[server]\ndata_dir = {:?}\n",
+        "[server]\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\n",
         dir.path().display().to_string()
     );
     let config = Config::from_toml(&toml, Path::new("bench.toml")).unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    syncrelay::relay::auth::ensure_admin_key(&store, dir.path())
-        .await
-        .unwrap();
+    let relay = Relay::start(config, Process::EMBEDDED).await.unwrap();
+    let store = relay.store().clone();
     let admin = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let url = relay.url();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(syncrelay::relay::run(
-        listener,
-        config,
-        store.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let relay = tokio::spawn(relay.serve(async {
+        let _ = stop_rx.await;
+    }));
 
     let http = reqwest::Client::new();
     let daemon_key = create_key(

@@ -6,6 +6,7 @@
 //! - [`store`]: the sled database behind a domain API, with group commit.
 //! - [`relay`]: the HTTP server: sync handlers for daemons, the mirrored client API,
 //!   change-log feeds, admin endpoints, and the in-memory hub that wakes waiting requests.
+//! - [`cli`]: the `syncrelay` command line; `src/main.rs` only parses it and calls in.
 //! - [`admin`]: the operator CLI (`syncrelay keys …`) talking to a running relay.
 //! - [`init`]: `syncrelay init --self-signed`, a quick-start certificate and config.
 //! - [`metrics`]: the Prometheus histogram behind `/metrics`.
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod files;
 pub mod init;

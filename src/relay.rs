@@ -1,8 +1,11 @@
-//! The relay server: [`run`] serves HTTP/1.1 and HTTP/2 (over TLS with ALPN when `[tls]`
-//! is set, else prior-knowledge h2c) on a listener the caller bound, until the caller's
-//! shutdown future resolves; then it stops accepting, answers waiting polls and streams,
-//! drains connections under a grace timeout and closes the store last. With TLS, SIGHUP
-//! re-reads the certificate files.
+//! The relay server. [`Relay::start`] does what `syncrelay serve` does before serving (the
+//! binary and the tests alike): loads TLS, opens the store, writes the admin key on first
+//! start, binds the listener and, for the process, installs the storage-failure exit and
+//! the SIGHUP handler. [`Relay::serve`] then serves HTTP/1.1 and HTTP/2 (over TLS with ALPN
+//! when `[tls]` is set, else prior-knowledge h2c) until the caller's shutdown future
+//! resolves; then it stops accepting, answers waiting polls and streams, drains
+//! connections under a grace timeout and closes the store last. With TLS, SIGHUP re-reads
+//! the certificate files.
 //!
 //! Modules: `server` (accept loop, connections), `tls`, `limits` (rate and connection
 //! limits), `router` (routes → handlers), `auth`, `sync` (daemon side), `mirror` and
@@ -147,26 +150,120 @@ impl App {
     }
 }
 
-/// Serves the relay on `listener` until `shutdown` resolves, then closes `store`. TLS is
-/// loaded from `config.tls`; see [`run_with_tls`] to load it first and reload it on
-/// SIGHUP.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    store: Arc<Store>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let tls = match &config.tls {
-        Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
-        None => None,
-    };
-    run_with_tls(listener, config, store, tls, None, shutdown).await
+/// How a relay runs inside its process.
+#[derive(Debug, Clone, Copy)]
+pub struct Process {
+    /// Exit with status 75 once the store's disk fails, so that a supervisor's restart
+    /// recovers the store ([`crate::store::exit_on_storage_failure`]).
+    pub exit_on_storage_failure: bool,
+    /// Reload the TLS files on SIGHUP (instead of dying of it).
+    pub reload_on_sighup: bool,
 }
 
-/// [`run`] with TLS already loaded (`None`: plaintext). Each signal on `hangups` (the
-/// caller installs it before announcing the relay, so an early SIGHUP cannot kill the
-/// process) reloads the TLS files.
-pub async fn run_with_tls(
+impl Process {
+    /// `syncrelay serve`: the relay is the process.
+    pub const SERVE: Process = Process {
+        exit_on_storage_failure: true,
+        reload_on_sighup: true,
+    };
+    /// A relay inside another program (tests, benches): no process-wide hooks.
+    pub const EMBEDDED: Process = Process {
+        exit_on_storage_failure: false,
+        reload_on_sighup: false,
+    };
+}
+
+/// The relay as `syncrelay serve` runs it, for the binary and the tests alike: the TLS
+/// files loaded, the store opened, the admin key written on first start and the listener
+/// bound by [`Relay::start`]; requests served by [`Relay::serve`].
+pub struct Relay {
+    config: Config,
+    store: Arc<Store>,
+    tls: Option<Arc<tls::TlsState>>,
+    listener: TcpListener,
+    hangups: Option<tokio::signal::unix::Signal>,
+}
+
+impl Relay {
+    /// Everything up to serving. Refuses what the config would not serve safely (checked
+    /// when the config was validated: plaintext off loopback).
+    pub async fn start(config: Config, process: Process) -> anyhow::Result<Relay> {
+        use anyhow::Context;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
+            None => None,
+        };
+        let data_dir = config.server.data_dir.clone();
+        let store = Arc::new(
+            Store::open(&data_dir)
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+        );
+        if process.exit_on_storage_failure {
+            crate::store::exit_on_storage_failure();
+        }
+        if let Some(path) = auth::ensure_admin_key(&store, &data_dir).await? {
+            tracing::info!(path = %path.display(), "first start: created an admin key");
+        }
+        let listen = config.server.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        // Before the relay is announced: from then on, SIGHUP reloads TLS instead of
+        // killing the process.
+        let hangups = match process.reload_on_sighup {
+            true => Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .context("installing the SIGHUP handler")?,
+            ),
+            false => None,
+        };
+        Ok(Relay {
+            config,
+            store,
+            tls,
+            listener,
+            hangups,
+        })
+    }
+
+    /// The address bound (port 0 in the config picks one).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.listener.local_addr().expect("a bound listener")
+    }
+
+    /// The store, for a caller that also reads its statistics.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// `http://` or `https://` and the bound address.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr())
+    }
+
+    /// Serves until `shutdown` resolves, then drains and closes the store.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tracing::info!(
+            url = %self.url(),
+            data_dir = %self.config.server.data_dir.display(),
+            "relay listening"
+        );
+        run_with_tls(
+            self.listener,
+            self.config,
+            self.store,
+            self.tls,
+            self.hangups,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// Serves on `listener` with TLS already loaded (`None`: plaintext) until `shutdown`
+/// resolves, then closes `store`. Each signal on `hangups` reloads the TLS files.
+async fn run_with_tls(
     listener: TcpListener,
     config: Config,
     store: Arc<Store>,

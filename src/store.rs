@@ -115,6 +115,31 @@ pub fn on_storage_failure(hook: impl Fn(&str) + Send + Sync + 'static) {
     let _ = STORAGE_FAILURE_HOOK.set(Box::new(hook));
 }
 
+/// Exit status after a storage failure (EX_TEMPFAIL: try again).
+pub const EXIT_STORAGE_FAILED: i32 = 75;
+
+/// Crash-only on a failing disk (the relay's store or the agent's state): what is in
+/// flight is answered as a failure, then the process exits with EX_TEMPFAIL so that its
+/// supervisor restarts it. sled recovers at open; a failed fsync is never retried in
+/// process (the store refuses every later sync); a restart on a still-full disk fails
+/// until space returns.
+pub fn exit_on_storage_failure() {
+    let exiting = std::sync::atomic::AtomicBool::new(false);
+    on_storage_failure(move |message| {
+        if !exiting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(
+                error = message,
+                "the store's disk failed; exiting so that a restart recovers it \
+                 (everything acknowledged is on disk)"
+            );
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                std::process::exit(EXIT_STORAGE_FAILED);
+            });
+        }
+    });
+}
+
 pub(crate) fn storage_failed(message: &str) {
     if let Some(hook) = STORAGE_FAILURE_HOOK.get() {
         hook(message);

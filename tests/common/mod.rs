@@ -15,12 +15,11 @@ use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use syncrelay::config::Config;
-use syncrelay::store::Store;
+use syncrelay::relay::{Process, Relay};
 use tokio::sync::oneshot;
 
 /// Config overrides every test relay gets: quick retention so tests never wait on it.
@@ -48,21 +47,20 @@ impl TestRelay {
         Self::start_in(data_dir, extra_toml).await
     }
 
+    /// Starts a relay through the entry point `syncrelay serve` uses, on a free port.
     pub async fn start_in(data_dir: tempfile::TempDir, extra_toml: &str) -> TestRelay {
         let toml = merge_toml(BASE_CONFIG, extra_toml, data_dir.path());
         let config = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
-        let store = Arc::new(Store::open(data_dir.path()).expect("open store"));
-        syncrelay::relay::auth::ensure_admin_key(&store, data_dir.path())
+        let relay = Relay::start(config, Process::EMBEDDED)
             .await
-            .expect("admin key");
+            .expect("relay starts");
         let admin_token = std::fs::read_to_string(data_dir.path().join("admin.key"))
             .expect("admin.key")
             .trim()
             .to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = relay.local_addr();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(syncrelay::relay::run(listener, config, store, async move {
+        let task = tokio::spawn(relay.serve(async move {
             let _ = stop_rx.await;
         }));
         TestRelay {
@@ -151,11 +149,16 @@ fn merge_toml(base: &str, extra: &str, data_dir: &Path) -> String {
     }
     let server = merged
         .entry("server")
-        .or_insert_with(|| toml::Value::Table(Default::default()));
-    server.as_table_mut().unwrap().insert(
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap();
+    server.insert(
         "data_dir".into(),
         toml::Value::String(data_dir.display().to_string()),
     );
+    server
+        .entry("listen")
+        .or_insert_with(|| toml::Value::String("127.0.0.1:0".into()));
     toml::to_string(&merged).unwrap()
 }
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures_util::StreamExt;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,7 @@ use backoff::Backoff;
 use link::{LinkError, RelayLink, WireCommand};
 use status::StatusLog;
 
+use crate::protocol::{ResultEntry, Update};
 use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
 
 /// Updates uploaded per poll (the relay accepts up to 1000 by default).
@@ -321,9 +323,12 @@ impl Shared {
                     bytes += event.data_json.len().max(1);
                     fits
                 })
-                .map(|(seq, event)| {
-                    let data: Value = serde_json::from_str(&event.data_json).unwrap_or(Value::Null);
-                    json!({ "type": event.kind, "data": data, "timestamp": event.timestamp, "seq": seq })
+                .map(|(seq, event)| Update {
+                    kind: event.kind,
+                    // Stored as the daemon sent it: passed on as is, not parsed and re-written.
+                    data: RawValue::from_string(event.data_json).ok(),
+                    timestamp: event.timestamp,
+                    seq: Some(seq),
                 })
                 .collect();
             match self
@@ -345,6 +350,12 @@ impl Shared {
     /// Starts each command, unless it runs already or has a result (then resends it).
     fn dispatch(self: &Arc<Self>, commands: Vec<WireCommand>) {
         for command in commands {
+            let command = Command {
+                id: command.id.into_owned(),
+                method: command.method.into_owned(),
+                params: serde_json::from_str(command.params.get()).unwrap_or(Value::Null),
+                stream: command.stream,
+            };
             if self.lock_running().contains(&command.id) {
                 continue;
             }
@@ -371,15 +382,7 @@ impl Shared {
                     let Ok(_permit) = shared.permits.clone().acquire_owned().await else {
                         return;
                     };
-                    let outcome = shared
-                        .handler
-                        .handle(Command {
-                            id: command.id,
-                            method: command.method,
-                            params: command.params,
-                            stream: command.stream,
-                        })
-                        .await;
+                    let outcome = shared.handler.handle(command).await;
                     shared.finish(&id, outcome, read).await;
                 };
                 tokio::select! {
@@ -565,22 +568,27 @@ impl Shared {
                 Piece::Failed(message) => (bytes::Bytes::new(), Some(message), true),
                 Piece::End => (bytes::Bytes::new(), None, true),
             };
-            let mut entry = json!({ "command_id": command_id, "chunk": index });
+            let mut entry = ResultEntry {
+                command_id: command_id.to_owned(),
+                chunk: Some(index),
+                complete,
+                ..ResultEntry::default()
+            };
             if let Some((status, headers)) = head.take() {
-                entry["status"] = json!(status);
-                entry["headers"] = Value::Object(headers);
+                entry.status = Some(status);
+                entry.headers = Some(headers);
             }
             match std::str::from_utf8(&piece) {
-                Ok(text) => entry["data"] = Value::String(text.to_owned()),
+                Ok(text) => entry.data = Some(text.to_owned()),
                 Err(_) => {
-                    entry["data_base64"] =
-                        Value::String(base64::engine::general_purpose::STANDARD.encode(&piece))
+                    entry.data_base64 =
+                        Some(base64::engine::general_purpose::STANDARD.encode(&piece))
                 }
             }
             if let Some(message) = error {
-                entry["error"] = json!({ "code": "target_error", "message": message });
+                entry.error = Some(raw(&json!({ "code": "target_error", "message": message })));
             }
-            entry["complete"] = Value::Bool(complete);
+            let entry = raw(&entry);
             let mut backoff = Backoff::new();
             loop {
                 match self.link.results(vec![entry.clone()]).await {
@@ -625,13 +633,23 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn result_entry(command_id: &str, stored: &StoredResult) -> Value {
-    let parse = |text: &Option<String>| {
-        text.as_deref()
-            .and_then(|t| serde_json::from_str::<Value>(t).ok())
-            .unwrap_or(Value::Null)
+/// A result as posted: the stored JSON passed on as is.
+fn result_entry(command_id: &str, stored: &StoredResult) -> Box<RawValue> {
+    let stored_raw = |text: &Option<String>| {
+        text.as_ref()
+            .and_then(|text| RawValue::from_string(text.clone()).ok())
     };
-    json!({ "command_id": command_id, "result": parse(&stored.result_json), "error": parse(&stored.error_json) })
+    raw(&ResultEntry {
+        command_id: command_id.to_owned(),
+        result: stored_raw(&stored.result_json),
+        error: stored_raw(&stored.error_json),
+        ..ResultEntry::default()
+    })
+}
+
+/// A value as raw JSON, for the lists the relay takes apart entry by entry.
+fn raw(value: &impl serde::Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("wire types serialise")
 }
 
 async fn prune_results(shared: Arc<Shared>, token: CancellationToken) {

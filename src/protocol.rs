@@ -2,13 +2,17 @@
 //! field for field as `DESIGN.md` names them. These are the contract daemons and clients
 //! are written against: unknown fields are ignored, optional fields are `Option`s, and
 //! free-form payloads (`data`, `params`, `result`) stay raw JSON so the relay never
-//! rewrites what it carries.
+//! rewrites what it carries. The sync protocol's types derive both directions: the relay
+//! parses what the agent writes with the same types, so a field renamed on one side does
+//! not compile on the other.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// `POST /sync/connect` request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConnectRequest {
     pub daemon_id: String,
     #[serde(default)]
@@ -17,30 +21,30 @@ pub struct ConnectRequest {
     pub capabilities: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConnectResponse {
     pub connection_id: String,
     /// Seconds.
     pub poll_timeout_max: u64,
     pub last_update_seq: u64,
-    pub relay_version: &'static str,
+    pub relay_version: Cow<'static, str>,
 }
 
 /// One daemon-side event in a poll's `updates`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Update {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Box<RawValue>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
 }
 
 /// `POST /sync/poll` request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PollRequest {
     pub daemon_id: String,
     #[serde(default)]
@@ -54,17 +58,18 @@ pub struct PollRequest {
     pub timeout: Option<f64>,
 }
 
-/// A command as handed to a daemon.
-#[derive(Debug, Serialize)]
+/// A command as handed to a daemon: borrowed from the store when the relay writes it,
+/// owned when the agent reads it.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct WireCommand<'a> {
-    pub id: &'a str,
-    pub method: &'a str,
-    pub params: &'a RawValue,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub id: Cow<'a, str>,
+    pub method: Cow<'a, str>,
+    pub params: Cow<'a, RawValue>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PollResponse<'a> {
     pub commands: Vec<WireCommand<'a>>,
     pub last_update_seq: u64,
@@ -72,39 +77,39 @@ pub struct PollResponse<'a> {
 
 /// `POST /sync/results` request. Entries stay raw so one bad entry can be reported by
 /// index instead of failing the batch's parse.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ResultsRequest {
     pub daemon_id: String,
     pub results: Vec<Box<RawValue>>,
 }
 
 /// One entry of `results`: a whole result, or (with `chunk`) a piece of a streamed one.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ResultEntry {
     pub command_id: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Box<RawValue>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Box<RawValue>>,
     /// Set for stream chunks: the chunk's index, from 0.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<i64>,
     /// Chunk 0: the daemon's status and headers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<serde_json::Map<String, serde_json::Value>>,
     /// The chunk's bytes as UTF-8 text, or as base64 in `data_base64`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_base64: Option<String>,
     /// The last chunk.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub complete: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ResultsResponse {
     pub accepted: Vec<String>,
     pub unknown: Vec<String>,
@@ -126,14 +131,14 @@ pub struct HttpParams {
 }
 
 /// Result of an `http` command, as the daemon (or agent) posts it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct HttpResult {
     pub status: u16,
     #[serde(default)]
     pub headers: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub body: serde_json::Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_base64: Option<String>,
 }
 
@@ -451,5 +456,48 @@ mod tests {
             Some(1_735_689_600_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_s_writing_and_the_agent_s_reading_agree() {
+        // Relay side: borrowed from the store.
+        let params = RawValue::from_string(r#"{"path":"/x"}"#.to_owned()).unwrap();
+        let written = serde_json::to_string(&PollResponse {
+            commands: vec![WireCommand {
+                id: Cow::Borrowed("c1"),
+                method: Cow::Borrowed("http"),
+                params: Cow::Borrowed(&params),
+                stream: false,
+            }],
+            last_update_seq: 7,
+        })
+        .unwrap();
+        assert_eq!(
+            written,
+            r#"{"commands":[{"id":"c1","method":"http","params":{"path":"/x"}}],"last_update_seq":7}"#
+        );
+        // Agent side: owned.
+        let read: PollResponse<'static> = serde_json::from_str(&written).unwrap();
+        assert_eq!(read.commands[0].id, "c1");
+        assert_eq!(read.commands[0].params.get(), r#"{"path":"/x"}"#);
+        // A result entry as the agent writes it is what the relay reads.
+        let entry = ResultEntry {
+            command_id: "c1".into(),
+            chunk: Some(0),
+            status: Some(200),
+            data: Some("id: 1\n".into()),
+            ..ResultEntry::default()
+        };
+        let read: ResultEntry =
+            serde_json::from_str(&serde_json::to_string(&entry).unwrap()).unwrap();
+        assert_eq!(
+            (read.chunk, read.status, read.complete),
+            (Some(0), Some(200), false)
+        );
     }
 }

@@ -5,10 +5,23 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::config::AgentConfig;
+use crate::protocol::{
+    ConnectRequest, ConnectResponse, PollRequest, PollResponse, ResultsRequest, ResultsResponse,
+    Update,
+};
+
+/// The relay's answer to a connect.
+pub type Hello = ConnectResponse;
+/// A poll's answer, owning its commands.
+pub type PollReply = PollResponse<'static>;
+/// A command handed to the agent.
+pub type WireCommand = crate::protocol::WireCommand<'static>;
 
 /// Slack on top of a poll's own timeout before the HTTP request gives up.
 const POLL_SLACK: Duration = Duration::from_secs(15);
@@ -32,35 +45,6 @@ pub enum LinkError {
     /// The relay is unreachable, restarting or overloaded: try again later.
     #[error("{0}")]
     Transient(String),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Hello {
-    pub connection_id: String,
-    pub poll_timeout_max: u64,
-    pub last_update_seq: u64,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct WireCommand {
-    pub id: String,
-    pub method: String,
-    #[serde(default)]
-    pub params: Value,
-    #[serde(default)]
-    pub stream: bool,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct PollReply {
-    pub commands: Vec<WireCommand>,
-    pub last_update_seq: u64,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ResultsReply {
-    pub accepted: Vec<String>,
-    pub unknown: Vec<String>,
 }
 
 pub struct RelayLink {
@@ -108,10 +92,10 @@ impl RelayLink {
         })
     }
 
-    async fn post<T: for<'de> Deserialize<'de>>(
+    async fn post<T: DeserializeOwned>(
         &self,
         route: &str,
-        body: &Value,
+        body: &impl Serialize,
         timeout: Duration,
     ) -> Result<T, LinkError> {
         let url = self
@@ -172,11 +156,11 @@ impl RelayLink {
     }
 
     pub async fn connect(&self) -> Result<Hello, LinkError> {
-        let body = json!({
-            "daemon_id": self.daemon_id,
-            "version": env!("CARGO_PKG_VERSION"),
-            "capabilities": ["http", "streaming", "events"],
-        });
+        let body = ConnectRequest {
+            daemon_id: self.daemon_id.clone(),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            capabilities: ["http", "streaming", "events"].map(String::from).to_vec(),
+        };
         self.post("sync/connect", &body, REQUEST_TIMEOUT).await
     }
 
@@ -185,23 +169,26 @@ impl RelayLink {
     pub async fn poll(
         &self,
         connection_id: &str,
-        updates: Vec<Value>,
+        updates: Vec<Update>,
         wait: bool,
         timeout: Duration,
     ) -> Result<PollReply, LinkError> {
-        let body = json!({
-            "daemon_id": self.daemon_id,
-            "connection_id": connection_id,
-            "updates": updates,
-            "wait_for_commands": wait,
-            "timeout": timeout.as_secs_f64(),
-        });
+        let body = PollRequest {
+            daemon_id: self.daemon_id.clone(),
+            connection_id: Some(connection_id.to_owned()),
+            updates,
+            wait_for_commands: wait,
+            timeout: Some(timeout.as_secs_f64()),
+        };
         self.post("sync/poll", &body, timeout + POLL_SLACK).await
     }
 
-    /// Posts result (or chunk) entries.
-    pub async fn results(&self, entries: Vec<Value>) -> Result<ResultsReply, LinkError> {
-        let body = json!({ "daemon_id": self.daemon_id, "results": entries });
+    /// Posts result (or chunk) entries ([`crate::protocol::ResultEntry`], as raw JSON).
+    pub async fn results(&self, results: Vec<Box<RawValue>>) -> Result<ResultsResponse, LinkError> {
+        let body = ResultsRequest {
+            daemon_id: self.daemon_id.clone(),
+            results,
+        };
         self.post("sync/results", &body, REQUEST_TIMEOUT).await
     }
 }

@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 
 use super::config::{AgentConfig, MethodRoute};
 use super::handler::{Command, CommandHandler, Outcome, StreamReply};
-use crate::protocol::{json_within_limits, HttpParams, HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH};
+use crate::protocol::{
+    json_within_limits, HttpParams, HttpResult, HOP_BY_HOP_HEADERS, MAX_CARRIED_JSON_DEPTH,
+};
 
 #[derive(Clone)]
 pub struct HttpTarget {
@@ -272,11 +274,13 @@ impl HttpTarget {
                 }
             };
         }
-        let mut result = serde_json::json!({ "status": status, "headers": headers, "body": body });
-        if let Some(encoded) = body_base64 {
-            result["body_base64"] = Value::String(encoded);
-        }
-        Outcome::Result(result)
+        let result = HttpResult {
+            status,
+            headers,
+            body,
+            body_base64,
+        };
+        Outcome::Result(serde_json::to_value(result).expect("an http result serialises"))
     }
 }
 

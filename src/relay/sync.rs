@@ -63,7 +63,7 @@ pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
             connection_id,
             poll_timeout_max: app.config.sync.poll_timeout_max.as_secs(),
             last_update_seq: record.last_update_seq,
-            relay_version: env!("CARGO_PKG_VERSION"),
+            relay_version: env!("CARGO_PKG_VERSION").into(),
         },
     ))
 }
@@ -210,9 +210,9 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
         .iter()
         .zip(&params)
         .map(|((id, method, _, stream), params)| WireCommand {
-            id,
-            method,
-            params,
+            id: (*id).into(),
+            method: (*method).into(),
+            params: std::borrow::Cow::Borrowed(&**params),
             stream: *stream,
         })
         .collect();

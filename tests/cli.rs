@@ -197,3 +197,70 @@ async fn sigterm_answers_waiting_polls_and_exits_cleanly() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Issue 19: a log line says which connection and request it belongs to (peer, route
+/// template, key id, daemon id) and never carries a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_name_their_connection_and_request_but_never_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("relay.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .trim()
+        .trim_start_matches("syncrelay listening on ")
+        .to_owned();
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.key")).unwrap();
+    let token = common::create_key(
+        &url,
+        admin.trim(),
+        json!({ "role": "daemon", "daemon": "d" }),
+    )
+    .await;
+    let connected = reqwest::Client::new()
+        .post(format!("{url}/sync/connect"))
+        .bearer_auth(&token)
+        .json(&json!({ "daemon_id": "d" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(connected.status(), 200);
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let line = log
+        .lines()
+        .find(|line| line.contains("daemon connected"))
+        .unwrap_or_else(|| panic!("no connect line in:\n{log}"));
+    for part in [
+        "connection{peer=127.0.0.1:",
+        "request{method=POST route=/sync/connect key_id=",
+        "daemon_id=d",
+    ] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    assert!(!line.contains('\x1b'), "no colours in a log file: {line:?}");
+    let secret = token.rsplit('.').next().unwrap();
+    assert!(
+        !log.contains(&token) && !log.contains(secret),
+        "a token in the log"
+    );
+    assert!(!log.contains(admin.trim()), "the admin key in the log");
+}

@@ -209,7 +209,8 @@ pub fn stream_events(
     );
     let app = app.clone();
     let daemon_id = daemon_id.to_owned();
-    tokio::spawn(async move {
+    // In the request's span, so its log lines say whose stream it is.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut committed_rx = signals.changes.subscribe();
         let keepalive = app.config.changes.sse_keepalive;
         // One deadline across wake-ups: entries the filter drops must not postpone it.
@@ -253,7 +254,7 @@ pub fn stream_events(
                 _ = app.shutdown.cancelled() => return,
             }
         }
-    });
+    }));
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let map = response.headers_mut();

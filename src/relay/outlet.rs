@@ -49,6 +49,8 @@ where
 {
     fn execute(&self, task: F) {
         let end = CancellationToken::new();
+        // In the connection's span: hyper spawns the task from the connection's.
+        let task = tracing::Instrument::in_current_span(task);
         tokio::spawn(RESPONSE_END.scope(end.clone(), async move {
             tokio::select! {
                 () = task => {}
@@ -103,13 +105,13 @@ impl Outlet {
         let watch = Arc::new(Watch::default());
         let done = CancellationToken::new();
         if let Some(end) = end {
-            tokio::spawn(watchdog(
+            tokio::spawn(tracing::Instrument::in_current_span(watchdog(
                 watch.clone(),
                 stall,
                 end,
                 done.clone(),
                 metrics.clone(),
-            ));
+            )));
         }
         metrics.open.fetch_add(1, Relaxed);
         let body = OutletBody {

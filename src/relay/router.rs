@@ -40,7 +40,53 @@ struct Ctx<'a> {
     addr: AddrKey,
 }
 
+/// The route a path matches, as its template (ids in braces): a log line's `route`, with
+/// no id or token in it.
+fn route_template(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        ["openapi.json"] => "/openapi.json",
+        ["sync", "connect"] => "/sync/connect",
+        ["sync", "poll"] => "/sync/poll",
+        ["sync", "results"] => "/sync/results",
+        ["api", "v1", "daemons"] => "/api/v1/daemons",
+        ["api", "v1", "daemons", _] => "/api/v1/daemons/{daemon_id}",
+        ["api", "v1", "daemons", _, "changes"] => "/api/v1/daemons/{daemon_id}/changes",
+        ["api", "v1", "daemons", _, "stream", "events"] => {
+            "/api/v1/daemons/{daemon_id}/stream/events"
+        }
+        ["api", "v1", "daemons", _, "commands"] => "/api/v1/daemons/{daemon_id}/commands",
+        ["api", "v1", "daemons", _, ..] => "/api/v1/daemons/{daemon_id}/{path}",
+        ["api", "v1", "commands", _] => "/api/v1/commands/{command_id}",
+        ["admin", "keys"] => "/admin/keys",
+        ["admin", "keys", _] => "/admin/keys/{key_id}",
+        ["admin", "daemons"] => "/admin/daemons",
+        ["admin", "backup"] => "/admin/backup",
+        _ => "unknown",
+    }
+}
+
+/// Serves one request in a span naming its method and route, and once known, its key and
+/// daemon (never a token).
 pub async fn handle(
+    app: Arc<App>,
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Response {
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route = %route_template(request.uri().path()),
+        key_id = tracing::field::Empty,
+        daemon_id = tracing::field::Empty,
+    );
+    tracing::Instrument::instrument(handle_in_span(app, connection, request), span).await
+}
+
+async fn handle_in_span(
     app: Arc<App>,
     connection: Arc<Connection>,
     request: Request<Incoming>,
@@ -533,6 +579,15 @@ fn principal(
             Err(err) => return Err(err),
         },
     };
+    let span = tracing::Span::current();
+    span.record("key_id", tracing::field::display(&principal.key_id));
+    let daemon_id = match access {
+        Access::Client(Some(daemon_id)) | Access::Sync(Some(daemon_id)) => Some(daemon_id),
+        _ => principal.daemon_id.as_deref(),
+    };
+    if let Some(daemon_id) = daemon_id {
+        span.record("daemon_id", tracing::field::display(daemon_id));
+    }
     app.limits
         .check_key(&principal.key_id)
         .map_err(|limited| rate_limited(app, limited))?;

@@ -115,73 +115,78 @@ pub async fn serve(
             .fetch_add(1, Ordering::Relaxed);
         let open = OpenConnection::new(&app);
         let shared = shared.clone();
-        connections.spawn(async move {
-            let _open = open;
-            let _permit = permit;
-            let header_timeout = shared.app.config.limits.header_read_timeout;
-            let mut connection = Connection {
-                peer,
-                addr: AddrKey::of(peer.ip()),
-                certificate: None,
-            };
-            match &shared.tls {
-                None => {
-                    let io = FirstBytesDeadline::new(stream, header_timeout);
-                    serve_io(&shared, TokioIo::new(io), connection).await;
-                }
-                // A handshake costs more than a request: it is charged to the address's
-                // request budget, and an address blocked for failed authentication or
-                // over its budget gets none.
-                Some(_) if shared.app.limits.check_address(connection.addr).is_err() => {
-                    shared
-                        .app
-                        .metrics
-                        .rate_limited
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Some(tls) => {
-                    let handshake =
-                        tokio::time::timeout(header_timeout, tls.acceptor().accept(stream));
-                    // Shutdown does not wait for handshakes: they have nothing to finish.
-                    let handshake = tokio::select! {
-                        handshake = handshake => handshake,
-                        _ = shared.app.shutdown.cancelled() => return,
-                    };
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            connection.certificate = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|chain| tls.identity(chain));
-                            let io = FirstBytesDeadline::new(stream, header_timeout);
-                            serve_io(&shared, TokioIo::new(io), connection).await;
-                        }
-                        Ok(Err(err)) => {
-                            shared
-                                .app
-                                .metrics
-                                .tls_handshake_failures
-                                .fetch_add(1, Ordering::Relaxed);
-                            // A refused client certificate is a failed authentication;
-                            // probes and clients that dislike our certificate are not.
-                            if refused_client_certificate(&err) {
-                                let _ = shared.app.limits.auth_failed(connection.addr);
+        // Every log line of the connection, and of each request on it, names the peer.
+        let span = tracing::info_span!("connection", %peer);
+        connections.spawn(tracing::Instrument::instrument(
+            async move {
+                let _open = open;
+                let _permit = permit;
+                let header_timeout = shared.app.config.limits.header_read_timeout;
+                let mut connection = Connection {
+                    peer,
+                    addr: AddrKey::of(peer.ip()),
+                    certificate: None,
+                };
+                match &shared.tls {
+                    None => {
+                        let io = FirstBytesDeadline::new(stream, header_timeout);
+                        serve_io(&shared, TokioIo::new(io), connection).await;
+                    }
+                    // A handshake costs more than a request: it is charged to the address's
+                    // request budget, and an address blocked for failed authentication or
+                    // over its budget gets none.
+                    Some(_) if shared.app.limits.check_address(connection.addr).is_err() => {
+                        shared
+                            .app
+                            .metrics
+                            .rate_limited
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(tls) => {
+                        let handshake =
+                            tokio::time::timeout(header_timeout, tls.acceptor().accept(stream));
+                        // Shutdown does not wait for handshakes: they have nothing to finish.
+                        let handshake = tokio::select! {
+                            handshake = handshake => handshake,
+                            _ = shared.app.shutdown.cancelled() => return,
+                        };
+                        match handshake {
+                            Ok(Ok(stream)) => {
+                                connection.certificate = stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| tls.identity(chain));
+                                let io = FirstBytesDeadline::new(stream, header_timeout);
+                                serve_io(&shared, TokioIo::new(io), connection).await;
                             }
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            shared
-                                .app
-                                .metrics
-                                .tls_handshake_failures
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(Err(err)) => {
+                                shared
+                                    .app
+                                    .metrics
+                                    .tls_handshake_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                // A refused client certificate is a failed authentication;
+                                // probes and clients that dislike our certificate are not.
+                                if refused_client_certificate(&err) {
+                                    let _ = shared.app.limits.auth_failed(connection.addr);
+                                }
+                                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                shared
+                                    .app
+                                    .metrics
+                                    .tls_handshake_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                            }
                         }
                     }
                 }
-            }
-        });
+            },
+            span,
+        ));
     }
     drop(listener);
     tracing::info!("shutting down: answering waiting requests");

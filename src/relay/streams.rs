@@ -114,12 +114,12 @@ pub async fn serve(
         config.limits.body_write_timeout,
         outlet::response_end(),
     );
-    tokio::spawn(pump(
+    tokio::spawn(tracing::Instrument::in_current_span(pump(
         app.clone(),
         record.context_id,
         sse.then_some(resume_after),
         outlet,
-    ));
+    )));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();

@@ -287,7 +287,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             action: ConfigAction::Check { config },
         } => {
             let path = config.unwrap_or_else(|| PathBuf::from("config.toml"));
-            Config::from_file(&path)?;
+            Config::from_file(&path)?
+                .check_serving()
+                .map_err(|problem| anyhow::anyhow!("{}: {problem}", path.display()))?;
             println!("{}: ok", path.display());
             Ok(())
         }

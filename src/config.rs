@@ -441,6 +441,22 @@ impl RawConfig {
 }
 
 impl Config {
+    /// What serving this config would get wrong, beyond its values: plaintext HTTP off
+    /// loopback (keys and tokens would cross the network in the clear). Checked by
+    /// `syncrelay serve` and `syncrelay config check`; the operator commands, which only
+    /// read the address and data dir, do not need it.
+    pub fn check_serving(&self) -> Result<(), String> {
+        let listen = self.server.listen;
+        if self.tls.is_none() && !listen.ip().is_loopback() && !self.server.insecure_plaintext {
+            return Err(format!(
+                "refusing plaintext HTTP on the non-loopback address {listen}: set [tls] cert \
+                 and key (see `syncrelay init --self-signed`), serve on loopback, or set \
+                 server.insecure_plaintext = true behind a TLS-terminating proxy"
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         RawConfig::from_file(path)?.validate(path)
@@ -646,16 +662,6 @@ impl Config {
                 None
             }
         };
-        // Keys and tokens would cross the network in the clear.
-        check.require(
-            tls.is_some() || server.listen.ip().is_loopback() || server.insecure_plaintext,
-            format!(
-                "refusing plaintext HTTP on the non-loopback address {}: set [tls] cert and \
-                 key (see `syncrelay init --self-signed`), serve on loopback, or set \
-                 server.insecure_plaintext = true behind a TLS-terminating proxy",
-                server.listen
-            ),
-        );
         let rl = &raw.rate_limit;
         let rate_limit = RateLimitConfig {
             per_key_per_second: rl.per_key_per_second.unwrap_or(1000),
@@ -787,13 +793,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plaintext_off_loopback_is_a_config_problem() {
-        let check = |toml: &str| Config::from_toml(toml, Path::new("t.toml"));
+    fn plaintext_off_loopback_is_a_serving_problem() {
+        let check = |toml: &str| {
+            Config::from_toml(toml, Path::new("t.toml"))
+                .unwrap()
+                .check_serving()
+        };
         let refused = check("[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap_err();
-        assert!(
-            refused.to_string().contains("insecure_plaintext"),
-            "{refused}"
-        );
+        assert!(refused.contains("insecure_plaintext"), "{refused}");
         check("[server]\nlisten = \"0.0.0.0:8080\"\ninsecure_plaintext = true\n").unwrap();
         check("[server]\nlisten = \"[::1]:8080\"\n").unwrap();
         // A command-line address goes in before the check.
@@ -801,7 +808,8 @@ mod tests {
             RawConfig::from_toml("[server]\nlisten = \"0.0.0.0:8080\"\n", Path::new("t.toml"))
                 .unwrap();
         raw.server.listen = Some("127.0.0.1:0".into());
-        raw.validate(Path::new("t.toml")).unwrap();
+        let config = raw.validate(Path::new("t.toml")).unwrap();
+        config.check_serving().unwrap();
     }
 
     #[test]

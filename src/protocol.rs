@@ -27,6 +27,7 @@ pub struct ConnectResponse {
     /// Seconds.
     pub poll_timeout_max: u64,
     pub last_update_seq: u64,
+    #[serde(default)]
     pub relay_version: Cow<'static, str>,
 }
 
@@ -64,9 +65,15 @@ pub struct PollRequest {
 pub struct WireCommand<'a> {
     pub id: Cow<'a, str>,
     pub method: Cow<'a, str>,
+    #[serde(default = "null_params")]
     pub params: Cow<'a, RawValue>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+}
+
+/// A command without `params` has `null` ones.
+fn null_params<'a>() -> Cow<'a, RawValue> {
+    Cow::Owned(RawValue::from_string("null".to_owned()).expect("null is JSON"))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -499,5 +506,23 @@ mod wire_tests {
             (read.chunk, read.status, read.complete),
             (Some(0), Some(200), false)
         );
+    }
+}
+
+#[cfg(test)]
+mod lenient_reading {
+    use super::*;
+
+    #[test]
+    fn a_command_without_params_and_a_connect_without_version_still_parse() {
+        let poll: PollResponse<'static> =
+            serde_json::from_str(r#"{"commands":[{"id":"c","method":"m"}],"last_update_seq":0}"#)
+                .unwrap();
+        assert_eq!(poll.commands[0].params.get(), "null");
+        let hello: ConnectResponse = serde_json::from_str(
+            r#"{"connection_id":"x","poll_timeout_max":60,"last_update_seq":0}"#,
+        )
+        .unwrap();
+        assert_eq!(hello.relay_version, "");
     }
 }

@@ -185,10 +185,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Everything up to serving. Refuses what the config would not serve safely (checked
-    /// when the config was validated: plaintext off loopback).
+    /// Everything up to serving. Refuses what the config would not serve safely
+    /// ([`Config::check_serving`]: plaintext off loopback).
     pub async fn start(config: Config, process: Process) -> anyhow::Result<Relay> {
         use anyhow::Context;
+        config.check_serving().map_err(anyhow::Error::msg)?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
             None => None,

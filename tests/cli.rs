@@ -264,3 +264,32 @@ async fn log_lines_name_their_connection_and_request_but_never_a_token() {
     );
     assert!(!log.contains(admin.trim()), "the admin key in the log");
 }
+
+/// The plaintext refusal is about serving: `config check` reports it, while the operator
+/// commands, which only read the address and data dir, still work with such a config.
+#[test]
+fn config_check_reports_plaintext_off_loopback_and_operator_commands_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::spawn(&dir.path().join("data"));
+    let config = dir.path().join("public.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:8080\"\ndata_dir = {:?}\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let checked = syncrelay(&["config", "check", "--config", config.to_str().unwrap()]);
+    assert!(!checked.status.success());
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(stderr.contains("insecure_plaintext"), "{stderr}");
+    let status = syncrelay(&[
+        "status",
+        "--config",
+        config.to_str().unwrap(),
+        "--url",
+        &relay.url,
+    ]);
+    assert!(status.status.success(), "{status:?}");
+}

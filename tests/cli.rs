@@ -204,32 +204,11 @@ async fn sigterm_answers_waiting_polls_and_exits_cleanly() {
 async fn log_lines_name_their_connection_and_request_but_never_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("relay.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let url = line
-        .trim()
-        .trim_start_matches("syncrelay listening on ")
-        .to_owned();
-    let admin = std::fs::read_to_string(dir.path().join("data/admin.key")).unwrap();
-    let token = common::create_key(
-        &url,
-        admin.trim(),
-        json!({ "role": "daemon", "daemon": "d" }),
-    )
-    .await;
+    let mut relay = RelayProcess::spawn_logging(&dir.path().join("data"), &log_path);
+    let (url, admin) = (relay.url.clone(), relay.admin_token());
+    let token = relay
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
     let connected = reqwest::Client::new()
         .post(format!("{url}/sync/connect"))
         .bearer_auth(&token)
@@ -239,11 +218,11 @@ async fn log_lines_name_their_connection_and_request_but_never_a_token() {
         .unwrap();
     assert_eq!(connected.status(), 200);
     assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &relay.child.id().to_string()])
         .status()
         .unwrap()
         .success());
-    assert!(child.wait().unwrap().success());
+    assert!(relay.child.wait().unwrap().success());
     let log = std::fs::read_to_string(&log_path).unwrap();
     let line = log
         .lines()
@@ -262,7 +241,7 @@ async fn log_lines_name_their_connection_and_request_but_never_a_token() {
         !log.contains(&token) && !log.contains(secret),
         "a token in the log"
     );
-    assert!(!log.contains(admin.trim()), "the admin key in the log");
+    assert!(!log.contains(&admin), "the admin key in the log");
 }
 
 /// The plaintext refusal is about serving: `config check` reports it, while the operator

@@ -15,12 +15,7 @@ use serde_json::json;
 /// and the client key.
 async fn filled(dir: &Path, n: usize) -> (Vec<String>, String) {
     let relay = RelayProcess::spawn(dir);
-    let daemon = relay
-        .create_key(json!({ "role": "daemon", "daemon": "d" }))
-        .await;
-    let client = relay
-        .create_key(json!({ "role": "client", "scope": ["d"] }))
-        .await;
+    let (daemon, client) = relay.daemon_and_client_keys("d").await;
     let http = reqwest::Client::new();
     http.post(format!("{}/sync/connect", relay.url))
         .bearer_auth(&daemon)

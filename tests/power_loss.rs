@@ -127,12 +127,7 @@ async fn a_backup_survives_a_power_cut_right_after_it_is_reported() {
     let original = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(original.path());
     let admin = relay.admin_token();
-    let daemon_key = relay
-        .create_key(json!({ "role": "daemon", "daemon": "d" }))
-        .await;
-    let client_key = relay
-        .create_key(json!({ "role": "client", "scope": ["d"] }))
-        .await;
+    let (daemon_key, client_key) = relay.daemon_and_client_keys("d").await;
     let mut daemon = Daemon::new(&relay.url, "d", &daemon_key);
     daemon.connect().await;
     let updates: Vec<Value> = (1..=500)

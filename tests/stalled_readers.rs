@@ -18,7 +18,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::json;
 use syncrelay::agent::RawAgent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -92,14 +91,10 @@ async fn stalled_readers_hold_a_few_chunks_each_and_are_ended() {
         &dir.path().join("relay.toml"),
         &extra,
     );
-    let daemon_key = relay
-        .create_key(json!({ "role": "daemon", "daemon": "d" }))
-        .await;
+    let (daemon_key, client_key) = relay.daemon_and_client_keys("d").await;
     let client = Client {
         url: relay.url.clone(),
-        key: relay
-            .create_key(json!({ "role": "client", "scope": ["d"] }))
-            .await,
+        key: client_key,
         http: reqwest::Client::new(),
     };
     let daemon = TestDaemon::start().await;

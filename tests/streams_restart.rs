@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::daemon::TestDaemon;
 use common::{RelayProcess, TestAgent};
-use serde_json::json;
 use syncrelay::agent::RawAgent;
 
 const EVENTS: u64 = 300;
@@ -33,12 +32,7 @@ async fn an_upload_resumes_after_a_relay_restart() {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(dir.path());
     let listen = relay.url.trim_start_matches("http://").to_owned();
-    let daemon_key = relay
-        .create_key(json!({ "role": "daemon", "daemon": "d" }))
-        .await;
-    let client_key = relay
-        .create_key(json!({ "role": "client", "scope": ["d"] }))
-        .await;
+    let (daemon_key, client_key) = relay.daemon_and_client_keys("d").await;
     let daemon = TestDaemon::start().await;
     let _agent = TestAgent::start(
         &relay.url,

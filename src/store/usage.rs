@@ -130,6 +130,24 @@ struct Victims {
     bytes: u64,
 }
 
+/// Moves `(age, size, item)` candidates, oldest first, into `into` until `bytes` reaches
+/// `excess`.
+fn take_oldest<T>(
+    mut candidates: Vec<(u64, u64, T)>,
+    excess: u64,
+    bytes: &mut u64,
+    into: &mut Vec<T>,
+) {
+    candidates.sort_by_key(|(age, _, _)| *age);
+    for (_, size, item) in candidates {
+        if *bytes >= excess {
+            break;
+        }
+        into.push(item);
+        *bytes += size;
+    }
+}
+
 /// The bytes of a context's chunks, from its record rather than by reading every chunk:
 /// each is about its data, a 16-byte key and an 8-byte length.
 pub(super) fn context_body_size(record: &ContextRecord) -> u64 {
@@ -374,7 +392,7 @@ impl Store {
     /// Listed contexts no longer fetching, oldest first; retired, they no longer count
     /// (their chunks go with the garbage sweep).
     fn pick_contexts(&self, daemon_id: &str, excess: u64, victims: &mut Victims) -> Result<()> {
-        let mut contexts: Vec<(u64, ContextRecord)> = Vec::new();
+        let mut contexts = Vec::new();
         for item in self
             .context_index
             .scan_prefix(layout::daemon_prefix(daemon_id))
@@ -388,20 +406,11 @@ impl Store {
                 && record.state != super::ContextState::Fetching
                 && !self.context_garbage.contains_key(&id)?
             {
-                contexts.push((
-                    stored_size(&id, &value) + context_body_size(&record),
-                    record,
-                ));
+                let size = stored_size(&id, &value) + context_body_size(&record);
+                contexts.push((record.created_at_ms, size, record));
             }
         }
-        contexts.sort_by_key(|(_, record)| record.created_at_ms);
-        for (size, record) in contexts {
-            if victims.bytes >= excess {
-                break;
-            }
-            victims.contexts.push(record);
-            victims.bytes += size;
-        }
+        take_oldest(contexts, excess, &mut victims.bytes, &mut victims.contexts);
         Ok(())
     }
 
@@ -410,21 +419,19 @@ impl Store {
         if victims.bytes >= excess {
             return Ok(());
         }
-        let mut responses: Vec<(sled::IVec, u64, u64)> = Vec::new();
+        let mut responses = Vec::new();
         for item in self.responses.scan_prefix(layout::daemon_prefix(daemon_id)) {
             let (key, value) = item?;
             let response: CachedResponse = self.decode(&value)?;
             let size = stored_size(&key, &value);
-            responses.push((key, response.stored_at_ms, size));
+            responses.push((response.stored_at_ms, size, key));
         }
-        responses.sort_by_key(|(_, stored_at, _)| *stored_at);
-        for (key, _, size) in responses {
-            if victims.bytes >= excess {
-                break;
-            }
-            victims.responses.push(key);
-            victims.bytes += size;
-        }
+        take_oldest(
+            responses,
+            excess,
+            &mut victims.bytes,
+            &mut victims.responses,
+        );
         Ok(())
     }
 

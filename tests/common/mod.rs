@@ -399,27 +399,36 @@ impl RelayProcess {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         let shipped = std::fs::read_to_string(shipped).expect("config.toml");
         std::fs::write(config, merge_toml(&shipped, extra_toml, data_dir)).expect("write config");
-        Self::start_with(data_dir, "127.0.0.1:0", config, Stdio::inherit())
+        Self::start_with(data_dir, "127.0.0.1:0", config, (Stdio::inherit(), "warn"))
+            .unwrap_or_else(|(_, stderr)| panic!("syncrelay did not start: {stderr}"))
+    }
+
+    /// Spawns `syncrelay serve` over `data_dir` logging at `info` into the file `log`.
+    pub fn spawn_logging(data_dir: &Path, log: &Path) -> RelayProcess {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let log = std::fs::File::create(log).expect("create the log file");
+        Self::start_with(data_dir, "127.0.0.1:0", &shipped, (log.into(), "info"))
             .unwrap_or_else(|(_, stderr)| panic!("syncrelay did not start: {stderr}"))
     }
 
     fn start(data_dir: &Path, listen: &str, stderr: Stdio) -> Result<RelayProcess, (bool, String)> {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
-        Self::start_with(data_dir, listen, &shipped, stderr)
+        Self::start_with(data_dir, listen, &shipped, (stderr, "warn"))
     }
 
+    /// `(stderr, level)`: where the relay logs, and from which `RUST_LOG` level.
     fn start_with(
         data_dir: &Path,
         listen: &str,
         config: &Path,
-        stderr: Stdio,
+        (stderr, level): (Stdio, &str),
     ) -> Result<RelayProcess, (bool, String)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -461,6 +470,13 @@ impl RelayProcess {
     /// key from the data dir, and returns its token.
     pub async fn create_key(&self, body: Value) -> String {
         create_key(&self.url, &self.admin_token(), body).await
+    }
+
+    /// A daemon key for `daemon_id` and a client key scoped to it.
+    pub async fn daemon_and_client_keys(&self, daemon_id: &str) -> (String, String) {
+        let daemon = json!({ "role": "daemon", "daemon": daemon_id });
+        let client = json!({ "role": "client", "scope": [daemon_id] });
+        (self.create_key(daemon).await, self.create_key(client).await)
     }
 
     pub fn admin_token(&self) -> String {

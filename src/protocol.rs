@@ -10,10 +10,12 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 /// `POST /sync/connect` request.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectRequest {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub daemon_id: String,
     #[serde(default)]
     pub version: Option<String>,
@@ -21,22 +23,27 @@ pub struct ConnectRequest {
     pub capabilities: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectResponse {
     pub connection_id: String,
     /// Seconds.
     pub poll_timeout_max: u64,
     pub last_update_seq: u64,
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     pub relay_version: Cow<'static, str>,
 }
 
 /// One daemon-side event in a poll's `updates`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Update {
+    /// 1 to 256 bytes.
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 256)]
     pub kind: String,
+    /// Any JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub data: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
@@ -45,8 +52,9 @@ pub struct Update {
 }
 
 /// `POST /sync/poll` request.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PollRequest {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub daemon_id: String,
     #[serde(default)]
     pub connection_id: Option<String>,
@@ -61,11 +69,17 @@ pub struct PollRequest {
 
 /// A command as handed to a daemon: borrowed from the store when the relay writes it,
 /// owned when the agent reads it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Command)]
 pub struct WireCommand<'a> {
+    #[schema(value_type = String)]
     pub id: Cow<'a, str>,
+    /// `http` for a mirrored call (`params` is then an `HttpCommandParams`), or the
+    /// daemon's own method name.
+    #[schema(value_type = String)]
     pub method: Cow<'a, str>,
     #[serde(default = "null_params")]
+    #[schema(value_type = serde_json::Value)]
     pub params: Cow<'a, RawValue>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
@@ -76,7 +90,7 @@ fn null_params<'a>() -> Cow<'a, RawValue> {
     Cow::Owned(RawValue::from_string("null".to_owned()).expect("null is JSON"))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PollResponse<'a> {
     pub commands: Vec<WireCommand<'a>>,
     pub last_update_seq: u64,
@@ -84,27 +98,35 @@ pub struct PollResponse<'a> {
 
 /// `POST /sync/results` request. Entries stay raw so one bad entry can be reported by
 /// index instead of failing the batch's parse.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ResultsRequest {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub daemon_id: String,
+    #[schema(value_type = Vec<ResultEntry>)]
     pub results: Vec<Box<RawValue>>,
 }
 
 /// One entry of `results`: a whole result, or (with `chunk`) a piece of a streamed one.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct ResultEntry {
     pub command_id: String,
+    /// A whole result: any JSON (for `http` commands an `HttpResult`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: Option<Box<RawValue>>,
+    /// The command failed: any JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub error: Option<Box<RawValue>>,
     /// Set for stream chunks: the chunk's index, from 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
     pub chunk: Option<i64>,
     /// Chunk 0: the daemon's status and headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::HashMap<String, String>>)]
     pub headers: Option<serde_json::Map<String, serde_json::Value>>,
     /// The chunk's bytes as UTF-8 text, or as base64 in `data_base64`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,21 +138,24 @@ pub struct ResultEntry {
     pub complete: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ResultsResponse {
     pub accepted: Vec<String>,
     pub unknown: Vec<String>,
 }
 
 /// Params of an `http` command, as the relay builds them from a mirrored call.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = HttpCommandParams)]
 pub struct HttpParams {
     pub method: String,
     pub path: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query: String,
     #[serde(default)]
+    #[schema(value_type = std::collections::HashMap<String, String>)]
     pub headers: serde_json::Map<String, serde_json::Value>,
+    /// The body as JSON (or JSON text); `null` with `body_base64`.
     #[serde(default)]
     pub body: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,10 +163,13 @@ pub struct HttpParams {
 }
 
 /// Result of an `http` command, as the daemon (or agent) posts it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HttpResult {
+    #[schema(minimum = 100, maximum = 999)]
     pub status: u16,
+    /// Header values: a string, or a list of strings.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub headers: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub body: serde_json::Value,
@@ -150,54 +178,66 @@ pub struct HttpResult {
 }
 
 /// `POST /api/v1/daemons/{id}/commands` request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct NamedCommandRequest {
+    #[schema(min_length = 1, max_length = 128)]
     pub method: String,
+    /// Any JSON, handed to the daemon as is.
     #[serde(default)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub params: Option<Box<RawValue>>,
 }
 
 /// `<daemon>` in listings.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Daemon)]
 pub struct DaemonView {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub daemon_id: String,
     pub online: bool,
+    #[schema(required = true)]
     pub last_seen: Option<String>,
+    #[schema(required = true)]
     pub version: Option<String>,
     pub capabilities: Vec<String>,
     pub queued: u64,
     pub last_seq: u64,
 }
 
-/// One change-log entry as clients see it.
-#[derive(Debug, Serialize)]
+/// One change-log entry as clients see it: its `seq` and the event.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Change)]
 pub struct ChangeView<'a> {
+    #[schema(minimum = 1)]
     pub seq: u64,
-    #[serde(rename = "type")]
-    pub kind: &'a str,
-    pub timestamp: String,
-    pub data: &'a RawValue,
+    #[serde(flatten)]
+    pub event: StreamEvent<'a>,
 }
 
 /// `GET /api/v1/commands/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CommandView {
     pub id: String,
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub daemon_id: String,
     pub method: String,
+    #[schema(value_type = crate::store::CommandState)]
     pub state: &'static str,
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub error: Option<Box<RawValue>>,
     /// How often the command was handed to the daemon.
     pub deliveries: u32,
 }
 
 /// `POST /admin/keys` request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateKeyRequest {
+    #[schema(value_type = crate::store::Role)]
     pub role: String,
     #[serde(default)]
     pub daemon: Option<String>,
@@ -207,9 +247,10 @@ pub struct CreateKeyRequest {
     pub label: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyView {
     pub key_id: String,
+    #[schema(value_type = crate::store::Role)]
     pub role: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<String>,
@@ -221,6 +262,133 @@ pub struct KeyView {
     /// Only in the answer to a create: the bearer token, shown once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// Every error the relay answers with (`Error` in the OpenAPI document).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                details: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable, e.g. `bad_request`, `queue_full`, `daemon_offline`.
+    pub code: String,
+    #[schema(min_length = 1)]
+    pub message: String,
+    /// More about the error, where the relay knows more (any JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub details: Option<Box<serde_json::Value>>,
+}
+
+/// `GET /api/v1/daemons` and `GET /admin/daemons`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DaemonList {
+    pub daemons: Vec<DaemonView>,
+}
+
+/// `GET /api/v1/daemons/{daemon_id}/changes`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangesResponse<'a> {
+    pub changes: Vec<ChangeView<'a>>,
+    /// The last `seq` in `changes`, or `since` when there are none: the next `since`.
+    pub last_seq: u64,
+    /// Whether more changes follow after `last_seq`.
+    pub more: bool,
+}
+
+/// The `data` of one event of `GET /api/v1/daemons/{daemon_id}/stream/events`, in hld's
+/// shape (its `id:` line is the change's `seq`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEvent<'a> {
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: &'a str,
+    pub timestamp: String,
+    #[serde(serialize_with = "compact")]
+    #[schema(value_type = serde_json::Value)]
+    pub data: &'a RawValue,
+}
+
+/// `POST /admin/keys`: the new key, with its bearer token (shown once, never again).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub key: KeyView,
+    pub token: String,
+}
+
+/// `GET /admin/keys`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+}
+
+/// `DELETE /admin/keys/{key_id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevokedKey<'a> {
+    #[schema(value_type = String)]
+    pub revoked: &'a str,
+}
+
+/// `GET /healthz` (`ok`) and `GET /readyz` (`ready`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(value_type = String)]
+    pub status: &'static str,
+}
+
+/// `POST /admin/backup`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// An absolute path on the relay's host, to a directory that does not exist yet.
+    #[schema(value_type = String)]
+    pub to: std::path::PathBuf,
+}
+
+/// One NDJSON line of `POST /admin/backup`: progress, then the outcome.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BackupLine {
+    Progress {
+        copied_bytes: u64,
+        estimated_bytes: u64,
+        entries: u64,
+    },
+    /// The backup is on disk.
+    Done {
+        done: bool,
+        #[schema(value_type = String)]
+        to: std::path::PathBuf,
+        bytes: u64,
+        entries: u64,
+        writes_paused_ms: u64,
+        elapsed_ms: u64,
+    },
+    Failed(ErrorBody),
+}
+
+/// Stored event data as one compact JSON text (keys in their order): a daemon's line
+/// breaks would end an SSE `data:` line, and clients have always seen it compacted.
+fn compact<S: serde::Serializer>(data: &&RawValue, serializer: S) -> Result<S::Ok, S::Error> {
+    let value: serde_json::Value =
+        serde_json::from_str(data.get()).map_err(serde::ser::Error::custom)?;
+    value.serialize(serializer)
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1, plus `host` and

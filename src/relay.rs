@@ -13,6 +13,7 @@
 //! wake-ups), `http` (errors, bodies).
 
 mod admin_api;
+mod api;
 pub mod auth;
 mod changes;
 mod client;
@@ -61,6 +62,8 @@ pub struct App {
     pub backup_running: std::sync::atomic::AtomicBool,
     /// The retention sweep's last census of the store, and when it was taken (ms).
     pub usage: std::sync::Mutex<Option<(u64, crate::store::Usage)>>,
+    /// `/openapi.json`, generated from the routes at start.
+    pub openapi: bytes::Bytes,
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
@@ -76,10 +79,13 @@ pub struct Metrics {
     pub request_seconds: [crate::metrics::Histogram; RouteFamily::ALL.len()],
     /// Pumped responses (context and event streams) and their stalled readers.
     pub outlets: Arc<outlet::OutletMetrics>,
+    /// Requests by matched route template.
+    pub routes: router::RouteCounts,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// Counters for a relay serving `templates`.
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a String>) -> Self {
         Metrics {
             connections_accepted: Default::default(),
             connections_open: Default::default(),
@@ -91,6 +97,7 @@ impl Default for Metrics {
                 crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS)
             }),
             outlets: Default::default(),
+            routes: router::RouteCounts::new(templates),
         }
     }
 }
@@ -273,21 +280,26 @@ async fn run_with_tls(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     store.set_daemon_budget(config.retention.daemon_max_bytes);
+    let (routes, document) = api::router();
     let app = Arc::new(App {
         limits: limits::RateLimits::new(&config.rate_limit),
         config,
         store: store.clone(),
         hub: Arc::new(Hub::default()),
         shutdown: CancellationToken::new(),
-        metrics: Metrics::default(),
+        metrics: Metrics::new(document.paths.paths.keys()),
         backup_running: Default::default(),
         usage: Default::default(),
+        openapi: serde_json::to_vec(&document)
+            .expect("the document serialises")
+            .into(),
     });
+    let routes = routes.with_state(app.clone());
     let retention = tokio::spawn(retention_loop(app.clone()));
     let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));
     let reloads = hangups
         .map(|hangups| tokio::spawn(reload_on_sighup(hangups, tls.clone(), app.shutdown.clone())));
-    server::serve(listener, app.clone(), tls, shutdown).await;
+    server::serve(listener, app.clone(), routes, tls, shutdown).await;
     // `serve` cancelled the token: the loops end (the sweep after the one in progress).
     let _ = retention.await;
     let _ = housekeeping.await;

@@ -291,6 +291,74 @@ async fn changes_have_the_designed_shape() {
     );
 }
 
+/// Event data posted pretty-printed (line breaks, spaces) reaches clients as one compact
+/// JSON text: a line break inside an SSE `data:` line would cut the event in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_printed_event_data_reaches_clients_compact() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let body = format!(
+        "{{\"daemon_id\":\"d\",\"connection_id\":\"{}\",\"updates\":[{{\"type\":\"t\",\
+         \"seq\":1,\"data\":{{\n  \"b\": 1,\r\n  \"a\": [1, 2]\n}}}}]}}",
+        daemon.connection_id.as_deref().unwrap()
+    );
+    let response = daemon
+        .http
+        .post(format!("{}/sync/poll", relay.url))
+        .bearer_auth(&daemon.key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let compact = r#"{"b":1,"a":[1,2]}"#;
+
+    let changes = client
+        .get("/api/v1/daemons/d/changes")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        changes.contains(&format!(r#""data":{compact}"#)),
+        "{changes}"
+    );
+
+    let mut stream = client
+        .get(&events_path("d", "?since=0"))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    // After the stream's `: connected` comment, the first event.
+    while !text.split("\n\n").any(|frame| frame.starts_with("id:")) || !text.ends_with("\n\n") {
+        let chunk = timeout(Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let event = text
+        .split("\n\n")
+        .find(|frame| frame.starts_with("id:"))
+        .unwrap();
+    assert_eq!(
+        event,
+        format!(
+            r#"id: 1{nl}data: {{"type":"t","timestamp":"{ts}","data":{compact}}}"#,
+            nl = "\n",
+            ts = serde_json::from_str::<Value>(&changes).unwrap()["changes"][0]["timestamp"]
+                .as_str()
+                .unwrap()
+        ),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_seq_is_exclusive() {
     let relay = TestRelay::start().await;

@@ -389,6 +389,43 @@ async fn every_method_becomes_an_http_command() {
     server.abort();
 }
 
+/// Methods no document can list (`TRACE`, WebDAV's `PROPFIND`) are mirrored like any
+/// other; an empty answer to `HEAD` states no length the `GET` would not have; and a path
+/// with extra leading slashes routes as it always has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_method_is_mirrored_and_head_states_no_empty_length() {
+    let relay = TestRelay::start().await;
+    let daemon = relay.daemon("d").await;
+    let client = relay.client(&["d"]).await;
+    let (server, seen) = serve_recording(daemon, echo);
+    for method in [Method::TRACE, Method::from_bytes(b"PROPFIND").unwrap()] {
+        let reply = send(client.request(method.clone(), "/api/v1/daemons/d/files/a")).await;
+        assert_eq!(reply.status, 200, "{method}");
+        assert_eq!(reply.source(), "daemon", "{method}");
+        assert_eq!(reply.header("x-echo-method"), Some(method.as_str()));
+        let command = seen
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the daemon got a command");
+        assert_eq!(command["params"]["method"], method.as_str());
+    }
+    let reply = send(client.request(Method::HEAD, "/api/v1/daemons/d/sessions")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.is_empty());
+    assert_eq!(
+        reply.header("content-length"),
+        None,
+        "HEAD: {:?}",
+        reply.headers
+    );
+    server.abort();
+
+    let health = send(reqwest::Client::new().get(format!("{}//healthz", relay.url))).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), json!({ "status": "ok" }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_keep_their_kind() {
     let relay = TestRelay::start().await;

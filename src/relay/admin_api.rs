@@ -3,7 +3,6 @@
 //! operator's view of all daemons.
 
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,9 +15,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::auth::new_key;
-use super::http::{json, parse_json, ApiError, Source, SOURCE};
+use super::http::{json, ApiError, Source, SOURCE};
 use super::{App, Response};
-use crate::protocol::{rfc3339, valid_daemon_id, CreateKeyRequest, KeyView};
+use crate::protocol::{
+    rfc3339, valid_daemon_id, BackupLine, BackupRequest, CreateKeyRequest, CreatedKey, ErrorBody,
+    KeyList, KeyView, RevokedKey,
+};
 use crate::store::{now_ms, KeyRecord, Role, StoreError};
 
 fn key_view(record: &KeyRecord, token: Option<String>) -> KeyView {
@@ -34,8 +36,7 @@ fn key_view(record: &KeyRecord, token: Option<String>) -> KeyView {
 }
 
 /// `POST /admin/keys`.
-pub async fn create_key(app: &App, body: &[u8]) -> Result<Response, ApiError> {
-    let request: CreateKeyRequest = parse_json(body)?;
+pub async fn create_key(app: &App, request: CreateKeyRequest) -> Result<Response, ApiError> {
     let role = Role::parse(&request.role)
         .ok_or_else(|| ApiError::bad_request("role must be daemon, client or admin"))?;
     let (daemon_id, scope) = match role {
@@ -85,7 +86,10 @@ pub async fn create_key(app: &App, body: &[u8]) -> Result<Response, ApiError> {
     tracing::info!(key_id = %key.record.key_id, role = role.as_str(), "key created");
     Ok(json(
         StatusCode::CREATED,
-        &key_view(&key.record, Some(key.token.0)),
+        &CreatedKey {
+            key: key_view(&key.record, None),
+            token: key.token.0,
+        },
     ))
 }
 
@@ -97,7 +101,7 @@ pub fn list_keys(app: &App) -> Result<Response, ApiError> {
         .iter()
         .map(|k| key_view(k, None))
         .collect();
-    Ok(json(StatusCode::OK, &serde_json::json!({ "keys": keys })))
+    Ok(json(StatusCode::OK, &KeyList { keys }))
 }
 
 /// `DELETE /admin/keys/{id}`.
@@ -110,10 +114,7 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
     app.hub.revocations.revoked();
     app.store.commit().await?;
     tracing::info!(%key_id, "key revoked");
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "revoked": key_id }),
-    ))
+    Ok(json(StatusCode::OK, &RevokedKey { revoked: key_id }))
 }
 
 /// `POST /admin/backup` `{"to": "/abs/dir"}`: copies the database, consistently, into a
@@ -121,13 +122,7 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
 /// it, so the directory is a data dir to start a relay on. The answer streams NDJSON:
 /// progress lines, then `{"done": true, …}` once the copy is on disk, or `{"error": …}`.
 /// Only that last line says the backup exists; the 200 only says it started.
-pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct BackupRequest {
-        to: PathBuf,
-    }
-    let request: BackupRequest = parse_json(body)?;
+pub async fn backup(app: &Arc<App>, request: BackupRequest) -> Result<Response, ApiError> {
     let to = request.to;
     if !to.is_absolute() {
         return Err(ApiError::bad_request(
@@ -174,11 +169,11 @@ pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
         let copy = tokio::task::spawn_blocking(move || {
             let summary = store.backup_to(&dir, |progress| {
                 // Progress is best effort: a slow reader must not slow the copy.
-                let _ = progress_tx.try_send(ndjson(&serde_json::json!({
-                    "copied_bytes": progress.copied_bytes,
-                    "estimated_bytes": progress.estimated_bytes,
-                    "entries": progress.entries,
-                })));
+                let _ = progress_tx.try_send(ndjson(&BackupLine::Progress {
+                    copied_bytes: progress.copied_bytes,
+                    estimated_bytes: progress.estimated_bytes,
+                    entries: progress.entries,
+                }));
             })?;
             if admin_key.exists() {
                 let copied = dir.join(crate::admin::ADMIN_KEY_FILE);
@@ -199,22 +194,25 @@ pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
                     writes_paused_ms = summary.writes_paused.as_millis() as u64,
                     "backup written"
                 );
-                serde_json::json!({
-                    "done": true,
-                    "to": to,
-                    "bytes": summary.bytes,
-                    "entries": summary.entries,
-                    "writes_paused_ms": summary.writes_paused.as_millis() as u64,
-                    "elapsed_ms": summary.elapsed.as_millis() as u64,
-                })
+                BackupLine::Done {
+                    done: true,
+                    to: to.clone(),
+                    bytes: summary.bytes,
+                    entries: summary.entries,
+                    writes_paused_ms: summary.writes_paused.as_millis() as u64,
+                    elapsed_ms: summary.elapsed.as_millis() as u64,
+                }
             }
             Ok(Err(err)) => {
                 tracing::error!(to = %to.display(), error = %err, "backup failed");
-                serde_json::json!({ "error": { "code": "storage_unavailable", "message": err.to_string() } })
+                BackupLine::Failed(ErrorBody::new("storage_unavailable", err.to_string()))
             }
             Err(err) => {
                 tracing::error!(to = %to.display(), error = %err, "backup panicked");
-                serde_json::json!({ "error": { "code": "storage_unavailable", "message": "the backup stopped unexpectedly" } })
+                BackupLine::Failed(ErrorBody::new(
+                    "storage_unavailable",
+                    "the backup stopped unexpectedly",
+                ))
             }
         };
         let _ = lines_tx.send(ndjson(&last)).await;
@@ -231,8 +229,8 @@ pub async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response, ApiError> {
     Ok(response)
 }
 
-fn ndjson(value: &serde_json::Value) -> Bytes {
-    let mut line = value.to_string();
+fn ndjson(value: &BackupLine) -> Bytes {
+    let mut line = serde_json::to_string(value).expect("backup lines serialise");
     line.push('\n');
     Bytes::from(line)
 }

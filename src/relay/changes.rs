@@ -16,7 +16,7 @@ use super::http::{json, query_pairs, query_value, ApiError, Source, SOURCE};
 use super::outlet::{self, Outlet};
 use super::sync::null_raw;
 use super::{App, Response};
-use crate::protocol::{parse_rfc3339, rfc3339, ChangeView};
+use crate::protocol::{parse_rfc3339, rfc3339, ChangeView, ChangesResponse, StreamEvent};
 use crate::store::ChangeEntry;
 
 /// Entries read from the store per step of an SSE stream.
@@ -97,14 +97,20 @@ pub async fn changes(
         .zip(&data)
         .map(|(entry, data)| ChangeView {
             seq: entry.seq,
-            kind: &entry.kind,
-            timestamp: rfc3339(entry.timestamp_ms),
-            data,
+            event: StreamEvent {
+                kind: &entry.kind,
+                timestamp: rfc3339(entry.timestamp_ms),
+                data,
+            },
         })
         .collect();
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({ "changes": views, "last_seq": last_seq, "more": last_seq < committed }),
+        &ChangesResponse {
+            changes: views,
+            last_seq,
+            more: last_seq < committed,
+        },
     ))
 }
 
@@ -267,10 +273,11 @@ pub fn stream_events(
 /// One SSE event in hld's shape: `id: <seq>` and `data: {"type","timestamp","data"}`.
 fn sse_frame(entry: &ChangeEntry) -> Bytes {
     let data = raw_data(entry);
-    let event = serde_json::json!({
-        "type": entry.kind,
-        "timestamp": rfc3339(entry.timestamp_ms),
-        "data": data,
-    });
-    Bytes::from(format!("id: {}\ndata: {}\n\n", entry.seq, event))
+    let event = StreamEvent {
+        kind: &entry.kind,
+        timestamp: rfc3339(entry.timestamp_ms),
+        data: &data,
+    };
+    let event = serde_json::to_string(&event).expect("events serialise");
+    Bytes::from(format!("id: {}\ndata: {event}\n\n", entry.seq))
 }

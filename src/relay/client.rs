@@ -10,7 +10,7 @@ use super::auth::Principal;
 use super::http::{json, query_value, ApiError};
 use super::mirror::command_view;
 use super::{App, Response};
-use crate::protocol::{rfc3339, DaemonView};
+use crate::protocol::{rfc3339, DaemonList, DaemonView};
 use crate::store::{now_ms, CommandRecord, DaemonRecord};
 
 pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
@@ -42,10 +42,7 @@ pub fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiErr
         .filter(|d| principal.role == crate::store::Role::Admin || principal.can_see(&d.daemon_id))
         .map(|d| daemon_view(app, d))
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "daemons": daemons }),
-    ))
+    Ok(json(StatusCode::OK, &DaemonList { daemons }))
 }
 
 /// `GET /api/v1/daemons/{id}`.

@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::protocol::{ErrorBody, ErrorDetail};
 use crate::store::StoreError;
 
 /// Every response body the relay sends.
@@ -69,7 +70,7 @@ pub struct ApiError {
     /// Seconds, sent as `Retry-After`.
     pub retry_after: Option<u64>,
     /// Sent as `Allow` with 405.
-    pub allow: Option<&'static str>,
+    pub allow: Option<String>,
 }
 
 impl ApiError {
@@ -98,16 +99,6 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn method_not_allowed(allow: &'static str) -> ApiError {
-        let mut err = Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("this route accepts {allow}"),
-        );
-        err.allow = Some(allow);
-        err
     }
 
     pub fn payload_too_large(message: impl Into<String>) -> ApiError {
@@ -151,23 +142,34 @@ impl ApiError {
         self
     }
 
-    pub fn into_response(self) -> Response<Body> {
-        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
-        if let Some(details) = self.details {
-            error["details"] = *details;
-        }
-        let mut response = json(self.status, &serde_json::json!({ "error": error }));
+    /// The response in the design's error shape.
+    pub fn to_response(self) -> Response<Body> {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                details: self.details,
+            },
+        };
+        let mut response = json(self.status, &body);
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Some(allow) = self.allow {
-            response
-                .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static(allow));
+            response.headers_mut().insert(
+                ALLOW,
+                HeaderValue::from_str(&allow).expect("method names are header values"),
+            );
         }
         response
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        self.to_response().map(axum::body::Body::new)
     }
 }
 
@@ -215,12 +217,16 @@ impl From<StoreError> for ApiError {
 /// Reads a request body of at most `limit` bytes. A body that makes no progress for
 /// `stall` (nothing arrives: a declared length never sent, or a byte every few minutes) is
 /// answered 408 `timeout`, so an authenticated client cannot hold a request open forever.
-pub async fn read_body(
-    body: hyper::body::Incoming,
+pub async fn read_body<B>(
+    body: B,
     headers: &HeaderMap,
     limit: usize,
     stall: std::time::Duration,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let too_large = || ApiError::payload_too_large(format!("the body exceeds {limit} bytes"));
     if let Some(length) = headers.get(CONTENT_LENGTH) {
         let length: u64 = length

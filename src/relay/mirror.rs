@@ -14,7 +14,7 @@ use http::{HeaderMap, Method, StatusCode};
 use serde_json::Value;
 
 use super::auth::Principal;
-use super::http::{full, json, parse_json, ApiError, Source, SOURCE};
+use super::http::{full, json, ApiError, Source, SOURCE};
 use super::{App, Response};
 use crate::protocol::{
     json_within_limits, rfc3339, CommandView, HttpParams, HttpResult, NamedCommandRequest,
@@ -84,9 +84,8 @@ pub async fn named(
     principal: &Principal,
     daemon_id: &str,
     headers: &HeaderMap,
-    body: &[u8],
+    request: NamedCommandRequest,
 ) -> Result<Response, ApiError> {
-    let request: NamedCommandRequest = parse_json(body)?;
     if request.method.is_empty() || request.method.len() > 128 {
         return Err(ApiError::bad_request("method must be 1 to 128 characters"));
     }
@@ -459,7 +458,7 @@ fn completed_response(result_json: Option<&str>, spec: &CommandSpec) -> Response
                 "bad_gateway",
                 format!("the daemon's result is not an http result: {reason}"),
             )
-            .into_response(),
+            .to_response(),
         },
     }
 }

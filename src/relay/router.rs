@@ -1,37 +1,46 @@
-//! Routing: one match over method and path segments. Before any route, the source
-//! address's rate limit; then authentication (bearer key, or a verified TLS client
-//! certificate), the key's rate limit and the authorization matrix ([`authorize`]) before
-//! any body is read. A request or event stream whose key is revoked meanwhile ends with
-//! 401. Every response carries `X-Syncrelay-Source`; every failure is the design's error
-//! JSON.
+//! The request path around the routes ([`super::api`]): before any route, the source
+//! address's rate limit; then, as layers on the route groups, authentication (bearer key,
+//! or a verified TLS client certificate), the key's rate limit and the authorization
+//! matrix ([`authorize`]) before any body is read. A request or event stream whose key is
+//! revoked meanwhile ends with 401. Every response carries `X-Syncrelay-Source`; every
+//! failure is the design's error JSON. Each request runs in a span naming its route
+//! template, key and daemon (never a token).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
 use bytes::Bytes;
-use http::{Method, Request};
+use http::header::CONTENT_LENGTH;
+use http::request::Parts;
+use http::Method;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::watch;
+use tower::ServiceExt;
 
+use super::api::DaemonScope;
 use super::auth::{authenticate, authorize, bearer, Access, Principal};
-use super::http::{json, read_body, ApiError, Body, Source, SOURCE};
+use super::http::{ApiError, Body, Source, SOURCE};
 use super::limits::{AddrKey, Limited};
 use super::server::Connection;
-use super::{admin_api, changes, client, mirror, streams, sync, App, Response};
+use super::{streams, App, Response};
 use crate::config::IpNet;
 use crate::protocol::valid_daemon_id;
 
-/// The OpenAPI 3.1 document of the relay's own routes.
-const OPENAPI: &str = include_str!("openapi.json");
+pub const DAEMONS_PREFIX: &str = "/api/v1/daemons/";
 
-/// One request's authentication state, shared with the revocation watch.
-struct Ctx<'a> {
-    app: &'a Arc<App>,
-    connection: &'a Connection,
+/// One request's authentication state, shared by the route layers and the revocation
+/// watch (a request extension).
+struct RequestCtx {
+    app: Arc<App>,
+    connection: Arc<Connection>,
     /// Set once the request authenticated.
     principal: OnceLock<Principal>,
     /// The revocation generation when the request began.
@@ -40,78 +49,122 @@ struct Ctx<'a> {
     addr: AddrKey,
 }
 
-/// The route a path matches, as its template (ids in braces): a log line's `route`, with
-/// no id or token in it.
-fn route_template(path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["healthz"] => "/healthz",
-        ["readyz"] => "/readyz",
-        ["metrics"] => "/metrics",
-        ["openapi.json"] => "/openapi.json",
-        ["sync", "connect"] => "/sync/connect",
-        ["sync", "poll"] => "/sync/poll",
-        ["sync", "results"] => "/sync/results",
-        ["api", "v1", "daemons"] => "/api/v1/daemons",
-        ["api", "v1", "daemons", _] => "/api/v1/daemons/{daemon_id}",
-        ["api", "v1", "daemons", _, "changes"] => "/api/v1/daemons/{daemon_id}/changes",
-        ["api", "v1", "daemons", _, "stream", "events"] => {
-            "/api/v1/daemons/{daemon_id}/stream/events"
+/// Requests by matched route template (`/metrics`' `syncrelay_requests_total`): the
+/// documented templates, counted without a lock, and any other (which would be a route
+/// the document lacks) in a map.
+pub struct RouteCounts {
+    documented: BTreeMap<String, AtomicU64>,
+    other: Mutex<BTreeMap<String, u64>>,
+}
+
+/// The label of requests no route matched.
+const UNMATCHED: &str = "unmatched";
+
+impl RouteCounts {
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a String>) -> RouteCounts {
+        let mut documented: BTreeMap<String, AtomicU64> = templates
+            .into_iter()
+            .map(|t| (t.clone(), AtomicU64::new(0)))
+            .collect();
+        documented.insert(UNMATCHED.to_owned(), AtomicU64::new(0));
+        RouteCounts {
+            documented,
+            other: Mutex::default(),
         }
-        ["api", "v1", "daemons", _, "commands"] => "/api/v1/daemons/{daemon_id}/commands",
-        ["api", "v1", "daemons", _, ..] => "/api/v1/daemons/{daemon_id}/{path}",
-        ["api", "v1", "commands", _] => "/api/v1/commands/{command_id}",
-        ["admin", "keys"] => "/admin/keys",
-        ["admin", "keys", _] => "/admin/keys/{key_id}",
-        ["admin", "daemons"] => "/admin/daemons",
-        ["admin", "backup"] => "/admin/backup",
-        _ => "unknown",
+    }
+
+    fn count(&self, template: &str) {
+        match self.documented.get(template) {
+            Some(count) => {
+                count.fetch_add(1, Relaxed);
+            }
+            None => {
+                *self
+                    .other
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(template.to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    fn render(&self, text: &mut String) {
+        use std::fmt::Write;
+        text.push_str("# TYPE syncrelay_requests_total counter\n");
+        let other = self.other.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self
+            .documented
+            .iter()
+            .map(|(t, n)| (t, n.load(Relaxed)))
+            .chain(other.iter().map(|(t, n)| (t, *n)));
+        for (template, count) in all {
+            let _ = writeln!(
+                text,
+                "syncrelay_requests_total{{route=\"{template}\"}} {count}"
+            );
+        }
     }
 }
 
-/// Serves one request in a span naming its method and route, and once known, its key and
-/// daemon (never a token).
+/// Serves one request in a span naming its method and, once matched, its route template,
+/// key and daemon (never a token).
 pub async fn handle(
     app: Arc<App>,
+    routes: axum::Router,
     connection: Arc<Connection>,
     request: Request<Incoming>,
 ) -> Response {
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
-        route = %route_template(request.uri().path()),
+        route = tracing::field::Empty,
         key_id = tracing::field::Empty,
         daemon_id = tracing::field::Empty,
     );
-    tracing::Instrument::instrument(handle_in_span(app, connection, request), span).await
+    tracing::Instrument::instrument(handle_in_span(app, routes, connection, request), span).await
 }
 
 async fn handle_in_span(
     app: Arc<App>,
+    routes: axum::Router,
     connection: Arc<Connection>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response {
     let started = std::time::Instant::now();
+    one_leading_slash(&mut request);
     let family = super::RouteFamily::of(request.uri().path());
     let mut revocations = app.hub.revocations.subscribe();
     let addr = client_address(&app.config.server.trusted_proxies, &connection, &request);
-    let ctx = Ctx {
+    let ctx = Arc::new(RequestCtx {
         addr,
-        app: &app,
-        connection: &connection,
+        app: app.clone(),
+        connection,
         principal: OnceLock::new(),
         generation: *revocations.borrow_and_update(),
-    };
-    let result = match app.limits.check_address(addr) {
-        Err(limited) => Err(rate_limited(&app, limited)),
+    });
+    request.extensions_mut().insert(ctx.clone());
+    let mut response = match app.limits.check_address(addr) {
+        Err(limited) => rate_limited(&app, limited).to_response(),
         Ok(()) => tokio::select! {
-            result = route(&ctx, request) => result,
+            response = routes.oneshot(request) => {
+                let response = match response {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                let mut response = response.map(|body| EndsOnError(Mutex::new(body)).boxed());
+                // axum states an empty body's length; the relay never does (hyper adds it
+                // where HTTP wants it, and never on a HEAD answer, a 204 or a 304).
+                if response.headers().get(CONTENT_LENGTH).is_some_and(|v| v == "0") {
+                    response.headers_mut().remove(CONTENT_LENGTH);
+                }
+                response
+            }
             () = revoked(&app, &ctx.principal, &mut revocations) => {
-                Err(ApiError::unauthorized("the key was revoked"))
+                ApiError::unauthorized("the key was revoked").to_response()
             }
         },
     };
-    let mut response = result.unwrap_or_else(ApiError::into_response);
     app.metrics.request_seconds[family as usize].observe(started.elapsed().as_secs_f64());
     if !response.headers().contains_key(SOURCE) {
         response
@@ -125,6 +178,8 @@ async fn handle_in_span(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if let (true, Some(principal)) = (is_event_stream, ctx.principal.get()) {
         if !principal.by_certificate {
+            // A revocation replaces the rest of the body with one event.
+            response.headers_mut().remove(CONTENT_LENGTH);
             let principal = OnceLock::from(principal.clone());
             let app = app.clone();
             let until = Box::pin(async move { revoked(&app, &principal, &mut revocations).await });
@@ -138,6 +193,176 @@ async fn handle_in_span(
         }
     }
     response
+}
+
+/// `//healthz` is `/healthz`, as it always was: the routes match one leading slash.
+fn one_leading_slash(request: &mut Request<Incoming>) {
+    let path = request.uri().path();
+    if !path.starts_with("//") {
+        return;
+    }
+    let mut path_and_query = format!("/{}", path.trim_start_matches('/'));
+    if let Some(query) = request.uri().query() {
+        path_and_query = format!("{path_and_query}?{query}");
+    }
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+/// axum's body around the relay's own: the relay's bodies never fail, so an error (none
+/// can occur) ends the body. In a mutex only so the body is `Sync`; never contended.
+struct EndsOnError(Mutex<axum::body::Body>);
+
+impl hyper::body::Body for EndsOnError {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let body = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Err(err))) => {
+                tracing::warn!(error = %err, "a response body failed");
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().is_ok_and(|body| body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0
+            .lock()
+            .map(|body| body.size_hint())
+            .unwrap_or_default()
+    }
+}
+
+/// The outermost layer of every route (and of the fallback): names the matched template
+/// in the request's span and counts the request by it.
+pub async fn record_route(request: Request, next: Next) -> axum::response::Response {
+    let template = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|matched| matched.as_str().replace("{*", "{"));
+    let template = template.as_deref().unwrap_or(UNMATCHED);
+    tracing::Span::current().record("route", tracing::field::display(template));
+    if let Some(ctx) = request.extensions().get::<Arc<RequestCtx>>() {
+        ctx.app.metrics.routes.count(template);
+    }
+    next.run(request).await
+}
+
+/// Who a group of routes admits.
+#[derive(Clone, Copy)]
+pub enum Need {
+    Sync,
+    Client,
+    Admin,
+}
+
+/// Authenticates and authorizes the request for `need`, before its handler or its 405.
+pub fn authorize_request(request: &Request, need: Need) -> Result<Principal, ApiError> {
+    let ctx = ctx(request.extensions())?;
+    let access = match need {
+        Need::Sync => Access::Sync(None),
+        Need::Client => Access::Client(None),
+        Need::Admin => Access::Admin,
+    };
+    principal(ctx, request.headers(), request.uri(), false, access)
+}
+
+async fn require(need: Need, mut request: Request, next: Next) -> axum::response::Response {
+    match authorize_request(&request, need) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(err) => axum::response::IntoResponse::into_response(err),
+    }
+}
+
+/// Layer of `/sync/*`.
+pub async fn sync_caller(request: Request, next: Next) -> axum::response::Response {
+    require(Need::Sync, request, next).await
+}
+
+/// Layer of the client routes that name no daemon.
+pub async fn client_caller(request: Request, next: Next) -> axum::response::Response {
+    require(Need::Client, request, next).await
+}
+
+/// Layer of `/admin/*`.
+pub async fn admin_caller(request: Request, next: Next) -> axum::response::Response {
+    require(Need::Admin, request, next).await
+}
+
+/// Layer of `/api/v1/daemons/{daemon_id}/…`: the daemon id as sent must be valid (400)
+/// and in the key's scope; `?access_token=` counts only on event streams, where a
+/// browser's EventSource cannot send headers.
+pub async fn daemon_caller(request: Request, next: Next) -> axum::response::Response {
+    let (mut parts, body) = request.into_parts();
+    match authorize_daemon(&mut parts) {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(err) => axum::response::IntoResponse::into_response(err),
+    }
+}
+
+/// What [`daemon_caller`] checks, leaving the [`DaemonScope`] and the [`Principal`] in
+/// the request's extensions.
+pub fn authorize_daemon(parts: &mut Parts) -> Result<(), ApiError> {
+    let path = parts.uri.path();
+    let rest = path.strip_prefix(DAEMONS_PREFIX).unwrap_or("");
+    let (daemon_id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let scope = DaemonScope {
+        daemon_id: daemon_id.to_owned(),
+        tail: tail.to_owned(),
+    };
+    let is_sse = parts.method == Method::GET
+        && (scope.tail == "stream/events" || {
+            let app = &ctx(&parts.extensions)?.app;
+            streams::is_stream_path(&app.config.streams.paths, &scope.tail)
+        });
+    if !valid_daemon_id(&scope.daemon_id) {
+        return Err(ApiError::bad_request("invalid daemon id"));
+    }
+    let principal = principal(
+        ctx(&parts.extensions)?,
+        &parts.headers,
+        &parts.uri,
+        is_sse,
+        Access::Client(Some(&scope.daemon_id)),
+    )?;
+    parts.extensions.insert(principal);
+    parts.extensions.insert(scope);
+    Ok(())
+}
+
+fn ctx(extensions: &http::Extensions) -> Result<&RequestCtx, ApiError> {
+    extensions
+        .get::<Arc<RequestCtx>>()
+        .map(|ctx| &**ctx)
+        .ok_or_else(|| ApiError::unauthorized("no credentials"))
+}
+
+/// The relay a request was made to (for the fallback, which has no state).
+pub fn request_app(parts: &Parts) -> Arc<App> {
+    parts
+        .extensions
+        .get::<Arc<RequestCtx>>()
+        .expect("every request passes handle")
+        .app
+        .clone()
 }
 
 /// Resolves once the request's key has been revoked (never for certificates, or before
@@ -230,151 +455,8 @@ fn rate_limited(app: &App, limited: Limited) -> ApiError {
     ApiError::rate_limited(limited.retry_after_secs())
 }
 
-async fn route(ctx: &Ctx<'_>, request: Request<Incoming>) -> Result<Response, ApiError> {
-    let app = ctx.app;
-    let path = request.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = request.method().clone();
-    match segments.as_slice() {
-        ["healthz"] => {
-            only(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
-            Ok(json(
-                http::StatusCode::OK,
-                &serde_json::json!({ "status": "ok" }),
-            ))
-        }
-        ["openapi.json"] => {
-            only(&method, &[Method::GET], "GET")?;
-            let mut response = Response::new(super::http::full(OPENAPI));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            Ok(response)
-        }
-        ["metrics"] => {
-            only(&method, &[Method::GET], "GET")?;
-            Ok(metrics(app))
-        }
-        ["readyz"] => {
-            only(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
-            app.store.commit().await?;
-            Ok(json(
-                http::StatusCode::OK,
-                &serde_json::json!({ "status": "ready" }),
-            ))
-        }
-        ["sync", action @ ("connect" | "poll" | "results")] => {
-            only(&method, &[Method::POST], "POST")?;
-            let principal = principal(ctx, &request, false, Access::Sync(None))?;
-            let body = body(app, request).await?;
-            match *action {
-                "connect" => sync::connect(app, &principal, &body).await,
-                "poll" => sync::poll(app, &principal, &body).await,
-                _ => sync::results(app, &principal, &body).await,
-            }
-        }
-        ["api", "v1", "daemons"] => {
-            only(&method, &[Method::GET], "GET")?;
-            let principal = principal(ctx, &request, false, Access::Client(None))?;
-            client::list_daemons(app, &principal)
-        }
-        ["api", "v1", "daemons", daemon_id, rest @ ..] => {
-            let daemon_id = daemon_id.to_string();
-            let prefix_len = "/api/v1/daemons/".len() + daemon_id.len() + 1;
-            let rest_path = path.get(prefix_len..).unwrap_or("").to_owned();
-            // `?access_token=` only where a browser's EventSource cannot send headers.
-            let is_sse = method == Method::GET
-                && (matches!(rest, ["stream", "events"])
-                    || streams::is_stream_path(&app.config.streams.paths, &rest_path));
-            if !valid_daemon_id(&daemon_id) {
-                return Err(ApiError::bad_request("invalid daemon id"));
-            }
-            let principal = principal(ctx, &request, is_sse, Access::Client(Some(&daemon_id)))?;
-            let query = request.uri().query().map(str::to_owned);
-            match rest {
-                [] => {
-                    only(&method, &[Method::GET], "GET")?;
-                    client::get_daemon(app, &daemon_id)
-                }
-                ["changes"] => {
-                    only(&method, &[Method::GET], "GET")?;
-                    changes::changes(app, &daemon_id, query.as_deref()).await
-                }
-                ["stream", "events"] => {
-                    only(&method, &[Method::GET], "GET")?;
-                    changes::stream_events(app, &daemon_id, request.headers(), query.as_deref())
-                }
-                // Reserved for the relay like `changes` and `stream/events`: never mirrored.
-                ["commands"] => {
-                    only(&method, &[Method::POST], "POST")?;
-                    let headers = request.headers().clone();
-                    let body = body(app, request).await?;
-                    mirror::named(app, &principal, &daemon_id, &headers, &body).await
-                }
-                _ if rest
-                    .iter()
-                    .any(|segment| is_dot_segment(segment) || has_backslash(segment)) =>
-                {
-                    Err(ApiError::bad_request(
-                        "a path may not contain . or .. segments or backslashes",
-                    ))
-                }
-                _ => {
-                    if method == Method::GET
-                        && streams::is_stream_path(&app.config.streams.paths, &rest_path)
-                    {
-                        let (parts, _) = request.into_parts();
-                        return streams::serve(app, &daemon_id, &rest_path, &parts).await;
-                    }
-                    let (parts, incoming) = request.into_parts();
-                    let body = read_body(
-                        incoming,
-                        &parts.headers,
-                        app.config.limits.max_body_bytes,
-                        app.config.limits.body_read_timeout,
-                    )
-                    .await?;
-                    mirror::mirrored(app, &principal, &daemon_id, &rest_path, &parts, body).await
-                }
-            }
-        }
-        ["api", "v1", "commands", command_id] => {
-            only(&method, &[Method::GET], "GET")?;
-            let principal = principal(ctx, &request, false, Access::Client(None))?;
-            client::get_command(app, &principal, command_id, request.uri().query()).await
-        }
-        ["admin", rest @ ..] => {
-            let principal = principal(ctx, &request, false, Access::Admin)?;
-            match rest {
-                ["keys"] if method == Method::GET => admin_api::list_keys(app),
-                ["keys"] if method == Method::POST => {
-                    let body = body(app, request).await?;
-                    admin_api::create_key(app, &body).await
-                }
-                ["keys"] => Err(ApiError::method_not_allowed("GET, POST")),
-                ["keys", key_id] => {
-                    only(&method, &[Method::DELETE], "DELETE")?;
-                    admin_api::revoke_key(app, key_id).await
-                }
-                ["daemons"] => {
-                    only(&method, &[Method::GET], "GET")?;
-                    client::list_daemons(app, &principal)
-                }
-                ["backup"] => {
-                    only(&method, &[Method::POST], "POST")?;
-                    let body = body(app, request).await?;
-                    admin_api::backup(app, &body).await
-                }
-                _ => Err(ApiError::not_found(format!("no route {path}"))),
-            }
-        }
-        _ => Err(ApiError::not_found(format!("no route {path}"))),
-    }
-}
-
 /// `/metrics`: counters only, no ids or keys, so it needs no credentials.
-fn metrics(app: &App) -> Response {
+pub fn metrics(app: &App) -> Response {
     use std::fmt::Write;
     let stats = app.store.commit_stats();
     let m = &app.metrics;
@@ -485,6 +567,7 @@ fn metrics(app: &App) -> Response {
         );
     }
     app.store.render_commit_histograms(&mut text);
+    app.metrics.routes.render(&mut text);
     // The last census of the retention sweep (totals, by state and by tree; no daemon ids).
     if let Some((at_ms, usage)) = app.usage.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         let _ = writeln!(
@@ -539,24 +622,17 @@ pub(super) fn has_backslash(segment: &str) -> bool {
     segment.contains('\\') || segment.to_ascii_lowercase().contains("%5c")
 }
 
-fn only(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), ApiError> {
-    if allowed.contains(method) {
-        Ok(())
-    } else {
-        Err(ApiError::method_not_allowed(allow))
-    }
-}
-
 /// Authenticates the request and authorizes it for `access`. Failed authentications
 /// count against the source address; the key's own rate limit applies after.
 fn principal(
-    ctx: &Ctx<'_>,
-    request: &Request<Incoming>,
+    ctx: &RequestCtx,
+    headers: &http::HeaderMap,
+    uri: &http::Uri,
     allow_query_token: bool,
     access: Access<'_>,
 ) -> Result<Principal, ApiError> {
-    let app = ctx.app;
-    let token = bearer(request.headers(), request.uri().query(), allow_query_token);
+    let app = &*ctx.app;
+    let token = bearer(headers, uri.query(), allow_query_token);
     let principal = match (token, &ctx.connection.certificate) {
         (None, Some(identity)) if identity.still_valid() => {
             Principal::certificate(identity.daemon_id.clone())
@@ -602,15 +678,4 @@ fn principal(
     authorize(&principal, access)?;
     let _ = ctx.principal.set(principal.clone());
     Ok(principal)
-}
-
-async fn body(app: &App, request: Request<Incoming>) -> Result<bytes::Bytes, ApiError> {
-    let (parts, incoming) = request.into_parts();
-    read_body(
-        incoming,
-        &parts.headers,
-        app.config.limits.max_body_bytes,
-        app.config.limits.body_read_timeout,
-    )
-    .await
 }

@@ -52,6 +52,7 @@ pub struct Connection {
 /// Everything a connection task needs.
 struct Shared {
     app: Arc<App>,
+    routes: axum::Router,
     builder: auto::Builder<StreamExecutor>,
     tls: Option<Arc<TlsState>>,
     cors: Option<CorsLayer>,
@@ -60,6 +61,7 @@ struct Shared {
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
+    routes: axum::Router,
     tls: Option<Arc<TlsState>>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -81,6 +83,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         cors: cors_layer(&app.config.cors),
         app: app.clone(),
+        routes,
         builder,
         tls,
     });
@@ -332,15 +335,17 @@ async fn serve_until<I>(
 {
     let peer = connection.peer;
     let app = shared.app.clone();
+    let routes = shared.routes.clone();
     let connection = Arc::new(connection);
     let activity = Arc::new(Activity::default());
     let counted = activity.clone();
     let router = tower::service_fn(move |request: http::Request<Incoming>| {
         let app = app.clone();
+        let routes = routes.clone();
         let connection = connection.clone();
         let in_flight = counted.begin();
         async move {
-            let response = router::handle(app, connection, request).await;
+            let response = router::handle(app, routes, connection, request).await;
             Ok::<_, Infallible>(response.map(|body| {
                 CountedBody {
                     body,

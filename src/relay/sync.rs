@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::auth::{authorize, Access, Principal};
-use super::http::{json, parse_json, ApiError};
+use super::http::{json, ApiError};
 use super::hub::ReadOutcome;
 use super::{App, Response};
 use crate::protocol::{
@@ -24,8 +24,11 @@ use crate::store::{
 use base64::Engine;
 
 /// Answers `POST /sync/connect`.
-pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
-    let request: ConnectRequest = parse_json(body)?;
+pub async fn connect(
+    app: &App,
+    principal: &Principal,
+    request: ConnectRequest,
+) -> Result<Response, ApiError> {
     check_daemon(principal, &request.daemon_id)?;
     let mut bytes = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut bytes);
@@ -70,8 +73,11 @@ pub async fn connect(app: &App, principal: &Principal, body: &[u8]) -> Result<Re
 
 /// Answers `POST /sync/poll`: stores updates, then hands out commands, waiting for one
 /// when asked to.
-pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
-    let request: PollRequest = parse_json(body)?;
+pub async fn poll(
+    app: &App,
+    principal: &Principal,
+    request: PollRequest,
+) -> Result<Response, ApiError> {
     let daemon_id = request.daemon_id.as_str();
     check_daemon(principal, daemon_id)?;
     let limits = &app.config.limits;
@@ -227,8 +233,11 @@ pub async fn poll(app: &App, principal: &Principal, body: &[u8]) -> Result<Respo
 
 /// Answers `POST /sync/results`: stores each result (first one wins), commits, then wakes
 /// the clients waiting for them.
-pub async fn results(app: &App, principal: &Principal, body: &[u8]) -> Result<Response, ApiError> {
-    let request: ResultsRequest = parse_json(body)?;
+pub async fn results(
+    app: &App,
+    principal: &Principal,
+    request: ResultsRequest,
+) -> Result<Response, ApiError> {
     let daemon_id = request.daemon_id.as_str();
     check_daemon(principal, daemon_id)?;
     if request.results.len() > app.config.limits.max_results_per_post {

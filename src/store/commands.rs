@@ -15,7 +15,8 @@ use super::daemons::DaemonRecord;
 use super::usage::{stored_size, Trim};
 use super::{layout, Result, Store, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum CommandState {
     Queued,
     Delivered,

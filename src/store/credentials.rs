@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Result, Store};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Role {
     Daemon,
     Client,

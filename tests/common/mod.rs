@@ -120,17 +120,22 @@ impl Drop for TestRelay {
     }
 }
 
-/// One sample of the `/metrics` of the relay at `url`: the value of `series`.
-pub async fn metric_at(http: &reqwest::Client, url: &str, series: &str) -> Option<f64> {
-    let text = http
-        .get(format!("{url}/metrics"))
+/// The `/metrics` text of the relay at `url`.
+pub async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(format!("{url}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// One sample of the `/metrics` of the relay at `url`: the value of `series`.
+pub async fn metric_at(http: &reqwest::Client, url: &str, series: &str) -> Option<f64> {
+    metrics_text(http, url)
+        .await
+        .lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

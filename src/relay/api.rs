@@ -1,20 +1,17 @@
 //! The relay's routes: an axum `Router` whose handlers carry their own OpenAPI
 //! description, so `/openapi.json` is generated from the code that serves it
 //! (utoipa-axum registers each handler's route and its documentation together).
-//! Authentication and authorization are layers on groups of routes ([`super::router`]
-//! holds them), in today's order: the sync and client routes refuse a wrong method
-//! before they look at credentials; daemon-scoped and admin routes check credentials
-//! first, so a caller without them learns nothing of what exists there.
+//! Each route is registered with its [`Guard`]: who may call it, and whether a wrong
+//! method is refused before the credentials are looked at (sync and client routes) or
+//! after (daemon-scoped and admin routes, so a caller without credentials learns nothing
+//! of what exists there). One layer ([`super::router::policy`]) applies the guards.
 
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
-use axum::extract::MatchedPath;
-use axum::middleware::{from_fn, from_fn_with_state, Next};
-use axum::response::IntoResponse;
+use axum::middleware::from_fn_with_state;
 use http::request::Parts;
 use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -38,130 +35,125 @@ type AppState = State<Arc<App>>;
 
 /// The relay's router, before its state, and the OpenAPI document of every route in it.
 ///
-/// Each route answers exactly the methods its document lists (a `GET` route does not
-/// answer `HEAD` unless it says so): any other is 405 with `Allow` naming those.
+/// Each route names its [`Guard`] where it is registered; one layer ([`router::policy`])
+/// applies it. Each route answers exactly the methods its document lists (a `GET` route
+/// does not answer `HEAD` unless it says so): any other is 405 with `Allow` naming those.
 pub fn router() -> (axum::Router<Arc<App>>, Document) {
-    let allowed = Allowed::default();
-    let documented_only = from_fn_with_state(allowed.clone(), documented_methods);
-    let operations = OpenApiRouter::new()
-        .routes(refusing(routes!(healthz)))
-        .routes(refusing(routes!(readyz)))
-        .routes(refusing(routes!(metrics)))
-        .routes(refusing(routes!(openapi)))
-        .layer(documented_only.clone());
-    // The sync and client routes refuse a wrong method before they authenticate ...
-    let sync = OpenApiRouter::new()
-        .routes(refusing(routes!(sync_connect)))
-        .routes(refusing(routes!(sync_poll)))
-        .routes(refusing(routes!(sync_results)))
-        .route_layer(from_fn(router::sync_caller))
-        .layer(documented_only.clone());
-    let client = OpenApiRouter::new()
-        .routes(refusing(routes!(list_daemons)))
-        .routes(refusing(routes!(get_command)))
-        .route_layer(from_fn(router::client_caller))
-        .layer(documented_only.clone());
-    // ... the daemon-scoped and admin routes authenticate first.
-    let daemon = OpenApiRouter::new()
-        .routes(refusing(routes!(get_daemon)))
-        .routes(refusing(routes!(get_changes)))
-        .routes(refusing(routes!(stream_events)))
-        .routes(refusing(routes!(post_named_command)))
-        .routes(forwarding_any_method(routes!(mirror_call)))
-        .layer(documented_only.clone())
-        .layer(from_fn(router::daemon_caller));
-    let admin = OpenApiRouter::new()
-        .routes(refusing(routes!(list_keys, create_key)))
-        .routes(refusing(routes!(revoke_key)))
-        .routes(refusing(routes!(admin_list_daemons)))
-        .routes(refusing(routes!(backup)))
-        .layer(documented_only)
-        .layer(from_fn(router::admin_caller));
+    use router::Need::{Admin, Client, Daemon, Sync};
+    use Guard::{CredentialsFirst, MethodFirst, Open};
+    let mut guards = Guards::default();
+    let g = &mut guards;
     let (routes, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(operations)
-        .merge(sync)
-        .merge(client)
-        .merge(daemon)
-        .merge(admin)
+        .routes(g.add(Open, routes!(healthz)))
+        .routes(g.add(Open, routes!(readyz)))
+        .routes(g.add(Open, routes!(metrics)))
+        .routes(g.add(Open, routes!(openapi)))
+        .routes(g.add(MethodFirst(Sync), routes!(sync_connect)))
+        .routes(g.add(MethodFirst(Sync), routes!(sync_poll)))
+        .routes(g.add(MethodFirst(Sync), routes!(sync_results)))
+        .routes(g.add(MethodFirst(Client), routes!(list_daemons)))
+        .routes(g.add(MethodFirst(Client), routes!(get_command)))
+        .routes(g.add(CredentialsFirst(Daemon), routes!(get_daemon)))
+        .routes(g.add(CredentialsFirst(Daemon), routes!(get_changes)))
+        .routes(g.add(CredentialsFirst(Daemon), routes!(stream_events)))
+        .routes(g.add(CredentialsFirst(Daemon), routes!(post_named_command)))
+        .routes(g.any_method(CredentialsFirst(Daemon), routes!(mirror_call)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(list_keys, create_key)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(revoke_key)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_list_daemons)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(backup)))
         .split_for_parts();
     conventions(&mut document);
-    let _ = allowed.set(allowed_methods(&document));
+    let policies = Arc::new(guards.policies(&document));
     let routes = routes
         .fallback(fallback)
-        .layer(from_fn(router::record_route));
+        .layer(from_fn_with_state(policies, router::policy));
     (routes, document)
 }
 
-/// The methods each documented template lists, in the document's order.
-type Allowed = Arc<OnceLock<BTreeMap<String, Vec<Method>>>>;
-
-fn allowed_methods(document: &Document) -> BTreeMap<String, Vec<Method>> {
-    document
-        .paths
-        .paths
-        .iter()
-        // The mirrored route answers every method (see [`forwarding_any_method`]).
-        .filter(|(template, _)| !template.ends_with("/{path}"))
-        .map(|(template, item)| {
-            let mut item = item.clone();
-            let methods = operations(&mut item)
-                .filter_map(|(name, _)| {
-                    Method::from_bytes(name.to_ascii_uppercase().as_bytes()).ok()
-                })
-                .collect();
-            (template.clone(), methods)
-        })
-        .collect()
+/// Who may call a route, and whether a wrong method is refused before the credentials
+/// are looked at or after.
+#[derive(Clone, Copy, Debug)]
+pub enum Guard {
+    /// No credentials: the operations routes.
+    Open,
+    /// 405 first: the sync routes and the client routes that name no daemon.
+    MethodFirst(router::Need),
+    /// Credentials first, so a caller without them learns nothing of what is there:
+    /// daemon-scoped and admin routes.
+    CredentialsFirst(router::Need),
 }
 
-/// The layer that holds each route to its documented methods.
-async fn documented_methods(
-    State(allowed): State<Allowed>,
-    request: Request,
-    next: Next,
-) -> axum::response::Response {
-    let template = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|matched| matched.as_str().replace("{*", "{"));
-    let methods = template
-        .as_ref()
-        .and_then(|template| allowed.get()?.get(template));
-    match methods {
-        Some(methods) if !methods.contains(request.method()) => {
-            let allow = methods
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut err = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("this route accepts {allow}"),
-            );
-            err.allow = Some(allow);
-            err.into_response()
+/// What [`router::policy`] knows of one route (by the template axum matched).
+pub struct Policy {
+    /// The documented template: a metrics label and a log field.
+    pub label: String,
+    /// The documented methods; `None`: every method (the mirrored route).
+    pub methods: Option<Vec<Method>>,
+    /// `Allow` for a 405: the documented methods.
+    pub allow: String,
+    pub guard: Guard,
+}
+
+/// The guard of every route as it is registered.
+#[derive(Default)]
+struct Guards(Vec<(String, Guard, bool)>);
+
+impl Guards {
+    /// A route whose other methods are 405.
+    fn add(
+        &mut self,
+        guard: Guard,
+        (schemas, paths, methods): UtoipaMethodRouter<Arc<App>>,
+    ) -> UtoipaMethodRouter<Arc<App>> {
+        for template in paths.paths.keys() {
+            self.0.push((template.clone(), guard, false));
         }
-        _ => next.run(request).await,
+        (schemas, paths, methods.fallback(method_not_allowed))
+    }
+
+    /// The mirrored route: it forwards every method to the daemon, also those no document
+    /// can list (`CONNECT`, WebDAV's, `QUERY`): its fallback is its handler.
+    fn any_method(
+        &mut self,
+        guard: Guard,
+        (schemas, paths, methods): UtoipaMethodRouter<Arc<App>>,
+    ) -> UtoipaMethodRouter<Arc<App>> {
+        for template in paths.paths.keys() {
+            self.0.push((template.clone(), guard, true));
+        }
+        (schemas, paths, methods.fallback(mirror_call))
+    }
+
+    fn policies(self, document: &Document) -> BTreeMap<String, Policy> {
+        self.0
+            .into_iter()
+            .map(|(template, guard, any_method)| {
+                let label = template.replace("{*", "{");
+                let mut item = document.paths.paths[&label].clone();
+                let documented: Vec<Method> = operations(&mut item)
+                    .filter_map(|(name, _)| {
+                        Method::from_bytes(name.to_ascii_uppercase().as_bytes()).ok()
+                    })
+                    .collect();
+                let allow = documented
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let policy = Policy {
+                    label,
+                    methods: (!any_method).then_some(documented),
+                    allow,
+                    guard,
+                };
+                (template, policy)
+            })
+            .collect()
     }
 }
 
-/// The mirrored route forwards every method to the daemon, also those no document can
-/// list (`CONNECT`, WebDAV's, `QUERY`): its fallback is its handler.
-fn forwarding_any_method(
-    (schemas, paths, methods): UtoipaMethodRouter<Arc<App>>,
-) -> UtoipaMethodRouter<Arc<App>> {
-    (schemas, paths, methods.fallback(mirror_call))
-}
-
-/// A route's methods answer every other method 405 with `Allow` (axum adds the header);
-/// [`documented_methods`] answers first wherever it is in place.
-fn refusing(
-    (schemas, paths, methods): UtoipaMethodRouter<Arc<App>>,
-) -> UtoipaMethodRouter<Arc<App>> {
-    (schemas, paths, methods.fallback(method_not_allowed))
-}
-
+/// A method the route does not serve (where [`router::policy`] did not answer first).
 async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -173,19 +165,18 @@ async fn method_not_allowed(method: Method) -> ApiError {
 /// No route matched. Under `/admin` the caller must be the admin before learning that;
 /// under `/api/v1/daemons/` every path is the daemon's (the router's templates need a
 /// non-empty segment where the relay mirrors an empty one).
-async fn fallback(request: Request) -> Response {
+async fn fallback(mut request: Request) -> Response {
     let path = request.uri().path().to_owned();
     let result = if path == "/admin" || path.starts_with("/admin/") {
-        match router::authorize_request(&request, router::Need::Admin) {
-            Ok(_) => Err(ApiError::not_found(format!("no route {path}"))),
+        match router::authorize(&mut request, router::Need::Admin) {
+            Ok(()) => Err(ApiError::not_found(format!("no route {path}"))),
             Err(err) => Err(err),
         }
     } else if path.starts_with(router::DAEMONS_PREFIX) {
-        let (mut parts, body) = request.into_parts();
-        match router::authorize_daemon(&mut parts) {
+        match router::authorize(&mut request, router::Need::Daemon) {
             Ok(()) => {
-                let app = router::request_app(&parts);
-                mirror_any(&app, Request::from_parts(parts, body)).await
+                let app = router::request_app(&request);
+                mirror_any(&app, request).await
             }
             Err(err) => Err(err),
         }
@@ -197,8 +188,8 @@ async fn fallback(request: Request) -> Response {
 
 // --- Extractors -------------------------------------------------------------------------
 
-/// The authenticated caller, as the route's layer established it.
-pub struct Caller(pub Principal);
+/// The authenticated caller, as the route's guard established it.
+pub struct Caller(pub Arc<Principal>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
@@ -206,7 +197,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
         parts
             .extensions
-            .get::<Principal>()
+            .get::<Arc<Principal>>()
             .cloned()
             .map(Caller)
             .ok_or_else(|| ApiError::unauthorized("no credentials"))
@@ -217,9 +208,39 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// percent-decoded: `%2F` stays inside a segment, `%2e%2e` stays visible to the checks).
 #[derive(Clone)]
 pub struct DaemonScope {
-    pub daemon_id: String,
+    /// The request's path (shares the request's bytes).
+    path: http::uri::PathAndQuery,
+    /// Where the daemon id ends in `path`.
+    id_end: usize,
+}
+
+impl DaemonScope {
+    /// The scope of a path under `/api/v1/daemons/` (the id may still be invalid).
+    pub fn of(uri: &http::Uri) -> DaemonScope {
+        let path = uri.path();
+        let rest = path.get(router::DAEMONS_PREFIX.len()..).unwrap_or("");
+        let id_end = router::DAEMONS_PREFIX.len() + rest.find('/').unwrap_or(rest.len());
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        DaemonScope {
+            id_end: id_end.min(path.path().len()),
+            path,
+        }
+    }
+
+    pub fn daemon_id(&self) -> &str {
+        self.path
+            .path()
+            .get(router::DAEMONS_PREFIX.len()..self.id_end)
+            .unwrap_or("")
+    }
+
     /// After `/api/v1/daemons/{daemon_id}/`; empty for the daemon itself.
-    pub tail: String,
+    pub fn tail(&self) -> &str {
+        self.path.path().get(self.id_end + 1..).unwrap_or("")
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for DaemonScope {
@@ -441,7 +462,7 @@ async fn get_command(
         Stored,
     ))]
 async fn get_daemon(State(app): AppState, scope: DaemonScope) -> Result<Response, ApiError> {
-    client::get_daemon(&app, &scope.daemon_id)
+    client::get_daemon(&app, scope.daemon_id())
 }
 
 /// The daemon's change log after `since`, a page at a time; `wait` long-polls.
@@ -466,7 +487,7 @@ async fn get_changes(
     scope: DaemonScope,
     request: Request,
 ) -> Result<Response, ApiError> {
-    changes::changes(&app, &scope.daemon_id, request.uri().query()).await
+    changes::changes(&app, scope.daemon_id(), request.uri().query()).await
 }
 
 /// hld's event stream, replayed from the change log: `Last-Event-ID` or `since` resumes.
@@ -496,7 +517,7 @@ async fn stream_events(
 ) -> Result<Response, ApiError> {
     changes::stream_events(
         &app,
-        &scope.daemon_id,
+        scope.daemon_id(),
         request.headers(),
         request.uri().query(),
     )
@@ -527,7 +548,7 @@ async fn post_named_command(
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
     let JsonBody(body) = JsonBody::<NamedCommandRequest>::from_request(request, &app).await?;
-    mirror::named(&app, &principal, &scope.daemon_id, &headers, body).await
+    mirror::named(&app, &principal, scope.daemon_id(), &headers, body).await
 }
 
 /// The daemon's own REST API, mirrored: reads are served from the relay's cache when the
@@ -600,11 +621,11 @@ async fn mirror_any(app: &Arc<App>, request: Request) -> Result<Response, ApiErr
         .ok_or_else(|| ApiError::bad_request("invalid daemon id"))?;
     let principal = request
         .extensions()
-        .get::<Principal>()
+        .get::<Arc<Principal>>()
         .cloned()
         .ok_or_else(|| ApiError::unauthorized("no credentials"))?;
-    if scope
-        .tail
+    let (daemon_id, tail) = (scope.daemon_id(), scope.tail());
+    if tail
         .split('/')
         .any(|segment| is_dot_segment(segment) || has_backslash(segment))
     {
@@ -613,10 +634,8 @@ async fn mirror_any(app: &Arc<App>, request: Request) -> Result<Response, ApiErr
         ));
     }
     let (parts, body) = request.into_parts();
-    if parts.method == Method::GET
-        && streams::is_stream_path(&app.config.streams.paths, &scope.tail)
-    {
-        return streams::serve(app, &scope.daemon_id, &scope.tail, &parts).await;
+    if parts.method == Method::GET && streams::is_stream_path(&app.config.streams.paths, tail) {
+        return streams::serve(app, daemon_id, tail, &parts).await;
     }
     let body = read_body(
         body,
@@ -625,7 +644,7 @@ async fn mirror_any(app: &Arc<App>, request: Request) -> Result<Response, ApiErr
         app.config.limits.body_read_timeout,
     )
     .await?;
-    mirror::mirrored(app, &principal, &scope.daemon_id, &scope.tail, &parts, body).await
+    mirror::mirrored(app, &principal, daemon_id, tail, &parts, body).await
 }
 
 // --- Admin ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! The request path around the routes ([`super::api`]): before any route, the source
-//! address's rate limit; then, as layers on the route groups, authentication (bearer key,
-//! or a verified TLS client certificate), the key's rate limit and the authorization
-//! matrix ([`authorize`]) before any body is read. A request or event stream whose key is
+//! address's rate limit; then, in one layer ([`policy`]) by each route's guard, its
+//! documented methods and authentication (bearer key, or a verified TLS client
+//! certificate), the key's rate limit and the authorization matrix ([`authorize`]) before
+//! any body is read. A request or event stream whose key is
 //! revoked meanwhile ends with 401. Every response carries `X-Syncrelay-Source`; every
 //! failure is the design's error JSON. Each request runs in a span naming its route
 //! template, key and daemon (never a token).
@@ -14,20 +15,20 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
+use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::request::Parts;
 use http::Method;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
 use super::api::DaemonScope;
-use super::auth::{authenticate, authorize, bearer, Access, Principal};
-use super::http::{ApiError, Body, Source, SOURCE};
+use super::api::{Guard, Policy};
+use super::auth::{authenticate, authorize as authorize_access, bearer, Access, Principal};
+use super::http::{ApiError, Source, SOURCE};
 use super::limits::{AddrKey, Limited};
 use super::server::Connection;
 use super::{streams, App, Response};
@@ -42,7 +43,7 @@ struct RequestCtx {
     app: Arc<App>,
     connection: Arc<Connection>,
     /// Set once the request authenticated.
-    principal: OnceLock<Principal>,
+    principal: OnceLock<Arc<Principal>>,
     /// The revocation generation when the request began.
     generation: u64,
     /// The client's address as rate limits see it.
@@ -114,7 +115,7 @@ pub async fn handle(
     routes: axum::Router,
     connection: Arc<Connection>,
     request: Request<Incoming>,
-) -> Response {
+) -> axum::response::Response {
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
@@ -130,7 +131,7 @@ async fn handle_in_span(
     routes: axum::Router,
     connection: Arc<Connection>,
     mut request: Request<Incoming>,
-) -> Response {
+) -> axum::response::Response {
     let started = std::time::Instant::now();
     one_leading_slash(&mut request);
     let family = super::RouteFamily::of(request.uri().path());
@@ -145,14 +146,13 @@ async fn handle_in_span(
     });
     request.extensions_mut().insert(ctx.clone());
     let mut response = match app.limits.check_address(addr) {
-        Err(limited) => rate_limited(&app, limited).to_response(),
+        Err(limited) => rate_limited(&app, limited).into_response(),
         Ok(()) => tokio::select! {
             response = routes.oneshot(request) => {
-                let response = match response {
+                let mut response = match response {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
-                let mut response = response.map(|body| EndsOnError(Mutex::new(body)).boxed());
                 // axum states an empty body's length; the relay never does (hyper adds it
                 // where HTTP wants it, and never on a HEAD answer, a 204 or a 304).
                 if response.headers().get(CONTENT_LENGTH).is_some_and(|v| v == "0") {
@@ -161,7 +161,7 @@ async fn handle_in_span(
                 response
             }
             () = revoked(&app, &ctx.principal, &mut revocations) => {
-                ApiError::unauthorized("the key was revoked").to_response()
+                ApiError::unauthorized("the key was revoked").into_response()
             }
         },
     };
@@ -184,11 +184,10 @@ async fn handle_in_span(
             let app = app.clone();
             let until = Box::pin(async move { revoked(&app, &principal, &mut revocations).await });
             response = response.map(|body| {
-                UntilRevoked {
+                axum::body::Body::new(UntilRevoked {
                     body,
                     revoked: Mutex::new(Some(until)),
-                }
-                .boxed()
+                })
             });
         }
     }
@@ -212,139 +211,105 @@ fn one_leading_slash(request: &mut Request<Incoming>) {
     }
 }
 
-/// axum's body around the relay's own: the relay's bodies never fail, so an error (none
-/// can occur) ends the body. In a mutex only so the body is `Sync`; never contended.
-struct EndsOnError(Mutex<axum::body::Body>);
-
-impl hyper::body::Body for EndsOnError {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let body = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
-        match Pin::new(body).poll_frame(cx) {
-            Poll::Ready(Some(Err(err))) => {
-                tracing::warn!(error = %err, "a response body failed");
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.lock().is_ok_and(|body| body.is_end_stream())
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.0
-            .lock()
-            .map(|body| body.size_hint())
-            .unwrap_or_default()
-    }
-}
-
-/// The outermost layer of every route (and of the fallback): names the matched template
-/// in the request's span and counts the request by it.
-pub async fn record_route(request: Request, next: Next) -> axum::response::Response {
-    let template = request
+/// The one layer of every route (and of the fallback): names the matched template in the
+/// request's span, counts the request by it, and applies the route's [`Guard`]: its
+/// credentials and its documented methods, in the guard's order.
+pub async fn policy(
+    State(policies): State<Arc<BTreeMap<String, Policy>>>,
+    mut request: Request,
+    next: Next,
+) -> axum::response::Response {
+    let policy = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|matched| matched.as_str().replace("{*", "{"));
-    let template = template.as_deref().unwrap_or(UNMATCHED);
-    tracing::Span::current().record("route", tracing::field::display(template));
-    if let Some(ctx) = request.extensions().get::<Arc<RequestCtx>>() {
-        ctx.app.metrics.routes.count(template);
+        .and_then(|matched| policies.get(matched.as_str()));
+    let label = policy.map_or(UNMATCHED, |policy| policy.label.as_str());
+    tracing::Span::current().record("route", tracing::field::display(label));
+    if let Ok(ctx) = ctx(request.extensions()) {
+        ctx.app.metrics.routes.count(label);
     }
-    next.run(request).await
+    let Some(policy) = policy else {
+        return next.run(request).await;
+    };
+    let refused = |policy: &Policy| {
+        let mut err = ApiError::new(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this route accepts {}", policy.allow),
+        );
+        err.allow = Some(policy.allow.clone());
+        err
+    };
+    let method_ok = policy
+        .methods
+        .as_ref()
+        .is_none_or(|methods| methods.contains(request.method()));
+    let checked = match policy.guard {
+        Guard::Open => method_ok.then_some(()).ok_or_else(|| refused(policy)),
+        Guard::MethodFirst(need) => match method_ok {
+            true => authorize(&mut request, need),
+            false => Err(refused(policy)),
+        },
+        Guard::CredentialsFirst(need) => authorize(&mut request, need)
+            .and_then(|()| method_ok.then_some(()).ok_or_else(|| refused(policy))),
+    };
+    match checked {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
 }
 
-/// Who a group of routes admits.
-#[derive(Clone, Copy)]
+/// Who a route admits (the authorization matrix's families).
+#[derive(Clone, Copy, Debug)]
 pub enum Need {
+    /// `/sync/*`: daemon keys and certificates.
     Sync,
+    /// Client routes that name no daemon.
     Client,
+    /// `/api/v1/daemons/{daemon_id}/…`: the id as sent must be valid (400) and in the
+    /// key's scope; `?access_token=` counts only on event streams, where a browser's
+    /// EventSource cannot send headers.
+    Daemon,
+    /// `/admin/*`.
     Admin,
 }
 
-/// Authenticates and authorizes the request for `need`, before its handler or its 405.
-pub fn authorize_request(request: &Request, need: Need) -> Result<Principal, ApiError> {
+/// Authenticates and authorizes the request for `need`, leaving the [`Principal`] (and
+/// for daemon routes the [`DaemonScope`]) in its extensions.
+pub fn authorize<B>(request: &mut http::Request<B>, need: Need) -> Result<(), ApiError> {
     let ctx = ctx(request.extensions())?;
-    let access = match need {
-        Need::Sync => Access::Sync(None),
-        Need::Client => Access::Client(None),
-        Need::Admin => Access::Admin,
-    };
-    principal(ctx, request.headers(), request.uri(), false, access)
-}
-
-async fn require(need: Need, mut request: Request, next: Next) -> axum::response::Response {
-    match authorize_request(&request, need) {
-        Ok(principal) => {
-            request.extensions_mut().insert(principal);
-            next.run(request).await
+    let principal = match need {
+        Need::Sync => principal(
+            ctx,
+            request.headers(),
+            request.uri(),
+            false,
+            Access::Sync(None),
+        )?,
+        Need::Client => principal(
+            ctx,
+            request.headers(),
+            request.uri(),
+            false,
+            Access::Client(None),
+        )?,
+        Need::Admin => principal(ctx, request.headers(), request.uri(), false, Access::Admin)?,
+        Need::Daemon => {
+            let scope = DaemonScope::of(request.uri());
+            let tail = scope.tail();
+            let is_sse = request.method() == Method::GET
+                && (tail == "stream/events"
+                    || streams::is_stream_path(&ctx.app.config.streams.paths, tail));
+            if !valid_daemon_id(scope.daemon_id()) {
+                return Err(ApiError::bad_request("invalid daemon id"));
+            }
+            let access = Access::Client(Some(scope.daemon_id()));
+            let principal = principal(ctx, request.headers(), request.uri(), is_sse, access)?;
+            request.extensions_mut().insert(scope);
+            principal
         }
-        Err(err) => axum::response::IntoResponse::into_response(err),
-    }
-}
-
-/// Layer of `/sync/*`.
-pub async fn sync_caller(request: Request, next: Next) -> axum::response::Response {
-    require(Need::Sync, request, next).await
-}
-
-/// Layer of the client routes that name no daemon.
-pub async fn client_caller(request: Request, next: Next) -> axum::response::Response {
-    require(Need::Client, request, next).await
-}
-
-/// Layer of `/admin/*`.
-pub async fn admin_caller(request: Request, next: Next) -> axum::response::Response {
-    require(Need::Admin, request, next).await
-}
-
-/// Layer of `/api/v1/daemons/{daemon_id}/…`: the daemon id as sent must be valid (400)
-/// and in the key's scope; `?access_token=` counts only on event streams, where a
-/// browser's EventSource cannot send headers.
-pub async fn daemon_caller(request: Request, next: Next) -> axum::response::Response {
-    let (mut parts, body) = request.into_parts();
-    match authorize_daemon(&mut parts) {
-        Ok(()) => next.run(Request::from_parts(parts, body)).await,
-        Err(err) => axum::response::IntoResponse::into_response(err),
-    }
-}
-
-/// What [`daemon_caller`] checks, leaving the [`DaemonScope`] and the [`Principal`] in
-/// the request's extensions.
-pub fn authorize_daemon(parts: &mut Parts) -> Result<(), ApiError> {
-    let path = parts.uri.path();
-    let rest = path.strip_prefix(DAEMONS_PREFIX).unwrap_or("");
-    let (daemon_id, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let scope = DaemonScope {
-        daemon_id: daemon_id.to_owned(),
-        tail: tail.to_owned(),
     };
-    let is_sse = parts.method == Method::GET
-        && (scope.tail == "stream/events" || {
-            let app = &ctx(&parts.extensions)?.app;
-            streams::is_stream_path(&app.config.streams.paths, &scope.tail)
-        });
-    if !valid_daemon_id(&scope.daemon_id) {
-        return Err(ApiError::bad_request("invalid daemon id"));
-    }
-    let principal = principal(
-        ctx(&parts.extensions)?,
-        &parts.headers,
-        &parts.uri,
-        is_sse,
-        Access::Client(Some(&scope.daemon_id)),
-    )?;
-    parts.extensions.insert(principal);
-    parts.extensions.insert(scope);
+    request.extensions_mut().insert(principal);
     Ok(())
 }
 
@@ -356,9 +321,9 @@ fn ctx(extensions: &http::Extensions) -> Result<&RequestCtx, ApiError> {
 }
 
 /// The relay a request was made to (for the fallback, which has no state).
-pub fn request_app(parts: &Parts) -> Arc<App> {
-    parts
-        .extensions
+pub fn request_app<B>(request: &http::Request<B>) -> Arc<App> {
+    request
+        .extensions()
         .get::<Arc<RequestCtx>>()
         .expect("every request passes handle")
         .app
@@ -369,7 +334,7 @@ pub fn request_app(parts: &Parts) -> Arc<App> {
 /// the request authenticated: [`principal`] checks that window itself).
 async fn revoked(
     app: &App,
-    principal: &OnceLock<Principal>,
+    principal: &OnceLock<Arc<Principal>>,
     revocations: &mut watch::Receiver<u64>,
 ) {
     loop {
@@ -387,7 +352,7 @@ async fn revoked(
 /// An event-stream body that ends when its key is revoked, with an `error` event first,
 /// so that a client never takes a cut-off stream (a context) for a complete one.
 struct UntilRevoked {
-    body: Body,
+    body: axum::body::Body,
     /// `None` once revoked. In a mutex only so the body is `Sync`; never contended.
     revoked: Mutex<Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
 }
@@ -397,7 +362,7 @@ const REVOKED_EVENT: &str =
 
 impl hyper::body::Body for UntilRevoked {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = axum::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -630,7 +595,7 @@ fn principal(
     uri: &http::Uri,
     allow_query_token: bool,
     access: Access<'_>,
-) -> Result<Principal, ApiError> {
+) -> Result<Arc<Principal>, ApiError> {
     let app = &*ctx.app;
     let token = bearer(headers, uri.query(), allow_query_token);
     let principal = match (token, &ctx.connection.certificate) {
@@ -675,7 +640,8 @@ fn principal(
     {
         return Err(ApiError::unauthorized("invalid or revoked key"));
     }
-    authorize(&principal, access)?;
+    authorize_access(&principal, access)?;
+    let principal = Arc::new(principal);
     let _ = ctx.principal.set(principal.clone());
     Ok(principal)
 }

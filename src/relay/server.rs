@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use http::header::{HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use http::{HeaderValue, Method};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,7 +26,6 @@ use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::deadline::FirstBytesDeadline;
-use super::http::Body;
 use super::limits::{AddrKey, ConnectionLimits};
 use super::outlet::{self, StreamExecutor};
 use super::tls::{ClientIdentity, TlsState};
@@ -287,20 +285,22 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done.
+/// A response body that keeps its request counted as in flight until it is done. (The
+/// default, empty and counting nothing, is CORS's preflight answer.)
+#[derive(Default)]
 struct CountedBody {
-    body: Body,
-    _in_flight: InFlight,
+    body: axum::body::Body,
+    _in_flight: Option<InFlight>,
 }
 
 impl hyper::body::Body for CountedBody {
     type Data = bytes::Bytes;
-    type Error = Infallible;
+    type Error = axum::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
         std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -346,12 +346,9 @@ async fn serve_until<I>(
         let in_flight = counted.begin();
         async move {
             let response = router::handle(app, routes, connection, request).await;
-            Ok::<_, Infallible>(response.map(|body| {
-                CountedBody {
-                    body,
-                    _in_flight: in_flight,
-                }
-                .boxed()
+            Ok::<_, Infallible>(response.map(|body| CountedBody {
+                body,
+                _in_flight: Some(in_flight),
             }))
         }
     });

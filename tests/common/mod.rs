@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod crash_loop;
 pub mod daemon;
 pub mod lazyfs;
+pub mod postgres;
 pub mod proxy;
 
 use std::future::Future;

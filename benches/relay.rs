@@ -7,7 +7,9 @@
 //! - mirrored GET: p50/p99 at concurrency 1 and requests/s at concurrency 64, direct to
 //!   the local server (baseline), through the relay, and through rathole when installed;
 //! - durable writes: mirrored POSTs answered 202 (flushed) per second at concurrency 64,
-//!   and writes per flush;
+//!   and writes per flush, against the anchor of a durable PostgreSQL `INSERT` of a
+//!   command-sized row at concurrency 64 on a throwaway cluster (when PostgreSQL is
+//!   installed);
 //! - wake: p50/p99 from queueing a command to the daemon's waiting poll answering, with
 //!   1,000 and 10,000 idle daemons long-polling, and relay RSS per idle daemon;
 //! - change log: append and replay rate of 1,000,000 entries, restart time on that store,
@@ -20,6 +22,8 @@
 //! `target/bench-relay.json`; BENCHMARKS.md explains the method and the limits.
 
 mod common;
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -392,6 +396,10 @@ async fn main() {
     }
     let relay_rss_kib = relay.rss_kib();
     drop(relay);
+    let mut anchor = Value::Null;
+    if runs("writes") {
+        anchor = postgres_anchor(writes["per_second_c64"].as_f64()).await;
+    }
     let fsync = if runs("fsync") {
         fsync_cost(dir.path()).await
     } else {
@@ -420,6 +428,7 @@ async fn main() {
         "rathole_skipped": rathole,
         "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
         "durable_writes": writes,
+        "postgres_insert_anchor": anchor,
         "fsync_cost": fsync,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
@@ -535,6 +544,78 @@ async fn durable_writes(url: &str, admin: &str, client_key: &str) -> Value {
     );
 
     json!({ "per_second_c64": writes, "writes_per_flush": per_flush })
+}
+
+/// The durable-write anchor: a prepared `INSERT` of a command-sized row, each its own
+/// transaction (`synchronous_commit=on`), at concurrency 64 (one connection each), on a
+/// throwaway PostgreSQL cluster on this machine; and the relay's durable writes measured
+/// just before against it. Skipped, with a note, where PostgreSQL is not installed.
+async fn postgres_anchor(relay_writes: Option<f64>) -> Value {
+    let Some(cluster) = postgres::PgCluster::start("postgres anchor") else {
+        return json!({ "skipped": "PostgreSQL not installed" });
+    };
+    let url = cluster.url("postgres");
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("the throwaway cluster accepts connections");
+        tokio::spawn(connection);
+        client
+    };
+    connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE commands (id text PRIMARY KEY, daemon_id text NOT NULL, \
+             method text NOT NULL, params bytea NOT NULL, created_at timestamptz NOT NULL)",
+        )
+        .await
+        .unwrap();
+    // A mirrored write's command: its id, daemon, method and `http` params.
+    let params = serde_json::to_vec(&json!({
+        "method": "POST", "path": "/api/v1/jobs", "headers": {"content-type": "application/json"},
+        "body": { "title": "bench" },
+    }))
+    .unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + load_duration();
+    let mut tasks = Vec::new();
+    for task in 0..64 {
+        let client = connect().await;
+        let (count, params) = (count.clone(), params.clone());
+        tasks.push(tokio::spawn(async move {
+            let insert = client
+                .prepare(
+                    "INSERT INTO commands (id, daemon_id, method, params, created_at) \
+                     VALUES ($1, 'w', 'http', $2, now())",
+                )
+                .await
+                .unwrap();
+            let mut n = 0_u64;
+            while Instant::now() < deadline {
+                let id = format!("cmd-{task}-{n}");
+                client.execute(&insert, &[&id, &params]).await.unwrap();
+                n += 1;
+            }
+            count.fetch_add(n, Ordering::Relaxed);
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let per_second = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let ratio = relay_writes.map(|relay| relay / per_second);
+    println!(
+        "PostgreSQL durable INSERT anchor (prepared, c=64, one transaction each): {per_second:.0}/s{}",
+        ratio.map_or(String::new(), |r| format!("; relay durable writes / anchor: {r:.2}×"))
+    );
+    json!({ "per_second_c64": per_second, "relay_ratio": ratio })
+}
+
+/// Where the throwaway cluster is missing, the anchor is skipped with a note (a benchmark
+/// never fails for it).
+fn skip_or_fail(what: &str, why: &str) {
+    println!("{what} skipped: {why}");
 }
 
 /// What the `fdatasync` after sled's flush costs: durable writes at c=64 and change-log

@@ -29,6 +29,7 @@ mod daemons;
 pub mod fuzzing;
 mod gate;
 mod layout;
+pub mod postgres;
 mod responses;
 mod retention;
 mod seal;

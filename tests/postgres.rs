@@ -2,11 +2,14 @@
 //! backend's tests and benchmarks stand: it runs with the durability settings the relay
 //! demands (PostgreSQL 15 or newer, `fsync` and `synchronous_commit` on), it is reachable
 //! on loopback only, and a committed row survives an immediate stop (what a crash leaves)
-//! and a restart, while the server refuses connections in between.
+//! and a restart, while the server refuses connections in between. And the PostgreSQL
+//! backend's foundation on it: migrations, and the refusal of a server whose COMMIT does
+//! not wait for the disk.
 
 mod common;
 
 use common::postgres::PgCluster;
+use syncrelay::store::postgres::{self, PgError, PgSettings, MIGRATIONS};
 use tokio_postgres::NoTls;
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -77,4 +80,129 @@ async fn a_throwaway_cluster_is_durable_and_survives_an_immediate_stop() {
         assert_eq!(row.get::<_, i64>(0), index as i64);
         assert_eq!(row.get::<_, Vec<u8>>(1), vec![index as u8; 256]);
     }
+}
+
+fn settings(url: String, allow_unsafe_durability: bool) -> PgSettings {
+    PgSettings {
+        url,
+        pool_size: 4,
+        statement_timeout: std::time::Duration::from_secs(10),
+        allow_unsafe_durability,
+    }
+}
+
+/// The schema is created once (a second start finds it current), with every table of the
+/// domain; a database whose schema is newer than the binary is refused, and nothing of it
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_create_the_schema_once_and_refuse_a_newer_database() {
+    let test = "migrations_create_the_schema_once_and_refuse_a_newer_database";
+    let Some(cluster) = PgCluster::start(test) else {
+        return;
+    };
+    let settings = settings(cluster.url("postgres"), false);
+    let pool = postgres::open(&settings).await.expect("a fresh database");
+    let client = pool.get().await.unwrap();
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM syncrelay_schema ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, (1..=MIGRATIONS.len() as i32).collect::<Vec<_>>());
+    for table in [
+        "daemons",
+        "keys",
+        "commands",
+        "changes",
+        "contexts",
+        "context_chunks",
+        "responses",
+    ] {
+        let found: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&table])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(found.as_deref(), Some(table), "table {table}");
+    }
+    drop(client);
+    drop(pool);
+
+    // Again: nothing to do, the same versions.
+    let pool = postgres::open(&settings).await.expect("a current database");
+    let client = pool.get().await.unwrap();
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM syncrelay_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, MIGRATIONS.len() as i64);
+
+    // A newer binary migrated this database: this one must not touch it.
+    client
+        .execute("INSERT INTO syncrelay_schema (version) VALUES (999)", &[])
+        .await
+        .unwrap();
+    drop(client);
+    drop(pool);
+    let err = postgres::open(&settings).await.expect_err("a newer schema");
+    assert!(
+        matches!(err, PgError::NewerSchema { database: 999, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer than this binary"), "{err}");
+}
+
+/// A server whose COMMIT would not wait for the disk is refused, with the setting named,
+/// unless the operator allows it; the password never appears in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_durability_is_refused_unless_allowed() {
+    let test = "unsafe_durability_is_refused_unless_allowed";
+    let Some(cluster) = PgCluster::start(test) else {
+        return;
+    };
+    let admin = connect(&cluster.url("postgres")).await.unwrap();
+    // As a database's setting (the server's own is fixed on its command line).
+    admin
+        .batch_execute("ALTER DATABASE postgres SET synchronous_commit = off")
+        .await
+        .unwrap();
+    let session = connect(&cluster.url("postgres")).await.unwrap();
+    let value: String = session
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "off", "a new session sees the database's setting");
+
+    let err = postgres::open(&settings(cluster.url("postgres"), false))
+        .await
+        .expect_err("synchronous_commit = off is refused");
+    assert!(
+        matches!(
+            err,
+            PgError::UnsafeDurability {
+                setting: "synchronous_commit",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("allow_unsafe_durability"), "{err}");
+    postgres::open(&settings(cluster.url("postgres"), true))
+        .await
+        .expect("allowed by the operator");
+
+    // A wrong password is reported with the URL, never the password.
+    let url = format!(
+        "postgres://nobody:s3cret@127.0.0.1:{}/postgres?connect_timeout=5",
+        cluster.port
+    );
+    let err = postgres::open(&settings(url, false))
+        .await
+        .expect_err("no such role");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    assert!(err.to_string().contains("nobody:***@"), "{err}");
 }

@@ -1,0 +1,251 @@
+//! The PostgreSQL backend's foundation (issue 20, first steps): connecting through a pool,
+//! the checks a server must pass before the relay trusts it with acknowledged data, and
+//! the schema, created and upgraded by versioned migrations embedded in the binary.
+//!
+//! - **Client.** `tokio-postgres` with a `deadpool-postgres` pool: plain async, prepared
+//!   statements, binary `bytea`, no compile-time database (sqlx's checked queries need a
+//!   live database or a prepared offline cache at build time, which `cargo build` on a
+//!   fresh clone must not), and both are small and well kept.
+//! - **Checks.** PostgreSQL 15 or newer; `fsync` and `synchronous_commit` on (so `COMMIT`
+//!   returns only once the WAL is on disk), unless the operator sets
+//!   `allow_unsafe_durability`.
+//! - **Migrations.** `syncrelay_schema` holds the version; each migration runs in one
+//!   transaction under an advisory lock (several relays may start at once); a database
+//!   newer than this binary is refused, never written.
+//!
+//! Nothing starts a relay on this backend yet: the store's domain API over it is the next
+//! step of issue 20.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+/// The migrations, in order: version `n` is `MIGRATIONS[n - 1]`.
+pub const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_schema.sql")];
+
+/// The advisory lock migrations take (any fixed number; "syncrelay" in ASCII, truncated).
+const MIGRATION_LOCK: i64 = 0x7379_6e63_7265_6c61;
+
+/// Oldest server accepted, as `server_version_num`.
+const MIN_SERVER_VERSION: i32 = 150_000;
+
+/// How to reach the database. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// A libpq-style URL or key=value string.
+    pub url: String,
+    pub pool_size: usize,
+    /// Each statement's limit on the server (`statement_timeout`).
+    pub statement_timeout: Duration,
+    /// Accept a server with `fsync` or `synchronous_commit` off.
+    pub allow_unsafe_durability: bool,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &redacted(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("allow_unsafe_durability", &self.allow_unsafe_durability)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            return format!("{scheme}://{masked}@{host}{tail}");
+        }
+        return url.to_owned();
+    }
+    // key=value form: mask the password's value.
+    url.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("PostgreSQL at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error(
+        "PostgreSQL {found} is too old: syncrelay needs PostgreSQL 15 or newer \
+         (server_version_num {MIN_SERVER_VERSION})"
+    )]
+    TooOld { found: String },
+    #[error(
+        "PostgreSQL has {setting} = {value}: a COMMIT would return before the data is on \
+         disk, so the relay could acknowledge what a crash loses. Set {setting} = on, or \
+         `allow_unsafe_durability = true` in [store] to run anyway"
+    )]
+    UnsafeDurability {
+        setting: &'static str,
+        value: String,
+    },
+    #[error(
+        "the database's syncrelay schema is version {database}, newer than this binary's \
+         {binary}: upgrade syncrelay (nothing was written)"
+    )]
+    NewerSchema { database: i32, binary: i32 },
+    #[error("PostgreSQL: {0}")]
+    Query(String),
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(err: tokio_postgres::Error) -> PgError {
+        PgError::Query(err.to_string())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(err: deadpool_postgres::PoolError) -> PgError {
+        PgError::Query(err.to_string())
+    }
+}
+
+/// A pool to a database that passed the checks and holds this binary's schema.
+pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
+    let connect_error = |message: String| PgError::Connect {
+        url: redacted(&settings.url),
+        message,
+    };
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|err: tokio_postgres::Error| connect_error(err.to_string()))?;
+    config.options(format!(
+        "-c statement_timeout={}",
+        settings.statement_timeout.as_millis()
+    ));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(settings.pool_size.max(1))
+        .build()
+        .map_err(|err| connect_error(err.to_string()))?;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|err| connect_error(err.to_string()))?;
+    check_server(&client, settings.allow_unsafe_durability).await?;
+    migrate(&mut client).await?;
+    Ok(pool)
+}
+
+/// PostgreSQL 15+, and `fsync` and `synchronous_commit` on unless allowed otherwise.
+pub async fn check_server(
+    client: &tokio_postgres::Client,
+    allow_unsafe_durability: bool,
+) -> Result<(), PgError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+             current_setting('fsync'), current_setting('synchronous_commit')",
+            &[],
+        )
+        .await?;
+    let (number, version): (i32, String) = (row.get(0), row.get(1));
+    if number < MIN_SERVER_VERSION {
+        return Err(PgError::TooOld { found: version });
+    }
+    for (index, setting) in [(2, "fsync"), (3, "synchronous_commit")] {
+        let value: String = row.get(index);
+        // `remote_write`, `remote_apply` and `local` also wait for the local WAL flush.
+        if value == "off" && !allow_unsafe_durability {
+            return Err(PgError::UnsafeDurability { setting, value });
+        }
+        if value == "off" {
+            tracing::warn!(
+                setting,
+                "PostgreSQL durability is off: allow_unsafe_durability"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Brings the schema to this binary's version; returns it.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<i32, PgError> {
+    let binary = MIGRATIONS.len() as i32;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS syncrelay_schema (
+             version    integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let database: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM syncrelay_schema",
+            &[],
+        )
+        .await?
+        .get(0);
+    if database > binary {
+        return Err(PgError::NewerSchema { database, binary });
+    }
+    for version in database + 1..=binary {
+        tx.batch_execute(MIGRATIONS[version as usize - 1]).await?;
+        tx.execute(
+            "INSERT INTO syncrelay_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .await?;
+        tracing::info!(version, "PostgreSQL schema migrated");
+    }
+    tx.commit().await?;
+    Ok(binary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redacted("postgres://relay:s3cret@db.example:5432/syncrelay?sslmode=require"),
+            "postgres://relay:***@db.example:5432/syncrelay?sslmode=require"
+        );
+        assert_eq!(
+            redacted("postgres://relay@db/syncrelay"),
+            "postgres://relay@db/syncrelay"
+        );
+        assert_eq!(
+            redacted("host=db user=relay password=s3cret dbname=x"),
+            "host=db user=relay password=*** dbname=x"
+        );
+        let settings = PgSettings {
+            url: "postgresql://relay:s3cret@db/syncrelay".into(),
+            pool_size: 4,
+            statement_timeout: Duration::from_secs(5),
+            allow_unsafe_durability: false,
+        };
+        assert!(!format!("{settings:?}").contains("s3cret"));
+    }
+}

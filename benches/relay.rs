@@ -576,20 +576,26 @@ async fn postgres_anchor(relay_writes: Option<f64>) -> Value {
         "body": { "title": "bench" },
     }))
     .unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + load_duration();
-    let mut tasks = Vec::new();
-    for task in 0..64 {
+    // Connections and prepared statements first, outside the timed window.
+    let mut writers = Vec::new();
+    for _ in 0..64 {
         let client = connect().await;
+        let insert = client
+            .prepare(
+                "INSERT INTO commands (id, daemon_id, method, params, created_at) \
+                 VALUES ($1, 'w', 'http', $2, now())",
+            )
+            .await
+            .unwrap();
+        writers.push((client, insert));
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + load_duration();
+    let mut tasks = Vec::new();
+    for (task, (client, insert)) in writers.into_iter().enumerate() {
         let (count, params) = (count.clone(), params.clone());
         tasks.push(tokio::spawn(async move {
-            let insert = client
-                .prepare(
-                    "INSERT INTO commands (id, daemon_id, method, params, created_at) \
-                     VALUES ($1, 'w', 'http', $2, now())",
-                )
-                .await
-                .unwrap();
             let mut n = 0_u64;
             while Instant::now() < deadline {
                 let id = format!("cmd-{task}-{n}");
@@ -599,7 +605,6 @@ async fn postgres_anchor(relay_writes: Option<f64>) -> Value {
             count.fetch_add(n, Ordering::Relaxed);
         }));
     }
-    let started = Instant::now();
     for task in tasks {
         task.await.unwrap();
     }

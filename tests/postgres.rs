@@ -156,7 +156,8 @@ async fn migrations_create_the_schema_once_and_refuse_a_newer_database() {
 }
 
 /// A server whose COMMIT would not wait for the disk is refused, with the setting named,
-/// unless the operator allows it; the password never appears in the error.
+/// unless the operator allows it; the relay's own sessions commit synchronously even where
+/// the database says otherwise; the password never appears in an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_durability_is_refused_unless_allowed() {
     let test = "unsafe_durability_is_refused_unless_allowed";
@@ -177,7 +178,9 @@ async fn unsafe_durability_is_refused_unless_allowed() {
         .get(0);
     assert_eq!(value, "off", "a new session sees the database's setting");
 
-    let err = postgres::open(&settings(cluster.url("postgres"), false))
+    // A server whose sessions would commit asynchronously is refused, naming the
+    // setting, unless the operator allows it.
+    let err = postgres::check_server(&session, false)
         .await
         .expect_err("synchronous_commit = off is refused");
     assert!(
@@ -191,9 +194,22 @@ async fn unsafe_durability_is_refused_unless_allowed() {
         "{err}"
     );
     assert!(err.to_string().contains("allow_unsafe_durability"), "{err}");
-    postgres::open(&settings(cluster.url("postgres"), true))
+    postgres::check_server(&session, true)
         .await
         .expect("allowed by the operator");
+    // The relay's own sessions commit synchronously whatever the database says.
+    let pool = postgres::open(&settings(cluster.url("postgres"), false))
+        .await
+        .expect("the relay's sessions override the database's setting");
+    let value: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "on", "a pooled session commits synchronously");
 
     // A wrong password is reported with the URL, never the password.
     let url = format!(

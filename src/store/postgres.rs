@@ -9,9 +9,9 @@
 //! - **Checks.** PostgreSQL 15 or newer; `fsync` and `synchronous_commit` on (so `COMMIT`
 //!   returns only once the WAL is on disk), unless the operator sets
 //!   `allow_unsafe_durability`.
-//! - **Migrations.** `syncrelay_schema` holds the version; each migration runs in one
-//!   transaction under an advisory lock (several relays may start at once); a database
-//!   newer than this binary is refused, never written.
+//! - **Migrations.** `syncrelay_schema` holds the version; the pending migrations run in
+//!   one transaction under an advisory lock (several relays may start at once); a
+//!   database newer than this binary is refused, never written.
 //!
 //! Nothing starts a relay on this backend yet: the store's domain API over it is the next
 //! step of issue 20.
@@ -53,29 +53,39 @@ impl std::fmt::Debug for PgSettings {
     }
 }
 
-/// `url` with any password replaced by `***`.
+/// Where `url` leads, for messages: `user@host:port/dbname` as the driver parses it, and
+/// never the password, wherever the string carries it (userinfo, `?password=`, or
+/// key=value with quotes and escapes).
 pub fn redacted(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_owned()
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "<unparseable connection string>".to_owned();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
             };
-            return format!("{scheme}://{masked}@{host}{tail}");
-        }
-        return url.to_owned();
-    }
-    // key=value form: mask the password's value.
-    url.split_whitespace()
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => pair.to_owned(),
+            match config.get_ports().get(index).or(config.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    let password = if config.get_password().is_some() {
+        ":***"
+    } else {
+        ""
+    };
+    format!(
+        "postgres://{}{password}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +137,17 @@ pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
         .url
         .parse()
         .map_err(|err: tokio_postgres::Error| connect_error(err.to_string()))?;
-    config.options(format!(
-        "-c statement_timeout={}",
+    // Each session commits synchronously whatever a role or database setting says (the
+    // start-up check reads one session; this holds for every pooled one).
+    let mut options = config.get_options().unwrap_or("").to_owned();
+    options.push_str(&format!(
+        " -c statement_timeout={}",
         settings.statement_timeout.as_millis()
     ));
+    if !settings.allow_unsafe_durability {
+        options.push_str(" -c synchronous_commit=on");
+    }
+    config.options(options.trim());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
@@ -189,16 +206,31 @@ pub async fn check_server(
 /// Brings the schema to this binary's version; returns it.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<i32, PgError> {
     let binary = MIGRATIONS.len() as i32;
-    let tx = client.transaction().await?;
+    // Read committed, so that a relay that waited for the lock sees what the one before
+    // it committed; no statement timeout, so a long migration (or the wait) can finish.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS syncrelay_schema (
-             version    integer PRIMARY KEY,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         )",
-    )
-    .await?;
+    // Created only when missing: a role that may not create tables starts on a current
+    // database (PostgreSQL checks the privilege before `IF NOT EXISTS`).
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('syncrelay_schema') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        tx.batch_execute(
+            "CREATE TABLE syncrelay_schema (
+                 version    integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+    }
     let database: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM syncrelay_schema",
@@ -228,18 +260,37 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        assert_eq!(
-            redacted("postgres://relay:s3cret@db.example:5432/syncrelay?sslmode=require"),
-            "postgres://relay:***@db.example:5432/syncrelay?sslmode=require"
-        );
-        assert_eq!(
-            redacted("postgres://relay@db/syncrelay"),
-            "postgres://relay@db/syncrelay"
-        );
-        assert_eq!(
-            redacted("host=db user=relay password=s3cret dbname=x"),
-            "host=db user=relay password=*** dbname=x"
-        );
+        for (url, shown) in [
+            (
+                "postgres://relay:s3cret@db.example:5432/syncrelay?sslmode=require",
+                "postgres://relay:***@db.example:5432/syncrelay",
+            ),
+            (
+                "postgres://relay@db/syncrelay",
+                "postgres://relay@db:5432/syncrelay",
+            ),
+            (
+                "postgres://relay@db/x?password=s3cret",
+                "postgres://relay:***@db:5432/x",
+            ),
+            (
+                "postgres://relay:s3/c?ret@db/x",
+                "postgres://relay:***@db:5432/x",
+            ),
+            (
+                "host=db user=relay password = s3cret dbname=x",
+                "postgres://relay:***@db/x",
+            ),
+            (
+                "host=db user=relay password='s3 cret' dbname=x",
+                "postgres://relay:***@db/x",
+            ),
+            ("not a url s3cret://", "<unparseable connection string>"),
+        ] {
+            let shown_now = redacted(url);
+            assert_eq!(shown_now, shown, "{url}");
+            assert!(!shown_now.contains("s3"), "{url}");
+        }
         let settings = PgSettings {
             url: "postgresql://relay:s3cret@db/syncrelay".into(),
             pool_size: 4,

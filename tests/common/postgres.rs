@@ -2,13 +2,16 @@
 //! free loopback port, `pg_ctl start` with the durability settings the relay demands
 //! (`fsync=on`, `synchronous_commit=on`), and `pg_ctl stop -m immediate` on drop. The
 //! server listens on 127.0.0.1 and on a Unix socket in the temp dir only; the role
-//! `syncrelay` is its superuser, with trust authentication (nothing else can reach it).
+//! `syncrelay` is its superuser, with trust authentication: any local user of the machine
+//! could connect while a test runs (fine on CI's and a developer's own machine).
 //!
 //! PostgreSQL refuses to run as root, so as root (CI) the cluster belongs to, and runs as,
 //! the `postgres` user that Debian's package creates. The binaries are found in
 //! `SYNCRELAY_PG_BIN`, then the newest `/usr/lib/postgresql/<version>/bin`, then `PATH`.
-//! Where they are missing, [`PgCluster::start`] prints one `SKIPPED:` line and returns
-//! `None`, unless `SYNCRELAY_REQUIRE_ENGINES=1` (set by `.ci/run`, which installs them).
+//! Where they are missing or older than 15, [`PgCluster::start`] prints one `SKIPPED:`
+//! line and returns `None`, unless `SYNCRELAY_REQUIRE_ENGINES=1` (set by `.ci/run`, which
+//! installs them). A test process killed outright (not a panic) leaves its server running:
+//! `pg_ctl` detaches it.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -35,6 +38,14 @@ impl PgCluster {
             super::skip_or_fail(test, "PostgreSQL not installed (initdb, pg_ctl)");
             return None;
         };
+        match major_version(&bin) {
+            Some(major) if major >= 15 => {}
+            found => {
+                let why = format!("PostgreSQL 15 or newer not installed (found {found:?})");
+                super::skip_or_fail(test, &why);
+                return None;
+            }
+        }
         let run_as = is_root().then(|| "postgres".to_owned());
         let dir = tempfile::Builder::new()
             .prefix("syncrelay-pg-")
@@ -176,6 +187,21 @@ fn binaries() -> Option<PathBuf> {
         .unwrap_or_default()
         .into_iter()
         .find(|dir| has_tools(dir))
+}
+
+/// The major version of the server in `bin` (`postgres (PostgreSQL) 15.18` → 15).
+fn major_version(bin: &Path) -> Option<u32> {
+    let output = Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .last()?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn is_root() -> bool {

@@ -8,7 +8,10 @@ CREATE TABLE daemons (
     last_seen_ms     bigint,
     connection_id    text,
     last_update_seq  bigint NOT NULL DEFAULT 0,
-    last_seq         bigint NOT NULL DEFAULT 0
+    last_seq         bigint NOT NULL DEFAULT 0,
+    -- The queue: the next position, and how many commands wait (queue_limit).
+    next_queue_seq   bigint NOT NULL DEFAULT 1,
+    queued           integer NOT NULL DEFAULT 0
 );
 
 CREATE TABLE keys (
@@ -24,6 +27,7 @@ CREATE TABLE keys (
 CREATE TABLE commands (
     command_id      text PRIMARY KEY,
     daemon_id       text NOT NULL REFERENCES daemons ON DELETE CASCADE,
+    queue_seq       bigint NOT NULL,
     method          text NOT NULL,
     params          bytea NOT NULL,
     stream          boolean NOT NULL DEFAULT false,
@@ -33,12 +37,16 @@ CREATE TABLE commands (
     expires_ms      bigint NOT NULL,
     leased_until_ms bigint,
     deliveries      integer NOT NULL DEFAULT 0,
-    idempotency_key text,
+    -- An Idempotency-Key is scoped to the daemon and the key that sent it.
+    idempotency_key_id text,
+    idempotency_key    text,
     result          bytea,
     finished_ms     bigint,
-    UNIQUE (daemon_id, idempotency_key)
+    UNIQUE (daemon_id, queue_seq),
+    UNIQUE (daemon_id, idempotency_key_id, idempotency_key),
+    CHECK ((idempotency_key_id IS NULL) = (idempotency_key IS NULL))
 );
-CREATE INDEX commands_waiting ON commands (daemon_id, created_ms)
+CREATE INDEX commands_waiting ON commands (daemon_id, queue_seq)
     WHERE state IN ('queued', 'delivered');
 
 CREATE TABLE changes (

@@ -278,22 +278,11 @@ pub enum Need {
 /// for daemon routes the [`DaemonScope`]) in its extensions.
 pub fn authorize<B>(request: &mut http::Request<B>, need: Need) -> Result<(), ApiError> {
     let ctx = ctx(request.extensions())?;
+    let plain = |access| principal(ctx, request.headers(), request.uri(), false, access);
     let principal = match need {
-        Need::Sync => principal(
-            ctx,
-            request.headers(),
-            request.uri(),
-            false,
-            Access::Sync(None),
-        )?,
-        Need::Client => principal(
-            ctx,
-            request.headers(),
-            request.uri(),
-            false,
-            Access::Client(None),
-        )?,
-        Need::Admin => principal(ctx, request.headers(), request.uri(), false, Access::Admin)?,
+        Need::Sync => plain(Access::Sync(None))?,
+        Need::Client => plain(Access::Client(None))?,
+        Need::Admin => plain(Access::Admin)?,
         Need::Daemon => {
             let scope = DaemonScope::of(request.uri());
             let tail = scope.tail();

@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{now_ms, RetentionPolicy, Store};
+use crate::store::{now_ms, Maintenance, RetentionPolicy, Store};
 use http::ApiError;
 use hub::{DaemonSignals, Hub};
 
@@ -150,9 +150,10 @@ const LIMITS_HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(
 
 impl App {
     /// The signals of a daemon the store knows; 404 otherwise.
-    fn signals(&self, daemon_id: &str) -> Result<Arc<DaemonSignals>, ApiError> {
+    async fn signals(&self, daemon_id: &str) -> Result<Arc<DaemonSignals>, ApiError> {
         self.hub
-            .daemon(&self.store, daemon_id)?
+            .daemon(&self.store, daemon_id)
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no daemon {daemon_id}")))
     }
 }
@@ -203,7 +204,7 @@ impl Relay {
         };
         let data_dir = config.server.data_dir.clone();
         let store = Arc::new(
-            Store::open(&data_dir)
+            Store::open_sled(&data_dir)
                 .with_context(|| format!("opening the store in {}", data_dir.display()))?,
         );
         if process.exit_on_storage_failure {
@@ -308,10 +309,9 @@ async fn run_with_tls(
     }
     // Bounded: a store whose flush is wedged (sled after a failed write) must not keep
     // the process from exiting. Everything acknowledged was flushed before its answer.
-    let close = tokio::task::spawn_blocking(move || store.close());
-    match tokio::time::timeout(STORE_CLOSE_TIMEOUT, close).await {
+    match tokio::time::timeout(STORE_CLOSE_TIMEOUT, store.close()).await {
         Ok(closed) => {
-            closed??;
+            closed?;
             tracing::info!("store closed");
         }
         Err(_) => tracing::error!(
@@ -371,33 +371,25 @@ async fn retention_loop(app: Arc<App>) {
             _ = ticks.tick() => {}
             _ = app.shutdown.cancelled() => return,
         }
-        let store = app.store.clone();
-        let streams = app.config.streams.clone();
-        let interval = app.config.retention.interval;
-        let sweep = move || {
-            let now = now_ms();
-            let stats = store.sweep(&policy, now)?;
-            store.sweep_contexts(
-                streams.context_ttl.as_millis() as u64,
-                streams.context_max_bytes,
-                CONTEXT_GARBAGE_GRACE.as_millis() as u64,
-                now,
-            )?;
-            let usage = store.census(interval, now)?;
-            Ok::<_, crate::store::StoreError>((stats, usage, now))
+        let work = Maintenance {
+            retention: policy,
+            context_ttl_ms: app.config.streams.context_ttl.as_millis() as u64,
+            contexts_max_bytes: app.config.streams.context_max_bytes,
+            context_garbage_grace_ms: CONTEXT_GARBAGE_GRACE.as_millis() as u64,
+            census_interval: app.config.retention.interval,
         };
-        match tokio::task::spawn_blocking(sweep).await {
-            Ok(Ok((stats, usage, at_ms))) => {
+        let now = now_ms();
+        match app.store.maintain(work, now).await {
+            Ok((stats, usage)) => {
                 tracing::debug!(
                     ?stats,
                     trimmed_bytes = usage.trimmed_bytes,
                     pieces_collected = usage.pieces_collected,
                     "retention sweep"
                 );
-                *app.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some((at_ms, usage));
+                *app.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, usage));
             }
-            Ok(Err(err)) => tracing::warn!(error = %err, "retention sweep failed"),
-            Err(err) => tracing::warn!(error = %err, "retention sweep panicked"),
+            Err(err) => tracing::warn!(error = %err, "retention sweep failed"),
         }
     }
 }

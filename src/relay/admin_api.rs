@@ -75,14 +75,10 @@ pub async fn create_key(app: &App, request: CreateKeyRequest) -> Result<Response
             (None, Vec::new())
         }
     };
-    if let Some(daemon) = &daemon_id {
-        // The daemon is known from now on: clients can queue writes for it before it
-        // first connects.
-        app.store.ensure_daemon(daemon, now_ms())?;
-    }
     let key = new_key(role, daemon_id, scope, request.label);
-    app.store.put_key(&key.record)?;
-    app.store.commit().await?;
+    // A daemon key's daemon is known from now on: clients can queue writes for it before
+    // it first connects.
+    app.store.create_key(key.record.clone(), now_ms()).await?;
     tracing::info!(key_id = %key.record.key_id, role = role.as_str(), "key created");
     Ok(json(
         StatusCode::CREATED,
@@ -94,10 +90,11 @@ pub async fn create_key(app: &App, request: CreateKeyRequest) -> Result<Response
 }
 
 /// `GET /admin/keys`.
-pub fn list_keys(app: &App) -> Result<Response, ApiError> {
+pub async fn list_keys(app: &App) -> Result<Response, ApiError> {
     let keys: Vec<KeyView> = app
         .store
-        .keys()?
+        .keys()
+        .await?
         .iter()
         .map(|k| key_view(k, None))
         .collect();
@@ -106,13 +103,13 @@ pub fn list_keys(app: &App) -> Result<Response, ApiError> {
 
 /// `DELETE /admin/keys/{id}`.
 pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
-    if !app.store.remove_key(key_id)? {
+    let removed = app.store.remove_key(key_id).await;
+    // Signal even if the removal's commit failed: open requests of the key look it up
+    // again, and the removal may already be visible to lookups.
+    app.hub.revocations.revoked();
+    if !removed? {
         return Err(ApiError::not_found(format!("no key {key_id}")));
     }
-    // Signal first: open requests of the key look it up again, and the removal is already
-    // visible to lookups, even if the commit below fails.
-    app.hub.revocations.revoked();
-    app.store.commit().await?;
     tracing::info!(%key_id, "key revoked");
     Ok(json(StatusCode::OK, &RevokedKey { revoked: key_id }))
 }

@@ -168,12 +168,12 @@ async fn method_not_allowed(method: Method) -> ApiError {
 async fn fallback(mut request: Request) -> Response {
     let path = request.uri().path().to_owned();
     let result = if path == "/admin" || path.starts_with("/admin/") {
-        match router::authorize(&mut request, router::Need::Admin) {
+        match router::authorize(&mut request, router::Need::Admin).await {
             Ok(()) => Err(ApiError::not_found(format!("no route {path}"))),
             Err(err) => Err(err),
         }
     } else if path.starts_with(router::DAEMONS_PREFIX) {
-        match router::authorize(&mut request, router::Need::Daemon) {
+        match router::authorize(&mut request, router::Need::Daemon).await {
             Ok(()) => {
                 let app = router::request_app(&request);
                 mirror_any(&app, request).await
@@ -311,7 +311,7 @@ async fn healthz() -> Response {
         Stored,
     ))]
 async fn readyz(State(app): AppState) -> Result<Response, ApiError> {
-    app.store.commit().await?;
+    app.store.check().await?;
     Ok(json(StatusCode::OK, &Health { status: "ready" }))
 }
 
@@ -324,7 +324,7 @@ async fn readyz(State(app): AppState) -> Result<Response, ApiError> {
         Public,
     ))]
 async fn metrics(State(app): AppState) -> Response {
-    router::metrics(&app)
+    router::metrics(&app).await
 }
 
 /// This document, generated from the relay's routes.
@@ -421,7 +421,7 @@ async fn list_daemons(
     State(app): AppState,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
-    client::list_daemons(&app, &principal)
+    client::list_daemons(&app, &principal).await
 }
 
 /// A command's state, and its result once there is one; `wait` long-polls for it.
@@ -462,7 +462,7 @@ async fn get_command(
         Stored,
     ))]
 async fn get_daemon(State(app): AppState, scope: DaemonScope) -> Result<Response, ApiError> {
-    client::get_daemon(&app, scope.daemon_id())
+    client::get_daemon(&app, scope.daemon_id()).await
 }
 
 /// The daemon's change log after `since`, a page at a time; `wait` long-polls.
@@ -521,6 +521,7 @@ async fn stream_events(
         request.headers(),
         request.uri().query(),
     )
+    .await
 }
 
 /// A named command (the daemon's own method), queued durably; `Prefer: wait` waits for
@@ -658,7 +659,7 @@ async fn mirror_any(app: &Arc<App>, request: Request) -> Result<Response, ApiErr
         Stored,
     ))]
 async fn list_keys(State(app): AppState) -> Result<Response, ApiError> {
-    admin_api::list_keys(&app)
+    admin_api::list_keys(&app).await
 }
 
 /// A new key, durable before the answer; its token is shown once.
@@ -707,7 +708,7 @@ async fn admin_list_daemons(
     State(app): AppState,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
-    client::list_daemons(&app, &principal)
+    client::list_daemons(&app, &principal).await
 }
 
 /// An online backup into a new directory on the relay's host, streamed as NDJSON: only the

@@ -147,7 +147,7 @@ pub fn bearer(headers: &HeaderMap, query: Option<&str>, allow_query: bool) -> Op
 }
 
 /// Resolves a token to its principal.
-pub fn authenticate(store: &Store, token: Option<Token>) -> Result<Principal, ApiError> {
+pub async fn authenticate(store: &Store, token: Option<Token>) -> Result<Principal, ApiError> {
     let token = token.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let invalid = || ApiError::unauthorized("invalid or revoked key");
     let (key_id, secret) = token
@@ -158,7 +158,7 @@ pub fn authenticate(store: &Store, token: Option<Token>) -> Result<Principal, Ap
     if key_id.is_empty() || key_id.len() > 64 {
         return Err(invalid());
     }
-    let record = store.key(key_id)?.ok_or_else(invalid)?;
+    let record = store.key(key_id).await?.ok_or_else(invalid)?;
     let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
     if !bool::from(presented.ct_eq(&record.secret_sha256)) {
         return Err(invalid());
@@ -178,7 +178,7 @@ pub async fn ensure_admin_key(
     store: &Store,
     data_dir: &Path,
 ) -> Result<Option<PathBuf>, StoreError> {
-    if store.has_keys()? {
+    if store.has_keys().await? {
         return Ok(None);
     }
     let key = new_key(
@@ -192,38 +192,46 @@ pub async fn ensure_admin_key(
     // makes a new key and overwrites it; never a stored admin key nobody can read.
     crate::files::write_atomic(&path, format!("{}\n", key.token.0).as_bytes(), 0o600)
         .map_err(|err| StoreError::Unavailable(format!("{}: {err}", path.display())))?;
-    store.put_key(&key.record)?;
-    store.commit().await?;
+    store.create_key(key.record, now_ms()).await?;
     Ok(Some(path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::temp_relay_store as temp_store;
 
-    #[test]
-    fn tokens_authenticate_and_mask() {
+    #[tokio::test]
+    async fn tokens_authenticate_and_mask() {
         let (_dir, store) = temp_store();
         let key = new_key(Role::Client, None, vec!["a".into()], None);
-        store.put_key(&key.record).unwrap();
+        store.create_key(key.record.clone(), 0).await.unwrap();
         assert_eq!(format!("{:?}", key.token), "Token(MASKED)");
-        let principal = authenticate(&store, Some(Token(key.token.0.clone()))).unwrap();
+        let principal = authenticate(&store, Some(Token(key.token.0.clone())))
+            .await
+            .unwrap();
         assert!(principal.can_see("a") && !principal.can_see("b"));
         let mut forged = key.token.0.clone();
         forged.pop();
         forged.push('x');
         assert_eq!(
-            authenticate(&store, Some(Token(forged))).unwrap_err().code,
-            "unauthorized"
-        );
-        assert_eq!(
-            authenticate(&store, Some(Token("junk".into())))
+            authenticate(&store, Some(Token(forged)))
+                .await
                 .unwrap_err()
                 .code,
             "unauthorized"
         );
-        assert_eq!(authenticate(&store, None).unwrap_err().code, "unauthorized");
+        assert_eq!(
+            authenticate(&store, Some(Token("junk".into())))
+                .await
+                .unwrap_err()
+                .code,
+            "unauthorized"
+        );
+        assert_eq!(
+            authenticate(&store, None).await.unwrap_err().code,
+            "unauthorized"
+        );
     }
 
     #[tokio::test]
@@ -234,7 +242,9 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let token = std::fs::read_to_string(&path).unwrap();
-        let principal = authenticate(&store, Some(Token(token.trim().into()))).unwrap();
+        let principal = authenticate(&store, Some(Token(token.trim().into())))
+            .await
+            .unwrap();
         assert_eq!(principal.role, Role::Admin);
         assert!(ensure_admin_key(&store, dir.path())
             .await

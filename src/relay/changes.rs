@@ -27,11 +27,17 @@ const SSE_BATCH: (usize, usize) = (256, 256 << 10);
 const DEFAULT_LIMIT: usize = 100;
 
 /// Resolves `since` (a seq, or an RFC 3339 time) to the seq after which to read.
-fn since_seq(app: &App, daemon_id: &str, since: Option<&str>) -> Result<Option<u64>, ApiError> {
+async fn since_seq(
+    app: &App,
+    daemon_id: &str,
+    since: Option<&str>,
+) -> Result<Option<u64>, ApiError> {
     match parse_since(since)? {
         None => Ok(None),
         Some(Since::Seq(seq)) => Ok(Some(seq)),
-        Some(Since::Time(time_ms)) => Ok(Some(app.store.seq_before_time(daemon_id, time_ms)?)),
+        Some(Since::Time(time_ms)) => {
+            Ok(Some(app.store.seq_before_time(daemon_id, time_ms).await?))
+        }
     }
 }
 
@@ -72,15 +78,17 @@ pub async fn changes(
     daemon_id: &str,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let signals = app.signals(daemon_id)?;
-    let after = since_seq(app, daemon_id, query_value(query, "since").as_deref())?.unwrap_or(0);
+    let signals = app.signals(daemon_id).await?;
+    let after = since_seq(app, daemon_id, query_value(query, "since").as_deref())
+        .await?
+        .unwrap_or(0);
     let limit = parse_limit(query)?.min(app.config.changes.batch_max);
     let wait = wait_param(query, app.config.commands.wait_max)?;
     let deadline = Instant::now() + wait;
     let mut committed_rx = signals.changes.subscribe();
     let (entries, committed) = loop {
         let committed = *committed_rx.borrow_and_update();
-        let entries = read(app, daemon_id, after, committed, (limit, usize::MAX))?;
+        let entries = read(app, daemon_id, after, committed, (limit, usize::MAX)).await?;
         if !entries.is_empty() || Instant::now() >= deadline {
             break (entries, committed);
         }
@@ -115,7 +123,7 @@ pub async fn changes(
 }
 
 /// Entries with `after < seq <= committed`.
-fn read(
+async fn read(
     app: &App,
     daemon_id: &str,
     after: u64,
@@ -125,7 +133,10 @@ fn read(
     if after >= committed {
         return Ok(Vec::new());
     }
-    let mut entries = app.store.changes_page(daemon_id, after, limit, max_bytes)?;
+    let mut entries = app
+        .store
+        .changes_page(daemon_id, after, limit, max_bytes)
+        .await?;
     entries.retain(|e| e.seq <= committed);
     Ok(entries)
 }
@@ -186,13 +197,13 @@ impl Filter {
 
 /// `GET /api/v1/daemons/{id}/stream/events`: replays from `Last-Event-ID` or `?since=`,
 /// then follows the log live, with keep-alive comments while idle.
-pub fn stream_events(
+pub async fn stream_events(
     app: &Arc<App>,
     daemon_id: &str,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let signals = app.signals(daemon_id)?;
+    let signals = app.signals(daemon_id).await?;
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -203,7 +214,7 @@ pub fn stream_events(
             text.parse::<u64>()
                 .map_err(|_| ApiError::bad_request("Last-Event-ID must be a seq"))?,
         ),
-        None => since_seq(app, daemon_id, query_value(query, "since").as_deref())?,
+        None => since_seq(app, daemon_id, query_value(query, "since").as_deref()).await?,
     };
     // Without a position, a stream starts at the live tail, as hld's own does.
     let mut after = start.unwrap_or_else(|| *signals.changes.borrow());
@@ -226,7 +237,7 @@ pub fn stream_events(
         }
         loop {
             let committed = *committed_rx.borrow_and_update();
-            let entries = match read(&app, &daemon_id, after, committed, SSE_BATCH) {
+            let entries = match read(&app, &daemon_id, after, committed, SSE_BATCH).await {
                 Ok(entries) => entries,
                 Err(err) => {
                     tracing::warn!(daemon_id = %daemon_id, error = %err.message, "event stream ended");

@@ -34,10 +34,11 @@ pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
 }
 
 /// `GET /api/v1/daemons` (client keys: their scope) and `GET /admin/daemons` (all).
-pub fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiError> {
+pub async fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiError> {
     let daemons: Vec<DaemonView> = app
         .store
-        .daemons()?
+        .daemons()
+        .await?
         .into_iter()
         .filter(|d| principal.role == crate::store::Role::Admin || principal.can_see(&d.daemon_id))
         .map(|d| daemon_view(app, d))
@@ -46,10 +47,11 @@ pub fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiErr
 }
 
 /// `GET /api/v1/daemons/{id}`.
-pub fn get_daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
+pub async fn get_daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
     let record = app
         .store
-        .daemon(daemon_id)?
+        .daemon(daemon_id)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no daemon {daemon_id}")))?;
     Ok(json(StatusCode::OK, &daemon_view(app, record)))
 }
@@ -64,7 +66,11 @@ pub async fn get_command(
     let wait = wait_param(query, app.config.commands.wait_max)?;
     let not_found = || ApiError::not_found(format!("no command {command_id}"));
     // Scope is checked before waiting, so a foreign id cannot be used to hold a request.
-    let command = app.store.command(command_id)?.ok_or_else(not_found)?;
+    let command = app
+        .store
+        .command(command_id, now_ms())
+        .await?
+        .ok_or_else(not_found)?;
     if !principal.can_see(&command.daemon_id) {
         return Err(not_found());
     }
@@ -86,13 +92,11 @@ pub async fn await_command(
     let deadline = Instant::now() + wait;
     loop {
         let now = now_ms();
-        let Some(command) = app.store.command_at(command_id, now)? else {
+        // Durable when read: a crash can never change an outcome a client was shown.
+        let Some(command) = app.store.command(command_id, now).await? else {
             return Ok(None);
         };
         if command.state.is_final() {
-            // The final state may have been written a moment ago: make it durable before
-            // anyone sees it, so a crash can never change an outcome a client was shown.
-            app.store.commit().await?;
             return Ok(Some(command));
         }
         if Instant::now() >= deadline {

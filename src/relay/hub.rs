@@ -34,7 +34,7 @@ pub struct DaemonSignals {
     durable_update_seq: AtomicU64,
     /// Serialises connects of one daemon, so the connection id published here is always
     /// the one stored last. Held only across synchronous store calls.
-    pub connect_lock: Mutex<()>,
+    pub connect_lock: tokio::sync::Mutex<()>,
     polls_waiting: AtomicUsize,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
@@ -75,7 +75,7 @@ impl DaemonSignals {
             changes: watch::Sender::new(record.last_change_seq),
             connection: watch::Sender::new(record.connection_id.clone()),
             durable_update_seq: AtomicU64::new(record.last_update_seq),
-            connect_lock: Mutex::new(()),
+            connect_lock: tokio::sync::Mutex::new(()),
             polls_waiting: AtomicUsize::new(0),
             last_request_ms: AtomicU64::new(0),
             last_seen_stored_ms: AtomicU64::new(record.last_seen_ms.unwrap_or(0)),
@@ -313,7 +313,7 @@ impl Revocations {
 impl Hub {
     /// The daemon's signals, created from its stored record on first use; `None` for a
     /// daemon the store does not know.
-    pub fn daemon(
+    pub async fn daemon(
         &self,
         store: &Store,
         daemon_id: &str,
@@ -321,7 +321,7 @@ impl Hub {
         if let Some(signals) = self.lock_daemons().get(daemon_id) {
             return Ok(Some(signals.clone()));
         }
-        let Some(record) = store.daemon(daemon_id)? else {
+        let Some(record) = store.daemon(daemon_id).await? else {
             return Ok(None);
         };
         let mut daemons = self.lock_daemons();

@@ -116,11 +116,12 @@ async fn dispatch(
     spec: CommandSpec,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let signals = app.signals(daemon_id)?;
+    let signals = app.signals(daemon_id).await?;
     let prefs = Preferences::from_headers(headers, app);
     let online = signals.online(app.config.sync.online_grace);
     if !online && !spec.write {
         return offline_copy(app, daemon_id, &spec)
+            .await
             .ok_or_else(|| ApiError::daemon_offline(daemon_id));
     }
     if !online && header_is(headers, IF_OFFLINE, "fail") {
@@ -132,19 +133,21 @@ async fn dispatch(
     // A write: stored and committed before anything is answered.
     let idempotency = idempotency_key(headers)?.map(|key| (principal.key_id.clone(), key));
     let ttl = app.config.commands.command_ttl;
-    let outcome = app.store.enqueue(
-        NewCommand {
-            daemon_id: daemon_id.to_owned(),
-            method: spec.method.clone(),
-            params_json: spec.params_json.clone(),
-            stream: false,
-            ttl_ms: ttl.as_millis() as u64,
-            idempotency,
-            queue_limit: app.config.commands.queue_limit,
-        },
-        now_ms(),
-    )?;
-    app.store.commit().await?;
+    let outcome = app
+        .store
+        .enqueue(
+            NewCommand {
+                daemon_id: daemon_id.to_owned(),
+                method: spec.method.clone(),
+                params_json: spec.params_json.clone(),
+                stream: false,
+                ttl_ms: ttl.as_millis() as u64,
+                idempotency,
+                queue_limit: app.config.commands.queue_limit,
+            },
+            now_ms(),
+        )
+        .await?;
     if outcome.created {
         signals.bump_queue();
     }
@@ -206,12 +209,12 @@ async fn read(
     match outcome {
         Some(outcome) if outcome.error_json.is_none() => {
             if let Some(result_json) = &outcome.result_json {
-                super::sync::remember_get(app, daemon_id, &spec.params_json, result_json);
+                super::sync::remember_get(app, daemon_id, &spec.params_json, result_json).await;
             }
             Ok(completed_response(outcome.result_json.as_deref(), &spec))
         }
         Some(outcome) => Err(daemon_error(outcome.error_json.as_deref())),
-        None => offline_copy(app, daemon_id, &spec).ok_or_else(|| {
+        None => offline_copy(app, daemon_id, &spec).await.ok_or_else(|| {
             ApiError::timeout(format!(
                 "daemon {daemon_id} did not answer within {} s",
                 wait.as_secs()
@@ -492,9 +495,9 @@ fn daemon_error(error_json: Option<&str>) -> ApiError {
     err
 }
 
-fn offline_copy(app: &App, daemon_id: &str, spec: &CommandSpec) -> Option<Response> {
+async fn offline_copy(app: &App, daemon_id: &str, spec: &CommandSpec) -> Option<Response> {
     let key = spec.cache_key.as_ref()?;
-    let cached = match app.store.response(daemon_id, key) {
+    let cached = match app.store.response(daemon_id, key).await {
         Ok(found) => found?,
         Err(err) => {
             tracing::warn!(error = %err, "could not read an offline copy");

@@ -247,10 +247,11 @@ pub async fn policy(
     let checked = match policy.guard {
         Guard::Open => method_ok.then_some(()).ok_or_else(|| refused(policy)),
         Guard::MethodFirst(need) => match method_ok {
-            true => authorize(&mut request, need),
+            true => authorize(&mut request, need).await,
             false => Err(refused(policy)),
         },
         Guard::CredentialsFirst(need) => authorize(&mut request, need)
+            .await
             .and_then(|()| method_ok.then_some(()).ok_or_else(|| refused(policy))),
     };
     match checked {
@@ -276,36 +277,40 @@ pub enum Need {
 
 /// Authenticates and authorizes the request for `need`, leaving the [`Principal`] (and
 /// for daemon routes the [`DaemonScope`]) in its extensions.
-pub fn authorize<B>(request: &mut http::Request<B>, need: Need) -> Result<(), ApiError> {
-    let ctx = ctx(request.extensions())?;
-    let plain = |access| principal(ctx, request.headers(), request.uri(), false, access);
-    let principal = match need {
-        Need::Sync => plain(Access::Sync(None))?,
-        Need::Client => plain(Access::Client(None))?,
-        Need::Admin => plain(Access::Admin)?,
+pub async fn authorize<B>(request: &mut http::Request<B>, need: Need) -> Result<(), ApiError> {
+    let ctx = ctx(request.extensions())?.clone();
+    let ctx = &*ctx;
+    // Only the parts that are `Sync` are held across the key lookup (a body is not).
+    let (method, headers, uri) = (request.method(), request.headers(), request.uri());
+    let plain = |access| principal(ctx, headers, uri, false, access);
+    let (principal, scope) = match need {
+        Need::Sync => (plain(Access::Sync(None)).await?, None),
+        Need::Client => (plain(Access::Client(None)).await?, None),
+        Need::Admin => (plain(Access::Admin).await?, None),
         Need::Daemon => {
-            let scope = DaemonScope::of(request.uri());
+            let scope = DaemonScope::of(uri);
             let tail = scope.tail();
-            let is_sse = request.method() == Method::GET
+            let is_sse = method == Method::GET
                 && (tail == "stream/events"
                     || streams::is_stream_path(&ctx.app.config.streams.paths, tail));
             if !valid_daemon_id(scope.daemon_id()) {
                 return Err(ApiError::bad_request("invalid daemon id"));
             }
             let access = Access::Client(Some(scope.daemon_id()));
-            let principal = principal(ctx, request.headers(), request.uri(), is_sse, access)?;
-            request.extensions_mut().insert(scope);
-            principal
+            let principal = principal(ctx, headers, uri, is_sse, access).await?;
+            (principal, Some(scope))
         }
     };
+    if let Some(scope) = scope {
+        request.extensions_mut().insert(scope);
+    }
     request.extensions_mut().insert(principal);
     Ok(())
 }
 
-fn ctx(extensions: &http::Extensions) -> Result<&RequestCtx, ApiError> {
+fn ctx(extensions: &http::Extensions) -> Result<&Arc<RequestCtx>, ApiError> {
     extensions
         .get::<Arc<RequestCtx>>()
-        .map(|ctx| &**ctx)
         .ok_or_else(|| ApiError::unauthorized("no credentials"))
 }
 
@@ -331,7 +336,9 @@ async fn revoked(
             return std::future::pending().await;
         }
         if let Some(principal) = principal.get() {
-            if !principal.by_certificate && matches!(app.store.key(&principal.key_id), Ok(None)) {
+            if !principal.by_certificate
+                && matches!(app.store.key(&principal.key_id).await, Ok(None))
+            {
                 return;
             }
         }
@@ -410,7 +417,7 @@ fn rate_limited(app: &App, limited: Limited) -> ApiError {
 }
 
 /// `/metrics`: counters only, no ids or keys, so it needs no credentials.
-pub fn metrics(app: &App) -> Response {
+pub async fn metrics(app: &App) -> Response {
     use std::fmt::Write;
     let stats = app.store.commit_stats();
     let m = &app.metrics;
@@ -491,7 +498,7 @@ pub fn metrics(app: &App) -> Response {
         .map(|(n, k, v)| (n, k, Some(v)))
         .collect();
     // Totals only: /metrics needs no key, so it names no daemon.
-    let daemons = app.store.daemons().ok();
+    let daemons = app.store.daemons().await.ok();
     series.push((
         "syncrelay_daemons",
         "gauge",
@@ -578,7 +585,7 @@ pub(super) fn has_backslash(segment: &str) -> bool {
 
 /// Authenticates the request and authorizes it for `access`. Failed authentications
 /// count against the source address; the key's own rate limit applies after.
-fn principal(
+async fn principal(
     ctx: &RequestCtx,
     headers: &http::HeaderMap,
     uri: &http::Uri,
@@ -597,7 +604,7 @@ fn principal(
                 "the client certificate has expired or is no longer trusted",
             ));
         }
-        (token, _) => match authenticate(&app.store, token) {
+        (token, _) => match authenticate(&app.store, token).await {
             Ok(principal) => principal,
             Err(err) if err.status == http::StatusCode::UNAUTHORIZED => {
                 app.metrics.auth_failures.fetch_add(1, Relaxed);
@@ -625,7 +632,7 @@ fn principal(
     // revocation watch only covers what comes after this point.
     if !principal.by_certificate
         && app.hub.revocations.generation() != ctx.generation
-        && app.store.key(&principal.key_id)?.is_none()
+        && app.store.key(&principal.key_id).await?.is_none()
     {
         return Err(ApiError::unauthorized("invalid or revoked key"));
     }

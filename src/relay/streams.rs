@@ -44,7 +44,7 @@ pub async fn serve(
     rest: &str,
     parts: &Parts,
 ) -> Result<Response, ApiError> {
-    let signals = app.signals(daemon_id)?;
+    let signals = app.signals(daemon_id).await?;
     let params = HttpParams {
         method: "GET".into(),
         path: format!("/api/v1/{rest}"),
@@ -66,21 +66,23 @@ pub async fn serve(
     };
     let config = &app.config;
     let (record, source) = if signals.online(config.sync.online_grace) {
-        let opened = app.store.open_context(
-            ContextRequest {
-                daemon_id: daemon_id.to_owned(),
-                key,
-                params_json: serde_json::to_string(&params).expect("params serialise"),
-                refresh,
-                ttl_ms: config.streams.context_ttl.as_millis() as u64,
-                command_ttl_ms: config.commands.wait_max.as_millis() as u64,
-                queue_limit: config.commands.queue_limit,
-            },
-            now_ms(),
-        )?;
+        let opened = app
+            .store
+            .open_context(
+                ContextRequest {
+                    daemon_id: daemon_id.to_owned(),
+                    key,
+                    params_json: serde_json::to_string(&params).expect("params serialise"),
+                    refresh,
+                    ttl_ms: config.streams.context_ttl.as_millis() as u64,
+                    command_ttl_ms: config.commands.wait_max.as_millis() as u64,
+                    queue_limit: config.commands.queue_limit,
+                },
+                now_ms(),
+            )
+            .await?;
         match opened {
             Opened::Started(record) => {
-                app.store.commit().await?;
                 signals.bump_queue();
                 (record, Source::Daemon)
             }
@@ -91,7 +93,7 @@ pub async fn serve(
         }
     } else {
         // Offline: a complete copy is served whatever its age; nothing else can be.
-        match app.store.current_context(daemon_id, &key)? {
+        match app.store.current_context(daemon_id, &key).await? {
             Some(record)
                 if !refresh && record.state == ContextState::Complete && record.servable() =>
             {
@@ -100,10 +102,9 @@ pub async fn serve(
             _ => return Err(ApiError::daemon_offline(daemon_id)),
         }
     };
+    // The store shows only what is durable: a crash cannot take back the status, the
+    // headers or a chunk a client was shown.
     let record = await_head(app, record).await?;
-    // The status and headers (and, for a cache hit, the whole context) go out only once on
-    // disk: a crash must not take back what a client was shown.
-    app.store.commit_visible().await?;
     let status = record
         .status
         .and_then(super::mirror::final_status)
@@ -162,10 +163,7 @@ async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecor
         if record.status.is_some() {
             return Ok(record);
         }
-        if record.state != ContextState::Fetching || fetch_is_dead(app, &record)? {
-            // Told only once on disk: the end of a fetch, or its command's expiry, may
-            // still wait for its flush.
-            app.store.commit().await?;
+        if record.state != ContextState::Fetching || fetch_is_dead(app, &record).await? {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "stream_failed",
@@ -182,7 +180,8 @@ async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecor
         }
         record = app
             .store
-            .context(record.context_id)?
+            .context(record.context_id)
+            .await?
             .ok_or_else(|| ApiError::not_found("the context is gone"))?;
     }
 }
@@ -190,15 +189,15 @@ async fn await_head(app: &App, mut record: ContextRecord) -> Result<ContextRecor
 /// A fetch whose command ended without completing the context will never go on. The
 /// command may have finished with the context's last chunk after `record` was read, so a
 /// final command is checked against a fresh read of the context.
-fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
+async fn fetch_is_dead(app: &App, record: &ContextRecord) -> Result<bool, ApiError> {
     if record.state != ContextState::Fetching {
         return Ok(false);
     }
-    let command = app.store.command_at(&record.command_id, now_ms())?;
+    let command = app.store.command(&record.command_id, now_ms()).await?;
     if command.is_some_and(|c| !c.state.is_final()) {
         return Ok(false);
     }
-    let fresh = app.store.context(record.context_id)?;
+    let fresh = app.store.context(record.context_id).await?;
     Ok(fresh.is_none_or(|r| r.state == ContextState::Fetching))
 }
 
@@ -212,7 +211,7 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) 
     let keepalive = app.config.changes.sse_keepalive;
     let mut keepalive_at = Instant::now() + keepalive;
     let mut next = 0u64;
-    // Once a record read as ended was found on disk, nothing of the context changes.
+    // Once a record read as ended was read durable, nothing of the context changes.
     let mut settled = false;
     // A storage failure ends an SSE body with an error event, never like a whole context.
     let (sse_body, outlet) = (framer.is_some(), &outlet);
@@ -224,8 +223,6 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) 
             }
         }
     };
-    // Once settled, the record read last is the record for good.
-    let mut last_record: Option<ContextRecord> = None;
     loop {
         // Room first, for as many chunks as the client has room for now.
         let room = match outlet.try_room() {
@@ -246,35 +243,22 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) 
                 None => break,
             }
         }
-        let record = match last_record.take() {
-            Some(record) if settled => Ok(Some(record)),
-            _ => app.store.context(context_id),
-        };
-        let read = match record {
-            Ok(Some(record)) => app
-                .store
-                .context_chunks(context_id, next, rooms.len())
-                .map(|chunks| (record, chunks)),
-            Ok(None) => return,
-            Err(err) => Err(err),
-        };
+        // Durable when read: a crash cannot take back chunks (or the end) a client was
+        // sent, which a refetch might cut otherwise.
+        let read = app
+            .store
+            .read_context(context_id, next, rooms.len(), settled)
+            .await;
         let (record, chunks) = match read {
-            Ok(read) => read,
+            Ok(Some(read)) => read,
+            Ok(None) => return,
             Err(err) => {
                 drop(rooms);
                 return storage_failed(&err).await;
             }
         };
+        settled = record.state != ContextState::Fetching;
         if !chunks.is_empty() {
-            // These may be chunks (or the end) whose post still waits for its flush; a
-            // crash would take them back, and a refetch may cut the context otherwise.
-            if !settled {
-                if let Err(err) = app.store.commit_visible().await {
-                    drop(rooms);
-                    return storage_failed(&err).await;
-                }
-                settled = record.state != ContextState::Fetching;
-            }
             for (chunk, room) in chunks.into_iter().zip(rooms) {
                 next += 1;
                 let out = match framer.as_mut() {
@@ -286,22 +270,14 @@ async fn pump(app: Arc<App>, context_id: u64, sse: Option<u64>, outlet: Outlet) 
                     keepalive_at = Instant::now() + keepalive;
                 }
             }
-            last_record = Some(record);
             continue;
         }
         drop(rooms);
-        let dead = fetch_is_dead(&app, &record).unwrap_or(true);
+        let dead = match fetch_is_dead(&app, &record).await {
+            Ok(dead) => dead,
+            Err(err) => return storage_failed(&err.message).await,
+        };
         if next >= record.chunks && (record.state != ContextState::Fetching || dead) {
-            // The end goes out only once on disk too. A dead fetch was read from its
-            // command's state, whose final writes (expiry among them) are not tracked.
-            let durable = match (settled, dead) {
-                (true, _) => Ok(()),
-                (false, false) => app.store.commit_visible().await,
-                (false, true) => app.store.commit().await,
-            };
-            if let Err(err) = durable {
-                return storage_failed(&err).await;
-            }
             if framer.is_some() && record.state != ContextState::Complete {
                 // Say so, rather than end like a complete context.
                 let error = record

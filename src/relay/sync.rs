@@ -18,8 +18,8 @@ use crate::protocol::{
     PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, WireCommand,
 };
 use crate::store::{
-    now_ms, CachedResponse, ChunkOutcome, CompleteOutcome, ContextState, NewChange, NewChunk,
-    StoreError,
+    now_ms, CachedResponse, ChunkLimits, ChunkOutcome, CompleteOutcome, ContextState, NewChange,
+    NewChunk, Posted, PostedOutcome, StoreError,
 };
 use base64::Engine;
 
@@ -34,30 +34,30 @@ pub async fn connect(
     rand::thread_rng().fill_bytes(&mut bytes);
     let connection_id = format!("conn-{}", hex::encode(bytes));
     let now = now_ms();
-    app.store.ensure_daemon(&request.daemon_id, now)?;
-    let signals = app.signals(&request.daemon_id)?;
+    app.store.ensure_daemon(&request.daemon_id, now).await?;
+    let signals = app.signals(&request.daemon_id).await?;
     let record = {
         // Store and publish as one step per daemon: concurrent connects can never leave
         // an older connection id published than stored. The old connection's polls are
-        // answered `superseded` from here on.
-        let _serial = signals
-            .connect_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let record = app.store.connect_daemon(
-            &request.daemon_id,
-            request.version,
-            request.capabilities,
-            &connection_id,
-            now,
-        )?;
+        // answered `superseded` from here on (and `lease` refuses them already, since it
+        // checks the stored id).
+        let _serial = signals.connect_lock.lock().await;
+        let record = app
+            .store
+            .connect_daemon(
+                &request.daemon_id,
+                request.version,
+                request.capabilities,
+                &connection_id,
+                now,
+            )
+            .await?;
         signals.connection.send_replace(Some(connection_id.clone()));
         signals.requeue_reads(&connection_id);
         signals.bump_queue();
         record
     };
     signals.seen();
-    app.store.commit().await?;
     signals.publish_update_seq(record.last_update_seq);
     tracing::info!(daemon_id = %request.daemon_id, %connection_id, "daemon connected");
     Ok(json(
@@ -90,7 +90,7 @@ pub async fn poll(
     }
     let timeout = poll_timeout(request.timeout, app.config.sync.poll_timeout_max)?;
     let updates = validate_updates(&request)?;
-    let signals = app.signals(daemon_id)?;
+    let signals = app.signals(daemon_id).await?;
     signals.seen();
     let mut connection_rx = signals.connection.subscribe();
     let my_connection = match &request.connection_id {
@@ -103,7 +103,7 @@ pub async fn poll(
 
     let now = now_ms();
     if signals.last_seen_due(now) {
-        app.store.touch_daemon(daemon_id, now)?;
+        app.store.touch_daemon(daemon_id, now).await?;
     }
     // Only durable values are reported: a daemon trims its outbox by this number.
     // Updates with no room in the daemon's disk budget are not stored (the daemon keeps
@@ -113,9 +113,8 @@ pub async fn poll(
     let last_update_seq = if updates.is_empty() {
         signals.durable_update_seq()
     } else {
-        match app.store.append_changes(daemon_id, updates, now) {
+        match app.store.append_changes(daemon_id, updates, now).await {
             Ok(outcome) => {
-                app.store.commit().await?;
                 signals.publish_changes(outcome.last_change_seq);
                 signals.publish_update_seq(outcome.last_update_seq);
                 outcome.last_update_seq
@@ -141,13 +140,19 @@ pub async fn poll(
         // Reads first: a client waits for each, and they cost the store nothing.
         let reads =
             signals.take_reads(max, my_connection.as_deref(), |id| app.hub.read_waiting(id));
-        let batch = match app.store.lease(
-            daemon_id,
-            my_connection.as_deref(),
-            max - reads.len(),
-            lease_ms,
-            now_ms(),
-        ) {
+        // Durable when it returns, leases included: a command is run only once it is on
+        // disk, or a crash would take it back after the daemon ran it.
+        let batch = match app
+            .store
+            .lease(
+                daemon_id,
+                my_connection.as_deref(),
+                max - reads.len(),
+                lease_ms,
+                now_ms(),
+            )
+            .await
+        {
             Ok(batch) => batch,
             Err(err) => {
                 signals.return_reads(reads);
@@ -186,14 +191,6 @@ pub async fn poll(
     if let Some(refused) = updates_refused {
         if reads.is_empty() && batch.commands.is_empty() {
             return Err(refused);
-        }
-    }
-    // A command is run only once it is on disk: one queued a moment ago may still wait for
-    // its flush, and a crash would take it back after the daemon ran it.
-    if !batch.commands.is_empty() {
-        if let Err(err) = app.store.commit_visible().await {
-            signals.return_reads(reads);
-            return Err(err.into());
         }
     }
     let listed: Vec<(&str, &str, &str, bool)> = reads
@@ -253,97 +250,128 @@ pub async fn results(
             .map_err(|err| ApiError::bad_request(format!("results[{index}]: {err}")))?;
         entries.push(entry);
     }
-    let signals = app.signals(daemon_id)?;
+    let signals = app.signals(daemon_id).await?;
     signals.seen();
     let now = now_ms();
+    // Every entry is checked before anything is answered or stored: a bad one is a 400
+    // for the whole post.
+    let mut checked = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.into_iter().enumerate() {
+        let posted = if entry.chunk.is_some() {
+            Posted::Chunk {
+                chunk: new_chunk(app, index, &entry)?,
+                command_id: entry.command_id,
+            }
+        } else {
+            let text = |raw: Option<Box<RawValue>>| {
+                raw.map(|r| r.get().to_owned()).filter(|r| r != "null")
+            };
+            Posted::Result {
+                command_id: entry.command_id,
+                result_json: text(entry.result),
+                error_json: text(entry.error),
+            }
+        };
+        checked.push(posted);
+    }
+    // A read's client gets its answer straight away; nothing of it is stored.
+    let mut to_store = Vec::with_capacity(checked.len());
+    let mut order = Vec::with_capacity(checked.len());
+    for posted in checked {
+        let posted = match posted {
+            Posted::Result {
+                command_id,
+                result_json,
+                error_json,
+            } => {
+                let outcome = ReadOutcome {
+                    result_json,
+                    error_json,
+                };
+                match app.hub.answer_read(daemon_id, &command_id, outcome) {
+                    Ok(()) => {
+                        signals.read_answered(&command_id);
+                        order.push((command_id, None));
+                        continue;
+                    }
+                    Err(outcome) => Posted::Result {
+                        command_id,
+                        result_json: outcome.result_json,
+                        error_json: outcome.error_json,
+                    },
+                }
+            }
+            chunk => chunk,
+        };
+        let command_id = match &posted {
+            Posted::Result { command_id, .. } | Posted::Chunk { command_id, .. } => {
+                command_id.clone()
+            }
+        };
+        order.push((command_id, Some(to_store.len())));
+        to_store.push(posted);
+    }
+    let limits = ChunkLimits {
+        max_context_bytes: app.config.streams.context_max_size,
+        lease_ms: app.config.sync.lease_duration.as_millis() as u64,
+    };
+    // Durable when it returns; the waiters are woken after. A retried post wakes them
+    // again (a duplicate), should this request be cut short in between.
+    let outcomes = app
+        .store
+        .post_results(daemon_id, to_store, limits, now)
+        .await?;
     let mut response = ResultsResponse {
         accepted: Vec::new(),
         unknown: Vec::new(),
     };
-    let mut finished = Vec::new();
-    let mut contexts = Vec::new();
-    // Whether the answer acknowledges anything that must survive a crash: every stored
-    // result and every chunk answer (a read's result goes to its client in memory and is
-    // never stored).
-    let mut durable = false;
     let mut gap = None;
-    for (index, entry) in entries.into_iter().enumerate() {
-        if entry.chunk.is_some() {
-            match store_chunk(app, daemon_id, index, &entry, now)? {
-                ChunkAnswer::Taken(context_id, finished) => {
-                    durable = true;
-                    contexts.push(context_id);
-                    if finished {
-                        app.hub.commands.notify(&entry.command_id);
-                    }
-                    response.accepted.push(entry.command_id);
-                }
-                ChunkAnswer::Unknown => {
-                    // It may have ended the fetch (too large, or fetched again and cut
-                    // otherwise): the daemon stops sending only once that is on disk.
-                    durable = true;
-                    response.unknown.push(entry.command_id);
-                }
-                ChunkAnswer::Gap(expected) => {
-                    gap = Some((entry.command_id, expected));
-                    break;
-                }
-            }
+    for (command_id, slot) in order {
+        let Some(index) = slot else {
+            response.accepted.push(command_id);
             continue;
-        }
-        let result = entry
-            .result
-            .map(|r| r.get().to_owned())
-            .filter(|r| r != "null");
-        let error = entry
-            .error
-            .map(|e| e.get().to_owned())
-            .filter(|e| e != "null");
-        // A read's client gets its answer straight away; nothing is stored.
-        let outcome = ReadOutcome {
-            result_json: result,
-            error_json: error,
         };
-        let outcome = match app.hub.answer_read(daemon_id, &entry.command_id, outcome) {
-            Ok(()) => {
-                signals.read_answered(&entry.command_id);
-                response.accepted.push(entry.command_id);
-                continue;
-            }
-            Err(outcome) => outcome,
+        let Some(outcome) = outcomes.get(index) else {
+            break;
         };
-        let (result, error) = (outcome.result_json, outcome.error_json);
-        match app
-            .store
-            .complete(daemon_id, &entry.command_id, result, error, now)?
-        {
-            CompleteOutcome::Completed(command) => {
-                durable = true;
-                finished.push(command);
-                response.accepted.push(entry.command_id);
+        let accepted = match outcome {
+            PostedOutcome::Result(CompleteOutcome::Completed(command)) => {
+                app.hub.commands.notify(&command.id);
+                if let (true, Some(result_json)) = (command.method == "http", &command.result_json)
+                {
+                    remember_get(app, daemon_id, &command.params_json, result_json).await;
+                }
+                true
             }
-            CompleteOutcome::Duplicate => {
-                durable = true;
-                response.accepted.push(entry.command_id);
+            PostedOutcome::Result(CompleteOutcome::Duplicate) => {
+                app.hub.commands.notify(&command_id);
+                true
             }
-            CompleteOutcome::Unknown => response.unknown.push(entry.command_id),
+            PostedOutcome::Result(CompleteOutcome::Unknown) => false,
+            PostedOutcome::Chunk(
+                ChunkOutcome::Stored(record) | ChunkOutcome::Duplicate(record),
+            ) => {
+                app.hub.contexts.notify(&record.context_id.to_string());
+                if record.state != ContextState::Fetching {
+                    app.hub.commands.notify(&command_id);
+                }
+                true
+            }
+            // Too large: the fetch is over; `unknown` tells the daemon to stop sending.
+            PostedOutcome::Chunk(ChunkOutcome::TooLarge(record)) => {
+                app.hub.contexts.notify(&record.context_id.to_string());
+                false
+            }
+            PostedOutcome::Chunk(ChunkOutcome::Unknown) => false,
+            PostedOutcome::Chunk(ChunkOutcome::Gap { expected }) => {
+                gap = Some((command_id, *expected));
+                break;
+            }
+        };
+        match accepted {
+            true => response.accepted.push(command_id),
+            false => response.unknown.push(command_id),
         }
-    }
-    for context_id in contexts {
-        app.hub.contexts.notify(&context_id.to_string());
-    }
-    // Wake waiters before the commit: nothing can cancel this step, and a waiter commits
-    // itself before it shows a final state (see `client::await_command`).
-    for command in &finished {
-        app.hub.commands.notify(&command.id);
-        if let (true, Some(result_json)) = (command.method == "http", &command.result_json) {
-            remember_get(app, daemon_id, &command.params_json, result_json);
-        }
-    }
-    // A duplicate may be the retry of a result whose first commit failed or was cut short:
-    // it is acknowledged only once it is on disk too.
-    if durable {
-        app.store.commit().await?;
     }
     if let Some((command_id, expected)) = gap {
         return Err(ApiError::new(
@@ -356,21 +384,8 @@ pub async fn results(
     Ok(json(StatusCode::OK, &response))
 }
 
-enum ChunkAnswer {
-    /// Stored or already stored: the context, and whether the stream is now over.
-    Taken(u64, bool),
-    Unknown,
-    Gap(u64),
-}
-
-/// Stores one stream chunk (`results[index]`).
-fn store_chunk(
-    app: &App,
-    daemon_id: &str,
-    index: usize,
-    entry: &ResultEntry,
-    now: u64,
-) -> Result<ChunkAnswer, ApiError> {
+/// One stream chunk (`results[index]`), checked.
+fn new_chunk(app: &App, index: usize, entry: &ResultEntry) -> Result<NewChunk, ApiError> {
     let (chunk, data) = chunk_data(index, entry)?;
     let limit = app.config.streams.max_chunk_bytes;
     if data.len() > limit {
@@ -388,36 +403,17 @@ fn store_chunk(
                 .map(|v| (name.to_ascii_lowercase(), v.to_owned()))
         })
         .collect();
-    let outcome = app.store.append_chunk(
-        daemon_id,
-        &entry.command_id,
-        NewChunk {
-            index: chunk,
-            status: entry.status,
-            headers,
-            data: &data,
-            complete: entry.complete,
-            error_json: entry
-                .error
-                .as_ref()
-                .map(|e| e.get().to_owned())
-                .filter(|e| e != "null"),
-        },
-        app.config.streams.context_max_size,
-        app.config.sync.lease_duration.as_millis() as u64,
-        now,
-    )?;
-    Ok(match outcome {
-        ChunkOutcome::Stored(record) | ChunkOutcome::Duplicate(record) => {
-            ChunkAnswer::Taken(record.context_id, record.state != ContextState::Fetching)
-        }
-        // Too large: the fetch is over; `unknown` tells the daemon to stop sending.
-        ChunkOutcome::TooLarge(record) => {
-            app.hub.contexts.notify(&record.context_id.to_string());
-            ChunkAnswer::Unknown
-        }
-        ChunkOutcome::Unknown => ChunkAnswer::Unknown,
-        ChunkOutcome::Gap { expected } => ChunkAnswer::Gap(expected),
+    Ok(NewChunk {
+        index: chunk,
+        status: entry.status,
+        headers,
+        data,
+        complete: entry.complete,
+        error_json: entry
+            .error
+            .as_ref()
+            .map(|e| e.get().to_owned())
+            .filter(|e| e != "null"),
     })
 }
 
@@ -442,7 +438,7 @@ pub(super) fn chunk_data(index: usize, entry: &ResultEntry) -> Result<(u64, Vec<
 }
 
 /// Keeps the 2xx answer of a mirrored GET as the copy served while the daemon is offline.
-pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result_json: &str) {
+pub(super) async fn remember_get(app: &App, daemon_id: &str, params_json: &str, result_json: &str) {
     let Ok(params) = serde_json::from_str::<HttpParams>(params_json) else {
         return;
     };
@@ -469,7 +465,8 @@ pub(super) fn remember_get(app: &App, daemon_id: &str, params_json: &str, result
     };
     if let Err(err) = app
         .store
-        .put_response(daemon_id, &super::mirror::cache_key(&params), &cached)
+        .cache_response(daemon_id, &super::mirror::cache_key(&params), cached)
+        .await
     {
         tracing::warn!(error = %err, "could not keep the offline copy of a GET");
     }

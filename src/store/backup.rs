@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Result, Store, StoreError, SLED_CACHE_BYTES};
+use super::{Result, SledStore, StoreError, SLED_CACHE_BYTES};
 
 /// Bytes per batch written into the copy.
 const BATCH_BYTES: usize = 4 << 20;
@@ -35,7 +35,7 @@ pub struct BackupSummary {
     pub elapsed: Duration,
 }
 
-impl Store {
+impl SledStore {
     /// Copies the database into `dir/db` (`dir` must not exist, or be empty). `progress` is
     /// called every few hundred milliseconds while entries are copied.
     pub fn backup_to(
@@ -127,7 +127,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use crate::store::test_support::temp_store;
-    use crate::store::{NewChange, Store};
+    use crate::store::{NewChange, SledStore};
 
     #[test]
     fn the_copy_opens_as_a_store_with_everything_in_it() {
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(last.copied_bytes, summary.bytes);
         assert_eq!(last.estimated_bytes, summary.bytes);
 
-        let copy = Store::open(&copy_dir).unwrap();
+        let copy = SledStore::open(&copy_dir).unwrap();
         assert!(
             copy.spill.next_id().unwrap() > given_out,
             "the copy hands out no id the original gave out"

@@ -8,15 +8,15 @@ use sled::Transactional;
 
 use super::daemons::DaemonRecord;
 use super::usage::{stored_size, Trim};
-use super::{codec, layout, Result, Store, StoreError};
+use super::{codec, layout, machine, Result, SledStore, StoreError};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct ChangeRecord {
-    kind: String,
-    timestamp_ms: u64,
-    stored_at_ms: u64,
-    data_json: String,
-    daemon_seq: Option<u64>,
+    pub(super) kind: String,
+    pub(super) timestamp_ms: u64,
+    pub(super) stored_at_ms: u64,
+    pub(super) data_json: String,
+    pub(super) daemon_seq: Option<u64>,
 }
 
 /// An update as posted by a daemon, validated.
@@ -59,9 +59,9 @@ impl ChangeEntry {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Appends updates to the daemon's change log in one atomic step, dropping those whose
-    /// daemon `seq` is at or below the stored `last_update_seq`. Call [`Store::commit`]
+    /// daemon `seq` is at or below the stored `last_update_seq`. Call [`SledStore::commit`]
     /// before acknowledging.
     pub fn append_changes(
         &self,
@@ -73,27 +73,21 @@ impl Store {
         let mut daemon: DaemonRecord = self
             .get_decoded(&self.daemons, daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(daemon_id.to_owned()))?;
-        let mut rows = Vec::with_capacity(updates.len());
-        for update in updates {
-            if let Some(seq) = update.daemon_seq {
-                if seq <= daemon.last_update_seq {
-                    continue;
-                }
-                daemon.last_update_seq = seq;
-            }
-            daemon.last_change_seq += 1;
-            let record = ChangeRecord {
-                kind: update.kind,
-                timestamp_ms: update.timestamp_ms.unwrap_or(now_ms),
-                stored_at_ms: now_ms,
-                data_json: update.data_json,
-                daemon_seq: update.daemon_seq,
-            };
-            rows.push((
-                layout::daemon_seq_key(daemon_id, daemon.last_change_seq),
-                self.encoded(&record)?,
-            ));
-        }
+        let admitted = machine::admit_updates(
+            &mut daemon.last_update_seq,
+            &mut daemon.last_change_seq,
+            updates,
+            now_ms,
+        );
+        let rows = admitted
+            .iter()
+            .map(|(seq, record)| {
+                Ok((
+                    layout::daemon_seq_key(daemon_id, *seq),
+                    self.encoded(record)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let outcome = AppendOutcome {
             appended: rows.len(),
             last_update_seq: daemon.last_update_seq,
@@ -120,7 +114,8 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Up to `limit` entries with `seq > after_seq`, oldest first.
+    /// Up to `limit` entries with `seq > after_seq`, oldest first (for tests).
+    #[cfg(test)]
     pub fn changes_after(
         &self,
         daemon_id: &str,
@@ -130,7 +125,7 @@ impl Store {
         self.changes_page(daemon_id, after_seq, limit, usize::MAX)
     }
 
-    /// [`Store::changes_after`], stopping once the entries read hold `max_bytes` of data
+    /// Up to `limit` entries with `seq > after_seq`, oldest first, stopping once the entries read hold `max_bytes` of data
     /// (at least one entry), so that a reader of large entries holds few at a time.
     pub fn changes_page(
         &self,

@@ -12,8 +12,9 @@ use sled::transaction::ConflictableTransactionResult;
 use sled::Transactional;
 
 use super::daemons::DaemonRecord;
+use super::machine::{self, CompleteStep, LeaseStep};
 use super::usage::{stored_size, Trim};
-use super::{layout, Result, Store, StoreError};
+use super::{layout, Result, SledStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
@@ -139,36 +140,15 @@ pub(super) fn prepare_command(
     new: NewCommand,
     now_ms: u64,
 ) -> Result<CommandRecord> {
-    if daemon.queued >= new.queue_limit {
-        return Err(StoreError::QueueFull {
-            daemon_id: new.daemon_id,
-            limit: new.queue_limit,
-        });
-    }
+    let command = machine::new_command(new, daemon.queued, daemon.next_queue_seq + 1, now_ms)?;
     daemon.next_queue_seq += 1;
     daemon.queued += 1;
-    Ok(CommandRecord {
-        id: new_command_id(),
-        daemon_id: new.daemon_id,
-        method: new.method,
-        params_json: new.params_json,
-        stream: new.stream,
-        state: CommandState::Queued,
-        created_at_ms: now_ms,
-        expires_at_ms: now_ms.saturating_add(new.ttl_ms),
-        queue_seq: daemon.next_queue_seq,
-        lease_until_ms: 0,
-        deliveries: 0,
-        finished_at_ms: 0,
-        result_json: None,
-        error_json: None,
-        idempotency: new.idempotency,
-    })
+    Ok(command)
 }
 
-impl Store {
+impl SledStore {
     /// Stores a new command at the end of its daemon's queue, or returns the command an
-    /// `Idempotency-Key` already names. Call [`Store::commit`] before acknowledging.
+    /// `Idempotency-Key` already names. Call [`SledStore::commit`] before acknowledging.
     pub fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
         let _guard = self.lock_daemon(&new.daemon_id);
         let mut daemon: DaemonRecord =
@@ -255,24 +235,26 @@ impl Store {
                 self.queue.remove(queue_key)?;
                 continue;
             };
-            let lease_running =
-                command.state == CommandState::Delivered && command.lease_until_ms > now_ms;
-            if command.state.is_final() {
-                self.queue.remove(queue_key)?;
-            } else if lease_running {
-                batch.next_lease_expiry_ms = Some(
-                    batch
-                        .next_lease_expiry_ms
-                        .map_or(command.lease_until_ms, |t| t.min(command.lease_until_ms)),
-                );
-            } else if command.expires_at_ms <= now_ms {
-                self.finish_locked(&mut command, CommandState::Expired, None, None, now_ms)?;
-            } else {
-                command.state = CommandState::Delivered;
-                command.lease_until_ms = now_ms.saturating_add(lease_ms);
-                command.deliveries += 1;
-                self.commands.insert(&command_id, self.encoded(&command)?)?;
-                batch.commands.push(command);
+            match machine::lease_step(&command, now_ms) {
+                LeaseStep::Unqueue => {
+                    self.queue.remove(queue_key)?;
+                }
+                LeaseStep::Running(until) => {
+                    batch.next_lease_expiry_ms =
+                        Some(batch.next_lease_expiry_ms.map_or(until, |t| t.min(until)));
+                }
+                LeaseStep::Expire => {
+                    self.finish_locked(&mut command, CommandState::Expired, None, None, now_ms)?;
+                }
+                LeaseStep::Lease => {
+                    machine::lease(&mut command, lease_ms, now_ms);
+                    let bytes = self.encoded(&command)?;
+                    // Tracked: the daemon is told only once it is durable, and so is a
+                    // reader.
+                    self.committer
+                        .tracked(|| self.commands.insert(&command_id, bytes))?;
+                    batch.commands.push(command);
+                }
             }
         }
         Ok(batch)
@@ -288,23 +270,12 @@ impl Store {
         now_ms: u64,
     ) -> Result<CompleteOutcome> {
         let _guard = self.lock_daemon(daemon_id);
-        let Some(mut command) =
-            self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
-        else {
-            return Ok(CompleteOutcome::Unknown);
-        };
-        if command.daemon_id != daemon_id {
-            return Ok(CompleteOutcome::Unknown);
-        }
-        match command.state {
-            CommandState::Completed | CommandState::Failed => Ok(CompleteOutcome::Duplicate),
-            CommandState::Expired => Ok(CompleteOutcome::Unknown),
-            CommandState::Queued | CommandState::Delivered => {
-                let state = if error_json.is_some() {
-                    CommandState::Failed
-                } else {
-                    CommandState::Completed
-                };
+        let command = self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?;
+        match machine::complete_step(command.as_ref(), daemon_id, error_json.is_some()) {
+            CompleteStep::Unknown => Ok(CompleteOutcome::Unknown),
+            CompleteStep::Duplicate => Ok(CompleteOutcome::Duplicate),
+            CompleteStep::Finish(state) => {
+                let mut command = command.expect("a command to finish");
                 let bytes = result_json.as_ref().map_or(0, String::len)
                     + error_json.as_ref().map_or(0, String::len);
                 self.charge_budget(daemon_id, bytes as u64);
@@ -358,15 +329,13 @@ impl Store {
                 self.encoded(&daemon)
             })
             .transpose()?;
-        command.state = state;
-        command.finished_at_ms = now_ms;
-        command.result_json = result_json;
-        command.error_json = error_json;
+        machine::finish(command, state, result_json, error_json, now_ms);
         let command_bytes = self.encoded(&*command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let finished_key = layout::finished_key(now_ms, &command.id);
         let command = &*command;
-        (&self.daemons, &self.commands, &self.queue, &self.finished).transaction(
+        // Tracked: a reader may show the final state before the caller's commit resolves.
+        self.committer.tracked(|| (&self.daemons, &self.commands, &self.queue, &self.finished).transaction(
             |(daemons, commands, queue, finished)| -> ConflictableTransactionResult<(), StoreError> {
                 if let Some(bytes) = &daemon_bytes {
                     daemons.insert(command.daemon_id.as_bytes(), bytes.as_slice())?;
@@ -376,7 +345,7 @@ impl Store {
                 finished.insert(finished_key.as_slice(), &[])?;
                 Ok(())
             },
-        )?;
+        ))?;
         Ok(())
     }
 }

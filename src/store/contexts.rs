@@ -14,8 +14,9 @@ use sled::Transactional;
 
 use super::commands::prepare_command;
 use super::daemons::DaemonRecord;
+use super::machine::{self, ChunkStep};
 use super::usage::{context_body_size, stored_size, Trim};
-use super::{codec, layout, CommandRecord, CommandState, NewCommand, Result, Store, StoreError};
+use super::{codec, layout, CommandRecord, Result, SledStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContextState {
@@ -79,11 +80,11 @@ pub enum Opened {
 
 /// One chunk as posted by the daemon.
 #[derive(Debug)]
-pub struct NewChunk<'a> {
+pub struct NewChunk {
     pub index: u64,
     pub status: Option<u16>,
     pub headers: Vec<(String, String)>,
-    pub data: &'a [u8],
+    pub data: Vec<u8>,
     pub complete: bool,
     pub error_json: Option<String>,
 }
@@ -110,10 +111,10 @@ pub(super) fn chunk_key(context_id: u64, index: u64) -> [u8; 16] {
     key
 }
 
-impl Store {
+impl SledStore {
     /// The fetch to serve `request` from: an existing usable one, or a new one whose stream
     /// command is queued in the same atomic step. Concurrent first requests therefore share
-    /// one fetch. Call [`Store::commit`] before relying on a started fetch.
+    /// one fetch. Call [`SledStore::commit`] before relying on a started fetch.
     pub fn open_context(&self, request: ContextRequest, now_ms: u64) -> Result<Opened> {
         let _guard = self.lock_daemon(&request.daemon_id);
         let index_key = layout::daemon_text_key(&request.daemon_id, &[&request.key]);
@@ -129,33 +130,10 @@ impl Store {
         let mut daemon: DaemonRecord = self
             .get_decoded(&self.daemons, request.daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(request.daemon_id.clone()))?;
-        let command = prepare_command(
-            &mut daemon,
-            NewCommand {
-                daemon_id: request.daemon_id.clone(),
-                method: "http".into(),
-                params_json: request.params_json,
-                stream: true,
-                ttl_ms: request.command_ttl_ms,
-                idempotency: None,
-                queue_limit: request.queue_limit,
-            },
-            now_ms,
-        )?;
-        let record = ContextRecord {
-            context_id: self.spill.next_id()?,
-            daemon_id: request.daemon_id.clone(),
-            key: request.key,
-            command_id: command.id.clone(),
-            state: ContextState::Fetching,
-            status: None,
-            headers: Vec::new(),
-            chunks: 0,
-            bytes: 0,
-            created_at_ms: now_ms,
-            finished_at_ms: 0,
-            error_json: None,
-        };
+        let command = prepare_command(&mut daemon, machine::stream_command(&request), now_ms)?;
+        let daemon_id = request.daemon_id.clone();
+        let record =
+            machine::new_context(self.spill.next_id()?, request, command.id.clone(), now_ms);
         let id_bytes = record.context_id.to_be_bytes();
         let (daemon_bytes, command_bytes, record_bytes) = (
             self.encoded(&daemon)?,
@@ -164,7 +142,7 @@ impl Store {
         );
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         self.reserve_budget(
-            &request.daemon_id,
+            &daemon_id,
             stored_size(command.id.as_bytes(), &command_bytes)
                 + stored_size(&id_bytes, &record_bytes)
                 + (queue_key.len() + index_key.len() + 2 * command.id.len() + 16) as u64,
@@ -205,20 +183,20 @@ impl Store {
         Ok(Opened::Started(record))
     }
 
-    /// Complete and fresh, or still being fetched by a command that can still deliver.
+    /// [`machine::context_usable`], with the command as stored.
     fn context_usable(&self, record: &ContextRecord, ttl_ms: u64, now_ms: u64) -> Result<bool> {
-        if !record.servable() {
-            return Ok(false);
-        }
-        match record.state {
-            ContextState::Complete => Ok(record.created_at_ms.saturating_add(ttl_ms) > now_ms),
+        let command: Option<CommandRecord> = match record.state {
             ContextState::Fetching => {
-                let command: Option<CommandRecord> =
-                    self.get_decoded(&self.commands, record.command_id.as_bytes())?;
-                Ok(command.is_some_and(|c| !c.state.is_final() && !c.due_to_expire(now_ms)))
+                self.get_decoded(&self.commands, record.command_id.as_bytes())?
             }
-            ContextState::Failed => Ok(false),
-        }
+            _ => None,
+        };
+        Ok(machine::context_usable(
+            record,
+            command.as_ref(),
+            ttl_ms,
+            now_ms,
+        ))
     }
 
     /// The current fetch for a daemon's path+query, whatever its state.
@@ -252,12 +230,12 @@ impl Store {
 
     /// Stores one chunk of a stream command's response. Indexes start at 0 with no gaps;
     /// a repeated index is ignored. The last chunk completes the command. Call
-    /// [`Store::commit`] before acknowledging.
+    /// [`SledStore::commit`] before acknowledging.
     pub fn append_chunk(
         &self,
         daemon_id: &str,
         command_id: &str,
-        chunk: NewChunk<'_>,
+        chunk: NewChunk,
         max_context_bytes: u64,
         lease_ms: u64,
         now_ms: u64,
@@ -266,98 +244,69 @@ impl Store {
         // Tracked: a client's pump may read the chunk (or the context's end) before this
         // post's commit resolves.
         self.committer.tracked(|| {
-            let Some(id_bytes) = self.context_commands.get(command_id.as_bytes())? else {
-                return Ok(ChunkOutcome::Unknown);
+            let id_bytes = self.context_commands.get(command_id.as_bytes())?;
+            let record = match &id_bytes {
+                Some(id) => self.get_decoded::<ContextRecord>(&self.contexts, id)?,
+                None => None,
             };
-            let Some(mut record) = self.get_decoded::<ContextRecord>(&self.contexts, &id_bytes)? else {
-                return Ok(ChunkOutcome::Unknown);
+            let command =
+                self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?;
+            let same_as_stored = match &record {
+                Some(record) if machine::chunk_needs_stored(record, chunk.index) => self
+                    .context_chunks
+                    .get(chunk_key(record.context_id, chunk.index))?
+                    .map(|bytes| self.decode::<serde_bytes::ByteBuf>(&bytes))
+                    .transpose()?
+                    .is_some_and(|bytes| bytes.as_slice() == chunk.data.as_slice()),
+                _ => true,
             };
-            let Some(mut command) =
-                self.get_decoded::<CommandRecord>(&self.commands, command_id.as_bytes())?
+            let step = machine::chunk_step(
+                record.as_ref(),
+                command.as_ref(),
+                daemon_id,
+                chunk.index,
+                same_as_stored,
+            );
+            let (Some(id_bytes), Some(mut record), Some(mut command)) = (id_bytes, record, command)
             else {
                 return Ok(ChunkOutcome::Unknown);
             };
-            if record.daemon_id != daemon_id {
-                return Ok(ChunkOutcome::Unknown);
-            }
-            if chunk.index < record.chunks && record.state == ContextState::Fetching {
-                // A retry carries the same bytes. Different bytes mean the daemon's response was
-                // fetched again and cut differently (an agent restarted mid-upload): appending
-                // it would garble the context, so the fetch fails and the next request starts a
-                // clean one.
-                let stored = self
-                    .context_chunks
-                    .get(chunk_key(record.context_id, chunk.index))?;
-                let same = stored
-                    .map(|bytes| self.decode::<serde_bytes::ByteBuf>(&bytes))
-                    .transpose()?
-                    .is_some_and(|bytes| bytes.as_slice() == chunk.data);
-                if !same {
-                    record.state = ContextState::Failed;
-                    record.finished_at_ms = now_ms;
-                    record.error_json = Some(
-                        serde_json::json!({ "code": "stream_restarted", "message": "the daemon's response was fetched again and differs" })
-                            .to_string(),
-                    );
+            match step {
+                ChunkStep::Unknown => return Ok(ChunkOutcome::Unknown),
+                ChunkStep::Gap { expected } => return Ok(ChunkOutcome::Gap { expected }),
+                ChunkStep::Restarted => {
+                    machine::restarted(&mut record, now_ms);
                     self.contexts.insert(&id_bytes, self.encoded(&record)?)?;
                     self.finish_stream_command(&mut command, &record, now_ms)?;
                     return Ok(ChunkOutcome::Unknown);
                 }
-            }
-            if chunk.index < record.chunks {
-                // A retry. Should the context have completed without its command (a crash in
-                // between), finish the command now.
-                if record.state != ContextState::Fetching && !command.state.is_final() {
-                    self.finish_stream_command(&mut command, &record, now_ms)?;
+                ChunkStep::Duplicate { finish_command } => {
+                    if finish_command {
+                        self.finish_stream_command(&mut command, &record, now_ms)?;
+                    }
+                    return Ok(ChunkOutcome::Duplicate(record));
                 }
-                return Ok(ChunkOutcome::Duplicate(record));
-            }
-            if record.state != ContextState::Fetching || command.state.is_final() {
-                return Ok(ChunkOutcome::Unknown);
-            }
-            if chunk.index > record.chunks {
-                return Ok(ChunkOutcome::Gap {
-                    expected: record.chunks,
-                });
+                ChunkStep::Append => {}
             }
             let key = chunk_key(record.context_id, chunk.index);
-            let refusal = if record.bytes + chunk.data.len() as u64 > max_context_bytes {
-                Some(serde_json::json!({ "code": "payload_too_large", "message": format!("the context exceeds {max_context_bytes} bytes") }))
-            } else {
+            let refusal = match machine::too_large(&record, chunk.data.len(), max_context_bytes) {
+                Some(refusal) => Some(refusal),
                 // Approximate: the stored chunk is its bytes and a few of framing.
-                let bytes = stored_size(&key, chunk.data) + 8;
-                match self.reserve_budget(daemon_id, bytes, Trim::Cache, now_ms) {
+                None => match self.reserve_budget(
+                    daemon_id,
+                    stored_size(&key, &chunk.data) + 8,
+                    Trim::Cache,
+                    now_ms,
+                ) {
                     Ok(()) => None,
-                    Err(StoreError::OverBudget(_)) => Some(serde_json::json!({ "code": "queue_full", "message": format!("daemon {daemon_id} has used its disk budget") })),
+                    Err(StoreError::OverBudget(_)) => Some(machine::over_budget(daemon_id)),
                     Err(err) => return Err(err),
-                }
+                },
             };
             let too_large = refusal.is_some();
-            if let Some(refusal) = refusal {
-                record.state = ContextState::Failed;
-                record.error_json = Some(refusal.to_string());
-                record.finished_at_ms = now_ms;
-            } else {
-                if chunk.index == 0 {
-                    record.status = chunk.status;
-                    record.headers = chunk.headers;
-                }
-                record.chunks += 1;
-                record.bytes += chunk.data.len() as u64;
-                if chunk.complete {
-                    record.state = if chunk.error_json.is_some() {
-                        ContextState::Failed
-                    } else {
-                        ContextState::Complete
-                    };
-                    record.error_json = chunk.error_json;
-                    record.finished_at_ms = now_ms;
-                }
-            }
-            let data = match too_large {
-                true => None,
-                false => Some(self.encoded(&serde_bytes::Bytes::new(chunk.data))?),
-            };
+            let data = machine::append_chunk(&mut record, chunk, refusal, now_ms)
+                .map(|data| self.encoded(&serde_bytes::ByteBuf::from(data)))
+                .transpose()?;
             let record_bytes = self.encoded(&record)?;
             (&self.contexts, &self.context_chunks).transaction(
                 |(contexts, chunks)| -> ConflictableTransactionResult<(), StoreError> {
@@ -384,41 +333,18 @@ impl Store {
         })
     }
 
-    /// A stream command's result is a summary; the body lives in the context.
+    /// Ends a stream command with its context ([`machine::stream_finish`]).
     fn finish_stream_command(
         &self,
         command: &mut CommandRecord,
         record: &ContextRecord,
         now_ms: u64,
     ) -> Result<()> {
-        let summary = serde_json::json!({
-            "status": record.status,
-            "context_id": record.context_id,
-            "chunks": record.chunks,
-            "bytes": record.bytes,
-        })
-        .to_string();
-        match record.state {
-            ContextState::Failed => {
-                let error = record
-                    .error_json
-                    .clone()
-                    .unwrap_or_else(|| "{\"code\":\"stream_failed\"}".into());
-                self.finish_locked(
-                    command,
-                    CommandState::Failed,
-                    Some(summary),
-                    Some(error),
-                    now_ms,
-                )
+        match machine::stream_finish(record) {
+            Some((state, result, error)) => {
+                self.finish_locked(command, state, result, error, now_ms)
             }
-            _ => self.finish_locked(
-                command,
-                CommandState::Completed,
-                Some(summary),
-                None,
-                now_ms,
-            ),
+            None => Ok(()),
         }
     }
 
@@ -446,9 +372,15 @@ impl Store {
         for record in &listed {
             // A fetch whose command ended without completing it will never go on.
             let abandoned = record.state == ContextState::Fetching
-                && self
-                    .get_decoded::<CommandRecord>(&self.commands, record.command_id.as_bytes())?
-                    .is_none_or(|c| c.state.is_final() || c.due_to_expire(now_ms));
+                && machine::context_abandoned(
+                    record,
+                    self.get_decoded::<CommandRecord>(
+                        &self.commands,
+                        record.command_id.as_bytes(),
+                    )?
+                    .as_ref(),
+                    now_ms,
+                );
             let finished = record.state != ContextState::Fetching || abandoned;
             let expired = finished && record.created_at_ms.saturating_add(ttl_ms) <= now_ms;
             let over_budget = finished && total > max_total_bytes;
@@ -494,7 +426,7 @@ impl Store {
         self.retire_context_locked(record, now_ms)
     }
 
-    /// [`Store::retire_context`] for a caller that holds the daemon's lock.
+    /// [`SledStore::retire_context`] for a caller that holds the daemon's lock.
     pub(super) fn retire_context_locked(&self, record: &ContextRecord, now_ms: u64) -> Result<()> {
         let index_key = layout::daemon_text_key(&record.daemon_id, &[&record.key]);
         let id_bytes = record.context_id.to_be_bytes();
@@ -522,6 +454,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::test_support::temp_store;
+    use crate::store::CommandState;
 
     fn request(refresh: bool) -> ContextRequest {
         ContextRequest {
@@ -535,12 +468,12 @@ mod tests {
         }
     }
 
-    fn chunk(index: u64, data: &[u8], complete: bool) -> NewChunk<'_> {
+    fn chunk(index: u64, data: &[u8], complete: bool) -> NewChunk {
         NewChunk {
             index,
             status: Some(200),
             headers: vec![],
-            data,
+            data: data.to_vec(),
             complete,
             error_json: None,
         }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Result, Store};
+use super::{Result, SledStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
@@ -45,8 +45,8 @@ pub struct KeyRecord {
     pub created_at_ms: u64,
 }
 
-impl Store {
-    /// Stores a key; call [`Store::commit`] before handing out its token.
+impl SledStore {
+    /// Stores a key; call [`SledStore::commit`] before handing out its token.
     pub fn put_key(&self, record: &KeyRecord) -> Result<()> {
         let _gate = self.gate.shared();
         self.credentials

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{layout, CommandRecord, CommandState, Result, Store};
+use super::{layout, machine, CommandRecord, Result, SledStore};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonRecord {
@@ -43,7 +43,7 @@ impl DaemonRecord {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Creates the daemon's record if it has none; returns the record.
     pub fn ensure_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<DaemonRecord> {
         let _guard = self.lock_daemon(daemon_id);
@@ -79,10 +79,10 @@ impl Store {
             if let Some(mut command) =
                 self.get_decoded::<CommandRecord>(&self.commands, &command_id)?
             {
-                if command.state == CommandState::Delivered {
-                    command.state = CommandState::Queued;
-                    command.lease_until_ms = 0;
-                    self.commands.insert(&command_id, self.encoded(&command)?)?;
+                if machine::release(&mut command) {
+                    let bytes = self.encoded(&command)?;
+                    self.committer
+                        .tracked(|| self.commands.insert(&command_id, bytes))?;
                 }
             }
         }

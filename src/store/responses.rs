@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::usage::{stored_size, Trim};
-use super::{layout, Result, Store, StoreError};
+use super::{layout, Result, SledStore, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedResponse {
@@ -21,7 +21,7 @@ pub struct CachedResponse {
 /// this much.
 pub const RESPONSE_REFRESH_MS: u64 = 1_000;
 
-impl Store {
+impl SledStore {
     /// Keeps `response` as the offline copy of `path_and_query`, unless the stored copy
     /// is the same and younger than [`RESPONSE_REFRESH_MS`], or the daemon's disk budget
     /// has no room for it. Returns whether it wrote.

@@ -4,7 +4,7 @@
 //! GET responses. Deletions are not acknowledgements, so the sweep never commits; it works
 //! in small batches and takes a daemon's lock only to expire a command.
 
-use super::{layout, ChangeEntry, CommandRecord, CommandState, Result, Store};
+use super::{layout, ChangeEntry, CommandRecord, CommandState, Result, SledStore};
 use crate::store::responses::CachedResponse;
 
 /// Entries removed per sled batch.
@@ -26,7 +26,7 @@ pub struct SweepStats {
     pub responses_removed: u64,
 }
 
-impl Store {
+impl SledStore {
     pub fn sweep(&self, policy: &RetentionPolicy, now_ms: u64) -> Result<SweepStats> {
         let mut stats = SweepStats::default();
         for daemon in self.daemons()? {

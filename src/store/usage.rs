@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use super::contexts::ContextRecord;
 use super::responses::CachedResponse;
 use super::spill::spilled;
-use super::{layout, CommandRecord, CommandState, Result, Store};
+use super::{layout, CommandRecord, CommandState, Result, SledStore};
 
 /// What one tree holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -168,14 +168,14 @@ fn daemon_of(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(&key[..end]).ok()
 }
 
-impl Store {
+impl SledStore {
     /// Sets the disk budget of each daemon (`daemon_max_bytes`; 0: none).
     pub fn set_daemon_budget(&self, daemon_max_bytes: u64) {
         self.budget.max.store(daemon_max_bytes, Ordering::Relaxed);
     }
 
     /// Measures the store, collects unreferenced pieces, and trims daemons over their
-    /// budget ([`Store::set_daemon_budget`]). Run every `sweep_interval`.
+    /// budget ([`SledStore::set_daemon_budget`]). Run every `sweep_interval`.
     pub fn census(&self, sweep_interval: std::time::Duration, now_ms: u64) -> Result<Usage> {
         let daemon_max_bytes = self.budget.max.load(Ordering::Relaxed);
         // Writes from here on may or may not be in this count: counted again after it, a

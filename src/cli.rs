@@ -287,9 +287,16 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             action: ConfigAction::Check { config },
         } => {
             let path = config.unwrap_or_else(|| PathBuf::from("config.toml"));
-            Config::from_file(&path)?
+            let config = Config::from_file(&path)?;
+            config
                 .check_serving()
                 .map_err(|problem| anyhow::anyhow!("{}: {problem}", path.display()))?;
+            if let crate::config::StoreBackend::Postgres(pg) = &config.store {
+                let database = crate::store::postgres::probe(pg)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
+                println!("{database}");
+            }
             println!("{}: ok", path.display());
             Ok(())
         }

@@ -24,6 +24,17 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
+    /// `[store]`: where the data lives.
+    pub store: StoreBackend,
+}
+
+/// `[store] backend`.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded database in `server.data_dir`.
+    Sled,
+    /// PostgreSQL 15+ (`Debug` never shows the password).
+    Postgres(crate::store::postgres::PgSettings),
 }
 
 /// `[tls]`: PEM files, re-read on SIGHUP.
@@ -261,6 +272,8 @@ pub struct RawConfig {
     pub rate_limit: RawRateLimit,
     #[serde(default)]
     pub cors: RawCors,
+    #[serde(default)]
+    pub store: RawStore,
     /// Read by `syncrelay agent`; accepted here so one file can serve both.
     #[serde(default)]
     pub agent: Option<toml::Table>,
@@ -355,6 +368,33 @@ pub struct RawStreams {
     pub context_max_bytes: Option<u64>,
     pub context_max_size: Option<u64>,
     pub max_chunk_bytes: Option<usize>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub backend: Option<String>,
+    pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    pub pool_size: Option<usize>,
+    pub statement_timeout: Option<String>,
+    pub allow_unsafe_durability: Option<bool>,
+}
+
+impl std::fmt::Debug for RawStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStore")
+            .field("backend", &self.backend)
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::postgres::redacted),
+            )
+            .field("url_file", &self.url_file)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("allow_unsafe_durability", &self.allow_unsafe_durability)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -769,8 +809,15 @@ impl Config {
                 1 << 20,
             ),
         };
+        let store = store_backend(&mut check, raw.store);
+        if streams.max_chunk_bytes > MAX_CHUNK_BYTES {
+            check.problems.push(format!(
+                "streams.max_chunk_bytes must be at most {MAX_CHUNK_BYTES} (16 MiB)"
+            ));
+        }
         if check.problems.is_empty() {
             Ok(Config {
+                store,
                 tls,
                 rate_limit,
                 cors,
@@ -784,6 +831,82 @@ impl Config {
             })
         } else {
             Err(check.problems)
+        }
+    }
+}
+
+/// Largest chunk a daemon may post: chunks are stored as one row or value each.
+const MAX_CHUNK_BYTES: usize = 16 << 20;
+
+/// `[store]`, checked; a `url_file` is read here, so a missing one is a config problem.
+fn store_backend(check: &mut Checker, raw: RawStore) -> StoreBackend {
+    let statement_timeout =
+        check.duration("store.statement_timeout", &raw.statement_timeout, "30s");
+    let pool_size = check.positive("store.pool_size", raw.pool_size, 16);
+    match raw.backend.as_deref().unwrap_or("sled") {
+        "sled" => {
+            for (key, set) in [
+                ("url", raw.url.is_some()),
+                ("url_file", raw.url_file.is_some()),
+            ] {
+                check.require(
+                    !set,
+                    format!("store.{key} is only read with backend = \"postgres\""),
+                );
+            }
+            StoreBackend::Sled
+        }
+        "postgres" => {
+            let url = match (raw.url, raw.url_file) {
+                (Some(url), None) => url,
+                (None, Some(path)) => match std::fs::read_to_string(&path) {
+                    Ok(text) => text.trim().to_owned(),
+                    Err(err) => {
+                        check
+                            .problems
+                            .push(format!("store.url_file {}: {err}", path.display()));
+                        String::new()
+                    }
+                },
+                _ => {
+                    check.problems.push(
+                        "backend = \"postgres\" needs exactly one of store.url and \
+                         store.url_file"
+                            .into(),
+                    );
+                    String::new()
+                }
+            };
+            if !url.is_empty() && url.parse::<tokio_postgres::Config>().is_err() {
+                check.problems.push(format!(
+                    "store.url {} is not a PostgreSQL connection string",
+                    crate::store::postgres::redacted(&url)
+                ));
+            }
+            // Maintenance holds one connection while it asks for another.
+            check.require(pool_size >= 2, "store.pool_size must be at least 2");
+            StoreBackend::Postgres(crate::store::postgres::PgSettings {
+                url,
+                pool_size,
+                statement_timeout,
+                allow_unsafe_durability: raw.allow_unsafe_durability.unwrap_or(false),
+            })
+        }
+        other => {
+            check.problems.push(format!(
+                "store.backend = {other:?}: use \"sled\" or \"postgres\""
+            ));
+            StoreBackend::Sled
+        }
+    }
+}
+
+impl Config {
+    /// Where the store lives, for [`crate::store::Store::open`].
+    pub fn store_settings(&self) -> crate::store::StoreSettings {
+        match &self.store {
+            StoreBackend::Sled => crate::store::StoreSettings::Sled(self.server.data_dir.clone()),
+            StoreBackend::Postgres(pg) => crate::store::StoreSettings::Postgres(pg.clone()),
         }
     }
 }

@@ -203,10 +203,11 @@ impl Relay {
             None => None,
         };
         let data_dir = config.server.data_dir.clone();
-        let store = Arc::new(
-            Store::open_sled(&data_dir)
-                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
-        );
+        // Made here, not by the store: on PostgreSQL it still holds `admin.key`.
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+        let store = Arc::new(Store::open(&config.store_settings()).await?);
+        tracing::info!(backend = store.backend_name(), "store open");
         if process.exit_on_storage_failure {
             crate::store::exit_on_storage_failure();
         }

@@ -41,7 +41,7 @@ mod usage;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use agent_state::{AgentStore, OutboxEvent, StoredResult};
-pub use api::{ChunkLimits, Maintenance, Posted, PostedOutcome, Store};
+pub use api::{ChunkLimits, Maintenance, Posted, PostedOutcome, Store, StoreSettings};
 pub use backup::{BackupProgress, BackupSummary};
 pub use changes::{AppendOutcome, ChangeEntry, NewChange};
 pub use commands::{
@@ -90,6 +90,9 @@ pub enum StoreError {
     Superseded,
     #[error("the store is closed")]
     Closed,
+    /// The backend does not do this; the message says what to do instead.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<sled::Error> for StoreError {

@@ -120,6 +120,7 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
 /// progress lines, then `{"done": true, …}` once the copy is on disk, or `{"error": …}`.
 /// Only that last line says the backup exists; the 200 only says it started.
 pub async fn backup(app: &Arc<App>, request: BackupRequest) -> Result<Response, ApiError> {
+    app.store.can_back_up()?;
     let to = request.to;
     if !to.is_absolute() {
         return Err(ApiError::bad_request(

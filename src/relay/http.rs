@@ -199,6 +199,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::UnknownDaemon(id) => ApiError::not_found(format!("no daemon {id}")),
             StoreError::Superseded => ApiError::superseded(),
+            StoreError::Unsupported(message) => ApiError::bad_request(message),
             other => {
                 tracing::error!(error = %other, "storage failure");
                 let mut api = ApiError::new(

@@ -512,7 +512,7 @@ pub async fn metrics(app: &App) -> Response {
     series.push((
         "syncrelay_store_disk_bytes",
         "gauge",
-        app.store.size_on_disk().ok(),
+        app.store.size_on_disk().await.ok(),
     ));
     for (name, kind, value) in series {
         if let Some(value) = value {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use super::changes::AppendOutcome;
 use super::embedded::SledStore;
+use super::postgres::{PgSettings, PgStore};
 use super::{
     BackupProgress, BackupSummary, CachedResponse, ChangeEntry, ChunkOutcome, CommandRecord,
     CommitStats, CompleteOutcome, ContextRecord, ContextRequest, DaemonRecord, EnqueueOutcome,
@@ -83,6 +84,15 @@ pub struct Store {
 
 enum Backend {
     Sled(Arc<SledStore>),
+    Postgres(Arc<PgStore>),
+}
+
+/// Where a store lives.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// The embedded database in this directory.
+    Sled(std::path::PathBuf),
+    Postgres(PgSettings),
 }
 
 impl Store {
@@ -93,24 +103,42 @@ impl Store {
         })
     }
 
+    /// The store `settings` name: sled opened (and created), or PostgreSQL connected,
+    /// checked and migrated.
+    pub async fn open(settings: &StoreSettings) -> anyhow::Result<Store> {
+        use anyhow::Context;
+        Ok(match settings {
+            StoreSettings::Sled(dir) => Store::open_sled(dir)
+                .with_context(|| format!("opening the store in {}", dir.display()))?,
+            StoreSettings::Postgres(pg) => Store {
+                backend: Backend::Postgres(Arc::new(PgStore::open(pg).await?)),
+            },
+        })
+    }
+
     /// The backend's name, for logs and metrics.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
             Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
         }
     }
 
-    /// Readiness: a durable round trip right now (sled: a group commit).
+    /// Readiness: a durable round trip right now (sled: a group commit; PostgreSQL: a
+    /// writable primary answers).
     pub async fn check(&self) -> Result<()> {
         match &self.backend {
             Backend::Sled(sled) => sled.commit().await,
+            Backend::Postgres(pg) => pg.check().await,
         }
     }
 
-    /// Flush counts for metrics and benchmarks.
+    /// Durable-write counts for metrics and benchmarks (PostgreSQL: commits, each its
+    /// own "flush").
     pub fn commit_stats(&self) -> CommitStats {
         match &self.backend {
             Backend::Sled(sled) => sled.commit_stats(),
+            Backend::Postgres(pg) => pg.commit_stats(),
         }
     }
 
@@ -118,13 +146,15 @@ impl Store {
     pub fn render_commit_histograms(&self, out: &mut String) {
         match &self.backend {
             Backend::Sled(sled) => sled.render_commit_histograms(out),
+            Backend::Postgres(pg) => pg.render_commit_histograms(out),
         }
     }
 
-    /// Bytes the data occupies on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
+    /// Bytes the data occupies on disk (PostgreSQL: the database's size).
+    pub async fn size_on_disk(&self) -> Result<u64> {
         match &self.backend {
             Backend::Sled(sled) => sled.size_on_disk(),
+            Backend::Postgres(pg) => pg.size_on_disk().await,
         }
     }
 
@@ -132,27 +162,50 @@ impl Store {
     pub fn set_daemon_budget(&self, daemon_max_bytes: u64) {
         match &self.backend {
             Backend::Sled(sled) => sled.set_daemon_budget(daemon_max_bytes),
+            Backend::Postgres(pg) => pg.set_daemon_budget(daemon_max_bytes),
         }
     }
 
-    /// Makes everything durable and stops; later mutations fail with `Closed`.
+    /// Makes everything durable and stops; later mutations fail.
     pub async fn close(&self) -> Result<()> {
         match &self.backend {
             Backend::Sled(sled) => {
                 let sled = sled.clone();
                 blocking(move || sled.close()).await
             }
+            Backend::Postgres(pg) => {
+                pg.close();
+                Ok(())
+            }
         }
     }
 
     /// A consistent copy into `dir` while serving (blocking: call it off the runtime).
+    /// PostgreSQL's data is backed up by PostgreSQL's own tools, which this refuses with
+    /// [`StoreError::Unsupported`] naming them.
     pub fn backup_to(
         &self,
         dir: &Path,
         progress: impl FnMut(BackupProgress),
     ) -> Result<BackupSummary> {
+        self.can_back_up()?;
         match &self.backend {
             Backend::Sled(sled) => sled.backup_to(dir, progress),
+            Backend::Postgres(_) => unreachable!("refused above"),
+        }
+    }
+
+    /// Whether [`Store::backup_to`] can copy this store; the error says what backs it up
+    /// instead.
+    pub fn can_back_up(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Postgres(pg) => Err(StoreError::Unsupported(format!(
+                "the relay's data is in PostgreSQL ({}): back it up with PostgreSQL's tools \
+                 (pg_dump for a copy, pg_basebackup with WAL archiving for point-in-time \
+                 recovery); the data dir holds no data to copy",
+                pg.shown()
+            ))),
         }
     }
 
@@ -164,12 +217,19 @@ impl Store {
             return Ok(record);
         }
         let daemon_id = daemon_id.to_owned();
-        self.write(move |sled| sled.ensure_daemon(&daemon_id, now_ms))
-            .await
+        match &self.backend {
+            Backend::Sled(sled) => {
+                sled_write(sled, move |sled| sled.ensure_daemon(&daemon_id, now_ms)).await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.ensure_daemon(&daemon_id, now_ms).await }).await
+            }
+        }
     }
 
-    /// Registers a (re)connect and releases the daemon's leases (see
-    /// `SledStore::connect_daemon`).
+    /// Registers a (re)connect and releases the daemon's leases, so that commands handed
+    /// to the old connection go out again.
     pub async fn connect_daemon(
         &self,
         daemon_id: &str,
@@ -178,28 +238,54 @@ impl Store {
         connection_id: &str,
         now_ms: u64,
     ) -> Result<DaemonRecord> {
-        let (daemon_id, connection_id) = (daemon_id.to_owned(), connection_id.to_owned());
-        self.write(move |sled| {
-            sled.connect_daemon(&daemon_id, version, capabilities, &connection_id, now_ms)
-        })
-        .await
+        let args = (
+            daemon_id.to_owned(),
+            connection_id.to_owned(),
+            version,
+            capabilities,
+        );
+        match &self.backend {
+            Backend::Sled(sled) => {
+                sled_write(sled, move |sled| {
+                    let (daemon_id, connection_id, version, capabilities) = args;
+                    sled.connect_daemon(&daemon_id, version, capabilities, &connection_id, now_ms)
+                })
+                .await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move {
+                    let (daemon_id, connection_id, version, capabilities) = args;
+                    pg.connect_daemon(&daemon_id, version, capabilities, &connection_id, now_ms)
+                        .await
+                })
+                .await
+            }
+        }
     }
 
     /// Records that the daemon was heard from. A hint (see [`Store::cache_response`]):
-    /// applied when it returns, durable with the next commit.
+    /// applied when it returns, durable soon after.
     pub async fn touch_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<()> {
         match &self.backend {
             Backend::Sled(sled) => sled.touch_daemon(daemon_id, now_ms),
+            Backend::Postgres(pg) => pg.touch_daemon(daemon_id, now_ms).await,
         }
     }
 
     pub async fn daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>> {
-        self.read(|sled| sled.daemon(daemon_id)).await
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.daemon(daemon_id)).await,
+            Backend::Postgres(pg) => pg.daemon(daemon_id).await,
+        }
     }
 
     /// Every daemon, ordered by id.
     pub async fn daemons(&self) -> Result<Vec<DaemonRecord>> {
-        self.read(|sled| sled.daemons()).await
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.daemons()).await,
+            Backend::Postgres(pg) => pg.daemons().await,
+        }
     }
 
     // ---- keys ----------------------------------------------------------------------
@@ -207,19 +293,33 @@ impl Store {
     /// Stores a new key; a daemon key's daemon is created with it, so that clients can
     /// queue writes for the daemon before it first connects.
     pub async fn create_key(&self, record: KeyRecord, now_ms: u64) -> Result<()> {
-        self.write(move |sled| {
-            if let Some(daemon_id) = &record.daemon_id {
-                sled.ensure_daemon(daemon_id, now_ms)?;
+        match &self.backend {
+            Backend::Sled(sled) => {
+                sled_write(sled, move |sled| {
+                    if let Some(daemon_id) = &record.daemon_id {
+                        sled.ensure_daemon(daemon_id, now_ms)?;
+                    }
+                    sled.put_key(&record)
+                })
+                .await
             }
-            sled.put_key(&record)
-        })
-        .await
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.create_key(record, now_ms).await }).await
+            }
+        }
     }
 
     /// Removes a key; `false` when there was none.
     pub async fn remove_key(&self, key_id: &str) -> Result<bool> {
         let key_id = key_id.to_owned();
-        self.write(move |sled| sled.remove_key(&key_id)).await
+        match &self.backend {
+            Backend::Sled(sled) => sled_write(sled, move |sled| sled.remove_key(&key_id)).await,
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.remove_key(&key_id).await }).await
+            }
+        }
     }
 
     /// A key by id. Not made durable first: a key is only usable once its creation has
@@ -227,18 +327,21 @@ impl Store {
     pub async fn key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
         match &self.backend {
             Backend::Sled(sled) => sled.key(key_id),
+            Backend::Postgres(pg) => pg.key(key_id).await,
         }
     }
 
     pub async fn keys(&self) -> Result<Vec<KeyRecord>> {
         match &self.backend {
             Backend::Sled(sled) => sled.keys(),
+            Backend::Postgres(pg) => pg.keys().await,
         }
     }
 
     pub async fn has_keys(&self) -> Result<bool> {
         match &self.backend {
             Backend::Sled(sled) => sled.has_keys(),
+            Backend::Postgres(pg) => pg.has_keys().await,
         }
     }
 
@@ -246,12 +349,20 @@ impl Store {
 
     /// Queues a command, or returns the one its `Idempotency-Key` already names.
     pub async fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
-        self.write(move |sled| sled.enqueue(new, now_ms)).await
+        match &self.backend {
+            Backend::Sled(sled) => sled_write(sled, move |sled| sled.enqueue(new, now_ms)).await,
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.enqueue(new, now_ms).await }).await
+            }
+        }
     }
 
-    /// Leases up to `max` of the daemon's commands (see `SledStore::lease`). The commands
-    /// are durable, and their lease too, when this returns: a daemon never runs a command
-    /// a crash can take back.
+    /// Leases up to `max` of the daemon's commands: queued ones, and delivered ones whose
+    /// lease ran out, in queue order; those past their TTL expire on the way. The
+    /// commands are durable, and their lease too, when this returns: a daemon never runs
+    /// a command a crash can take back. `Superseded` when a newer connect replaced
+    /// `connection_id`.
     pub async fn lease(
         &self,
         daemon_id: &str,
@@ -262,14 +373,31 @@ impl Store {
     ) -> Result<LeaseBatch> {
         let daemon_id = daemon_id.to_owned();
         let connection_id = connection_id.map(str::to_owned);
-        // Nothing leased, nothing to wait for: what else it may have written (an expiry)
-        // is shown only by reads, which wait for it themselves. An idle poll costs no
-        // flush.
-        self.write_when(
-            move |sled| sled.lease(&daemon_id, connection_id.as_deref(), max, lease_ms, now_ms),
-            |batch| !batch.commands.is_empty(),
-        )
-        .await
+        match &self.backend {
+            // Nothing leased, nothing to wait for: what else it may have written (an
+            // expiry) is shown only by reads, which wait for it themselves. An idle poll
+            // costs no flush.
+            Backend::Sled(sled) => {
+                let sled = sled.clone();
+                to_end(async move {
+                    let batch =
+                        sled.lease(&daemon_id, connection_id.as_deref(), max, lease_ms, now_ms)?;
+                    if !batch.commands.is_empty() {
+                        sled.commit().await?;
+                    }
+                    Ok(batch)
+                })
+                .await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move {
+                    pg.lease(&daemon_id, connection_id.as_deref(), max, lease_ms, now_ms)
+                        .await
+                })
+                .await
+            }
+        }
     }
 
     /// Stores a daemon's results and chunks, in order, in one durable step; stops after
@@ -289,47 +417,48 @@ impl Store {
             Backend::Sled(sled) => {
                 let sled = sled.clone();
                 to_end(async move {
-                    let outcomes = {
-                        let mut outcomes = Vec::with_capacity(posted.len());
-                        for entry in posted {
-                            let outcome = match entry {
-                                Posted::Result {
-                                    command_id,
-                                    result_json,
-                                    error_json,
-                                } => PostedOutcome::Result(sled.complete(
+                    let mut outcomes = Vec::with_capacity(posted.len());
+                    for entry in posted {
+                        let outcome = match entry {
+                            Posted::Result {
+                                command_id,
+                                result_json,
+                                error_json,
+                            } => PostedOutcome::Result(sled.complete(
+                                &daemon_id,
+                                &command_id,
+                                result_json,
+                                error_json,
+                                now_ms,
+                            )?),
+                            Posted::Chunk { command_id, chunk } => {
+                                PostedOutcome::Chunk(sled.append_chunk(
                                     &daemon_id,
                                     &command_id,
-                                    result_json,
-                                    error_json,
+                                    chunk,
+                                    limits.max_context_bytes,
+                                    limits.lease_ms,
                                     now_ms,
-                                )?),
-                                Posted::Chunk { command_id, chunk } => {
-                                    PostedOutcome::Chunk(sled.append_chunk(
-                                        &daemon_id,
-                                        &command_id,
-                                        chunk,
-                                        limits.max_context_bytes,
-                                        limits.lease_ms,
-                                        now_ms,
-                                    )?)
-                                }
-                            };
-                            let gap =
-                                matches!(outcome, PostedOutcome::Chunk(ChunkOutcome::Gap { .. }));
-                            outcomes.push(outcome);
-                            if gap {
-                                break;
+                                )?)
                             }
+                        };
+                        let gap = matches!(outcome, PostedOutcome::Chunk(ChunkOutcome::Gap { .. }));
+                        outcomes.push(outcome);
+                        if gap {
+                            break;
                         }
-                        outcomes
-                    };
+                    }
                     if outcomes.iter().any(PostedOutcome::needs_commit) {
                         sled.commit().await?;
                     }
                     Ok(outcomes)
                 })
                 .await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.post_results(&daemon_id, posted, limits, now_ms).await })
+                    .await
             }
         }
     }
@@ -338,10 +467,10 @@ impl Store {
     /// `expired` the moment it is due), once what it shows is durable.
     pub async fn command(&self, command_id: &str, now_ms: u64) -> Result<Option<CommandRecord>> {
         match &self.backend {
-            Backend::Sled(sled) => {
-                let command = sled.command_at(command_id, now_ms)?;
-                sled.commit_visible().await?;
-                Ok(command)
+            Backend::Sled(sled) => visible(sled, sled.command_at(command_id, now_ms)).await,
+            Backend::Postgres(pg) => {
+                let (pg, command_id) = (pg.clone(), command_id.to_owned());
+                to_end(async move { pg.command(&command_id, now_ms).await }).await
             }
         }
     }
@@ -357,12 +486,23 @@ impl Store {
         now_ms: u64,
     ) -> Result<AppendOutcome> {
         let daemon_id = daemon_id.to_owned();
-        self.write(move |sled| sled.append_changes(&daemon_id, updates, now_ms))
-            .await
+        match &self.backend {
+            Backend::Sled(sled) => {
+                sled_write(sled, move |sled| {
+                    sled.append_changes(&daemon_id, updates, now_ms)
+                })
+                .await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.append_changes(&daemon_id, updates, now_ms).await }).await
+            }
+        }
     }
 
-    /// Entries after `after_seq`, at most `limit` of them and about `max_bytes`. The
-    /// caller bounds them by the durable seq it was told (`Hub::committed_changes`).
+    /// Entries after `after_seq`, at most `limit` of them and about `max_bytes` (at least
+    /// one). The caller bounds them by the durable seq it was told
+    /// (`Hub::committed_changes`).
     pub async fn changes_page(
         &self,
         daemon_id: &str,
@@ -372,32 +512,45 @@ impl Store {
     ) -> Result<Vec<ChangeEntry>> {
         match &self.backend {
             Backend::Sled(sled) => sled.changes_page(daemon_id, after_seq, limit, max_bytes),
+            Backend::Postgres(pg) => {
+                pg.changes_page(daemon_id, after_seq, limit, max_bytes)
+                    .await
+            }
         }
     }
 
-    /// The highest seq stored before `time_ms` (for `?since=` times).
+    /// The seq after which entries have a timestamp at or after `time_ms` (for `?since=`).
     pub async fn seq_before_time(&self, daemon_id: &str, time_ms: u64) -> Result<u64> {
         match &self.backend {
             Backend::Sled(sled) => sled.seq_before_time(daemon_id, time_ms),
+            Backend::Postgres(pg) => pg.seq_before_time(daemon_id, time_ms).await,
         }
     }
 
     // ---- contexts ------------------------------------------------------------------
 
-    /// The context for a stream path, or a new fetch of it (its command queued).
-    /// Durable when it returns, whichever it is: a started fetch (its command queued) or
-    /// an existing context (whose status may be shown at once).
+    /// The context for a stream path, or a new fetch of it (its command queued in the
+    /// same step, so concurrent first requests share one fetch). Durable when it
+    /// returns, whichever it is: an existing context's status may be shown at once.
     pub async fn open_context(&self, request: ContextRequest, now_ms: u64) -> Result<Opened> {
-        let opened = self
-            .write_when(
-                move |sled| sled.open_context(request, now_ms),
-                |opened| matches!(opened, Opened::Started(_)),
-            )
-            .await?;
-        if let Opened::Existing(_) = opened {
-            self.read(|_| Ok(())).await?;
+        match &self.backend {
+            Backend::Sled(sled) => {
+                let sled = sled.clone();
+                to_end(async move {
+                    let opened = sled.open_context(request, now_ms)?;
+                    match opened {
+                        Opened::Started(_) => sled.commit().await?,
+                        Opened::Existing(_) => sled.commit_visible().await?,
+                    }
+                    Ok(opened)
+                })
+                .await
+            }
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.open_context(request, now_ms).await }).await
+            }
         }
-        Ok(opened)
     }
 
     /// The current context of a stream path, if any.
@@ -406,11 +559,17 @@ impl Store {
         daemon_id: &str,
         key: &str,
     ) -> Result<Option<ContextRecord>> {
-        self.read(|sled| sled.current_context(daemon_id, key)).await
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.current_context(daemon_id, key)).await,
+            Backend::Postgres(pg) => pg.current_context(daemon_id, key).await,
+        }
     }
 
     pub async fn context(&self, context_id: u64) -> Result<Option<ContextRecord>> {
-        self.read(|sled| sled.context(context_id)).await
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.context(context_id)).await,
+            Backend::Postgres(pg) => pg.context(context_id).await,
+        }
     }
 
     /// The context and up to `limit` of its chunks from `from`, once durable. `settled`
@@ -434,17 +593,20 @@ impl Store {
                 }
                 Ok(Some((record, chunks)))
             }
+            Backend::Postgres(pg) => pg.read_context(context_id, from, limit).await,
         }
     }
 
     // ---- cached responses ----------------------------------------------------------
 
     /// Keeps the 2xx answer of a mirrored GET, the copy served while the daemon is
-    /// offline; `false` when it was not kept (too large for the daemon's budget).
+    /// offline; `false` when it was not kept (unchanged and recent, or no room in the
+    /// daemon's budget).
     ///
     /// A hint, one of the two writes that do not wait to be durable (with
     /// [`Store::touch_daemon`]): nothing is acknowledged on it, and waiting would cost a
-    /// flush per mirrored GET. It is durable with the next commit of any other write.
+    /// flush per mirrored GET. sled: durable with the next commit of any other write;
+    /// PostgreSQL: committed with `synchronous_commit` off.
     pub async fn cache_response(
         &self,
         daemon_id: &str,
@@ -453,6 +615,7 @@ impl Store {
     ) -> Result<bool> {
         match &self.backend {
             Backend::Sled(sled) => sled.put_response(daemon_id, path_and_query, &response),
+            Backend::Postgres(pg) => pg.cache_response(daemon_id, path_and_query, response).await,
         }
     }
 
@@ -463,6 +626,7 @@ impl Store {
     ) -> Result<Option<CachedResponse>> {
         match &self.backend {
             Backend::Sled(sled) => sled.response(daemon_id, path_and_query),
+            Backend::Postgres(pg) => pg.response(daemon_id, path_and_query).await,
         }
     }
 
@@ -492,51 +656,33 @@ impl Store {
                 })
                 .await
             }
-        }
-    }
-
-    // ---- the two shapes of a call --------------------------------------------------
-
-    /// A mutation: run to its end, durable when it returns.
-    async fn write<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&SledStore) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.write_when(op, |_| true).await
-    }
-
-    /// A mutation whose outcome says whether anything of it is told outside
-    /// (`acknowledged`): only then does it wait for the commit.
-    async fn write_when<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&SledStore) -> Result<T> + Send + 'static,
-        acknowledged: fn(&T) -> bool,
-    ) -> Result<T> {
-        match &self.backend {
-            Backend::Sled(sled) => {
-                let sled = sled.clone();
-                to_end(async move {
-                    let out = op(&sled)?;
-                    if acknowledged(&out) {
-                        sled.commit().await?;
-                    }
-                    Ok(out)
-                })
-                .await
+            Backend::Postgres(pg) => {
+                let pg = pg.clone();
+                to_end(async move { pg.maintain(work, now_ms).await }).await
             }
         }
     }
+}
 
-    /// A read whose answer is shown outside: returned once what it read is durable.
-    async fn read<T>(&self, op: impl FnOnce(&SledStore) -> Result<T>) -> Result<T> {
-        match &self.backend {
-            Backend::Sled(sled) => {
-                let out = op(sled)?;
-                sled.commit_visible().await?;
-                Ok(out)
-            }
-        }
-    }
+/// A sled mutation: run to its end, durable when it returns.
+async fn sled_write<T: Send + 'static>(
+    sled: &Arc<SledStore>,
+    op: impl FnOnce(&SledStore) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let sled = sled.clone();
+    to_end(async move {
+        let out = op(&sled)?;
+        sled.commit().await?;
+        Ok(out)
+    })
+    .await
+}
+
+/// A sled read whose answer is shown outside: returned once what it read is durable.
+async fn visible<T>(sled: &SledStore, read: Result<T>) -> Result<T> {
+    let out = read?;
+    sled.commit_visible().await?;
+    Ok(out)
 }
 
 /// Runs `work` in a task of its own and waits for it: dropping the waiter does not cut it

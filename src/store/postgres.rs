@@ -16,8 +16,11 @@
 //! Nothing starts a relay on this backend yet: the store's domain API over it is the next
 //! step of issue 20.
 
+mod backend;
+
 use std::time::Duration;
 
+pub use backend::PgStore;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
@@ -117,7 +120,19 @@ pub enum PgError {
 
 impl From<tokio_postgres::Error> for PgError {
     fn from(err: tokio_postgres::Error) -> PgError {
-        PgError::Query(err.to_string())
+        PgError::Query(error_text(&err))
+    }
+}
+
+/// The driver's error with the server's own message (its `Display` alone says only
+/// "db error").
+pub(crate) fn error_text(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(err) {
+            Some(source) => format!("{err}: {source}"),
+            None => err.to_string(),
+        },
     }
 }
 
@@ -127,16 +142,30 @@ impl From<deadpool_postgres::PoolError> for PgError {
     }
 }
 
-/// A pool to a database that passed the checks and holds this binary's schema.
-pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
-    let connect_error = |message: String| PgError::Connect {
+fn connect_error(settings: &PgSettings, message: String) -> PgError {
+    PgError::Connect {
         url: redacted(&settings.url),
         message,
-    };
+    }
+}
+
+/// The connection string as the driver takes it, with a 10 s connect timeout unless it
+/// names one.
+fn parsed(settings: &PgSettings) -> Result<tokio_postgres::Config, PgError> {
     let mut config: tokio_postgres::Config = settings
         .url
         .parse()
-        .map_err(|err: tokio_postgres::Error| connect_error(err.to_string()))?;
+        .map_err(|err: tokio_postgres::Error| connect_error(settings, err.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    Ok(config)
+}
+
+/// A pool to a database that passed the checks and holds this binary's schema.
+pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
+    let connect_error = |message: String| connect_error(settings, message);
+    let mut config = parsed(settings)?;
     // Each session commits synchronously whatever a role or database setting says (the
     // start-up check reads one session; this holds for every pooled one).
     let mut options = config.get_options().unwrap_or("").to_owned();
@@ -148,9 +177,6 @@ pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
         options.push_str(" -c synchronous_commit=on");
     }
     config.options(options.trim());
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -169,6 +195,51 @@ pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
     check_server(&client, settings.allow_unsafe_durability).await?;
     migrate(&mut client).await?;
     Ok(pool)
+}
+
+/// What `syncrelay config check` says of the database: it connects, passes the server
+/// checks, and holds a schema this binary can use. Writes nothing.
+pub async fn probe(settings: &PgSettings) -> Result<String, PgError> {
+    let (client, connection) = parsed(settings)?
+        .connect(NoTls)
+        .await
+        .map_err(|err| connect_error(settings, error_text(&err)))?;
+    let connection = tokio::spawn(connection);
+    let checked = async {
+        check_server(&client, settings.allow_unsafe_durability).await?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('syncrelay_schema') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        let version: Option<i32> = match exists {
+            true => client
+                .query_one("SELECT max(version) FROM syncrelay_schema", &[])
+                .await?
+                .get(0),
+            false => None,
+        };
+        let binary = MIGRATIONS.len() as i32;
+        Ok(match version {
+            Some(database) if database > binary => {
+                return Err(PgError::NewerSchema { database, binary })
+            }
+            Some(database) if database == binary => {
+                format!("{}: schema {database}", redacted(&settings.url))
+            }
+            Some(database) => format!(
+                "{}: schema {database}, migrated to {binary} at start",
+                redacted(&settings.url)
+            ),
+            None => format!(
+                "{}: no syncrelay schema yet, created at start",
+                redacted(&settings.url)
+            ),
+        })
+    }
+    .await;
+    drop(client);
+    let _ = connection.await;
+    checked
 }
 
 /// PostgreSQL 15+, and `fsync` and `synchronous_commit` on unless allowed otherwise.

@@ -97,7 +97,8 @@ impl Budget {
         (max > 0).then(|| max.saturating_sub(used))
     }
 
-    fn release(&self, daemon_id: &str, bytes: u64) {
+    /// Gives back bytes the daemon no longer holds.
+    pub(super) fn release(&self, daemon_id: &str, bytes: u64) {
         if let Some(used) = self
             .counts()
             .used
@@ -106,6 +107,40 @@ impl Budget {
         {
             *used = used.saturating_sub(bytes);
         }
+    }
+}
+
+/// The same counts for a backend that keeps its data elsewhere (PostgreSQL).
+impl Budget {
+    pub(super) fn set_max(&self, daemon_max_bytes: u64) {
+        self.max.store(daemon_max_bytes, Ordering::Relaxed);
+    }
+
+    pub(super) fn max_bytes(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the daemon may still take, if there is a budget and a census has counted.
+    pub(super) fn room_for(&self, daemon_id: &str) -> Option<u64> {
+        self.room(daemon_id)
+    }
+
+    pub(super) fn charge_bytes(&self, daemon_id: &str, bytes: u64) {
+        self.charge(daemon_id, bytes);
+    }
+
+    /// A census starts: writes from here on are added to its count at its end.
+    pub(super) fn begin_census(&self) {
+        self.counts().since_census.clear();
+    }
+
+    /// A census counted `daemon_bytes`.
+    pub(super) fn end_census(&self, mut daemon_bytes: HashMap<String, u64>) {
+        let mut counts = self.counts();
+        for (daemon, bytes) in counts.since_census.drain() {
+            *daemon_bytes.entry(daemon).or_default() += bytes;
+        }
+        counts.used = Some(daemon_bytes);
     }
 }
 

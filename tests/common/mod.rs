@@ -48,9 +48,11 @@ impl TestRelay {
         Self::start_in(data_dir, extra_toml).await
     }
 
-    /// Starts a relay through the entry point `syncrelay serve` uses, on a free port.
+    /// Starts a relay through the entry point `syncrelay serve` uses, on a free port. In
+    /// a `pg_*` suite ([`on_postgres`]) its store is a PostgreSQL database of its own.
     pub async fn start_in(data_dir: tempfile::TempDir, extra_toml: &str) -> TestRelay {
-        let toml = merge_toml(BASE_CONFIG, extra_toml, data_dir.path());
+        let base = format!("{BASE_CONFIG}{}", store_toml(data_dir.path()).await);
+        let toml = merge_toml(&base, extra_toml, data_dir.path());
         let config = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
         let relay = Relay::start(config, Process::EMBEDDED)
             .await
@@ -139,6 +141,41 @@ pub async fn metric_at(http: &reqwest::Client, url: &str, series: &str) -> Optio
         .lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Whether this test binary runs its relays on PostgreSQL: the `pg_*` twins of the
+/// end-to-end suites (`tests/pg_sync_protocol.rs`, …) do, the suites themselves on sled.
+pub fn on_postgres() -> bool {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.file_name()?.to_string_lossy().starts_with("pg_")))
+        .unwrap_or(false)
+}
+
+/// The `[store]` table of a relay over `data_dir`: on PostgreSQL, a database of its own
+/// in this process's shared cluster, its name kept in `data_dir` so that a restart over
+/// the same dir finds it. Empty on sled, and (after a loud skip) where PostgreSQL is not
+/// installed.
+async fn store_toml(data_dir: &Path) -> String {
+    if !on_postgres() {
+        return String::new();
+    }
+    let Some(cluster) = postgres::shared("end-to-end suite on PostgreSQL") else {
+        return String::new();
+    };
+    let named = data_dir.join("pg-database");
+    let database = match std::fs::read_to_string(&named) {
+        Ok(name) => name,
+        Err(_) => {
+            let name = postgres::create_database(cluster).await;
+            std::fs::write(&named, &name).expect("write pg-database");
+            name
+        }
+    };
+    format!(
+        "[store]\nbackend = \"postgres\"\nurl = \"{}\"\npool_size = 8\n",
+        cluster.url(&database)
+    )
 }
 
 fn merge_toml(base: &str, extra: &str, data_dir: &Path) -> String {

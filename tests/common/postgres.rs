@@ -155,6 +155,57 @@ impl PgCluster {
     }
 }
 
+/// The cluster the relays of one test process share ([`shared`]).
+static SHARED: std::sync::OnceLock<Option<PgCluster>> = std::sync::OnceLock::new();
+
+/// One cluster for the whole test process, started on first use (`None` after a loud
+/// skip). A static is never dropped, so it is stopped and removed at process exit.
+pub fn shared(test: &str) -> Option<&'static PgCluster> {
+    SHARED
+        .get_or_init(|| {
+            let cluster = PgCluster::start(test)?;
+            extern "C" fn stop_shared() {
+                if let Some(Some(cluster)) = SHARED.get() {
+                    cluster.stop_and_remove();
+                }
+            }
+            // SAFETY: registers a plain `extern "C"` function; it runs once at exit.
+            unsafe { libc::atexit(stop_shared) };
+            Some(cluster)
+        })
+        .as_ref()
+}
+
+/// A fresh database on `cluster` for one relay.
+pub async fn create_database(cluster: &PgCluster) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let name = format!(
+        "relay{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("CREATE DATABASE");
+    drop(client);
+    let _ = connection.await;
+    name
+}
+
+impl PgCluster {
+    /// Stops the server and deletes its files (the shared cluster, at exit).
+    fn stop_and_remove(&self) {
+        let data = path_str(&self.data());
+        let _ = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = path_str(&self.data());

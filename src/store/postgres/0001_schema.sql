@@ -1,89 +1,119 @@
--- syncrelay schema 1: the sled trees as tables (a draft until the PostgreSQL backend
--- ships: until a release, this migration may still change in place).
+-- syncrelay schema 1: the relay's records as tables (a draft until the PostgreSQL backend
+-- ships in a release: until then, this migration may still change in place).
+--
+-- Times are milliseconds since the Unix epoch (bigint), as the relay's clock counts them.
+-- JSON the relay passes through unchanged (params, results, change data) is text, byte
+-- for byte as the daemon or client sent it.
+
 CREATE TABLE daemons (
     daemon_id        text PRIMARY KEY,
     version          text,
     capabilities     text[] NOT NULL DEFAULT '{}',
     created_ms       bigint NOT NULL,
     last_seen_ms     bigint,
+    -- The connection a poll must name; a newer connect supersedes it.
     connection_id    text,
+    -- Highest daemon-side update seq stored (retries at or below it are dropped), and
+    -- the change log's last seq.
     last_update_seq  bigint NOT NULL DEFAULT 0,
-    last_seq         bigint NOT NULL DEFAULT 0,
-    -- The queue: the next position, and how many commands wait (queue_limit).
-    next_queue_seq   bigint NOT NULL DEFAULT 1,
-    queued           integer NOT NULL DEFAULT 0
+    last_change_seq  bigint NOT NULL DEFAULT 0
 );
 
 CREATE TABLE keys (
-    key_id      text PRIMARY KEY,
-    secret_hash bytea NOT NULL,
-    role        text NOT NULL CHECK (role IN ('daemon', 'client', 'admin')),
-    daemon_id   text,
-    scope       text[] NOT NULL DEFAULT '{}',
-    label       text,
-    created_ms  bigint NOT NULL
+    key_id        text PRIMARY KEY,
+    role          text NOT NULL CHECK (role IN ('daemon', 'client', 'admin')),
+    daemon_id     text,
+    scope         text[] NOT NULL DEFAULT '{}',
+    label         text,
+    -- Only a hash of the secret is ever stored.
+    secret_sha256 bytea NOT NULL CHECK (octet_length(secret_sha256) = 32),
+    created_ms    bigint NOT NULL
 );
 
+-- Arrival order across all daemons; each daemon's queue is its commands in this order.
+CREATE SEQUENCE command_queue_seq;
+
 CREATE TABLE commands (
-    command_id      text PRIMARY KEY,
-    daemon_id       text NOT NULL REFERENCES daemons ON DELETE CASCADE,
-    queue_seq       bigint NOT NULL,
-    method          text NOT NULL,
-    params          bytea NOT NULL,
-    stream          boolean NOT NULL DEFAULT false,
-    state           text NOT NULL
-                    CHECK (state IN ('queued', 'delivered', 'completed', 'failed', 'expired')),
-    created_ms      bigint NOT NULL,
-    expires_ms      bigint NOT NULL,
-    leased_until_ms bigint,
-    deliveries      integer NOT NULL DEFAULT 0,
+    command_id         text PRIMARY KEY,
+    daemon_id          text NOT NULL REFERENCES daemons ON DELETE CASCADE,
+    queue_seq          bigint NOT NULL,
+    method             text NOT NULL,
+    params             text NOT NULL,
+    stream             boolean NOT NULL,
+    state              text NOT NULL
+                       CHECK (state IN ('queued', 'delivered', 'completed', 'failed', 'expired')),
+    created_ms         bigint NOT NULL,
+    expires_ms         bigint NOT NULL,
+    lease_until_ms     bigint NOT NULL DEFAULT 0,
+    deliveries         integer NOT NULL DEFAULT 0,
+    -- 0 until final.
+    finished_ms        bigint NOT NULL DEFAULT 0,
+    result             text,
+    error              text,
     -- An Idempotency-Key is scoped to the daemon and the key that sent it.
     idempotency_key_id text,
     idempotency_key    text,
-    result          bytea,
-    finished_ms     bigint,
-    UNIQUE (daemon_id, queue_seq),
     UNIQUE (daemon_id, idempotency_key_id, idempotency_key),
     CHECK ((idempotency_key_id IS NULL) = (idempotency_key IS NULL))
 );
-CREATE INDEX commands_waiting ON commands (daemon_id, queue_seq)
+-- The queue: unfinished commands per daemon, in arrival order.
+CREATE INDEX commands_unfinished ON commands (daemon_id, queue_seq)
     WHERE state IN ('queued', 'delivered');
+-- Retention: finished commands by the time they finished.
+CREATE INDEX commands_finished ON commands (finished_ms) WHERE finished_ms > 0;
 
 CREATE TABLE changes (
     daemon_id    text NOT NULL REFERENCES daemons ON DELETE CASCADE,
     seq          bigint NOT NULL,
     kind         text NOT NULL,
     timestamp_ms bigint NOT NULL,
-    data         bytea NOT NULL,
+    stored_ms    bigint NOT NULL,
+    data         text NOT NULL,
+    daemon_seq   bigint,
     PRIMARY KEY (daemon_id, seq)
 );
 
-CREATE TABLE contexts (
-    context_id   text PRIMARY KEY,
-    daemon_id    text NOT NULL REFERENCES daemons ON DELETE CASCADE,
-    cache_key    text NOT NULL,
-    command_id   text,
-    state        text NOT NULL,
-    status       integer,
-    headers      bytea,
-    bytes        bigint NOT NULL DEFAULT 0,
-    created_ms   bigint NOT NULL,
-    completed_ms bigint
-);
-CREATE INDEX contexts_by_key ON contexts (daemon_id, cache_key);
+CREATE SEQUENCE context_id_seq;
 
--- Chunks in rows of bounded size (a chunk is at most 1 MiB).
+-- One row per fetch of a stream path. A replaced or evicted context is retired (no
+-- longer current) and deleted with its chunks after a grace period, as readers may still
+-- be replaying it.
+CREATE TABLE contexts (
+    context_id  bigint PRIMARY KEY,
+    daemon_id   text NOT NULL REFERENCES daemons ON DELETE CASCADE,
+    cache_key   text NOT NULL,
+    command_id  text NOT NULL UNIQUE,
+    state       text NOT NULL CHECK (state IN ('fetching', 'complete', 'failed')),
+    status      integer,
+    -- [[name, value], ...] from chunk 0.
+    headers     jsonb NOT NULL DEFAULT '[]',
+    chunks      bigint NOT NULL DEFAULT 0,
+    bytes       bigint NOT NULL DEFAULT 0,
+    created_ms  bigint NOT NULL,
+    finished_ms bigint NOT NULL DEFAULT 0,
+    error       text,
+    retired_ms  bigint
+);
+-- The current fetch of each stream path.
+CREATE UNIQUE INDEX contexts_current ON contexts (daemon_id, cache_key)
+    WHERE retired_ms IS NULL;
+
+-- Chunks in rows of bounded size (streams.max_chunk_bytes, at most 16 MiB).
 CREATE TABLE context_chunks (
-    context_id text NOT NULL REFERENCES contexts ON DELETE CASCADE,
-    chunk      integer NOT NULL,
-    data       bytea NOT NULL CHECK (octet_length(data) <= 1048576),
+    context_id bigint NOT NULL REFERENCES contexts ON DELETE CASCADE,
+    chunk      bigint NOT NULL,
+    data       bytea NOT NULL CHECK (octet_length(data) <= 16777216),
     PRIMARY KEY (context_id, chunk)
 );
 
+-- The last 2xx answer of each mirrored GET, served while the daemon is offline.
 CREATE TABLE responses (
     daemon_id text NOT NULL REFERENCES daemons ON DELETE CASCADE,
     cache_key text NOT NULL,
+    status    integer NOT NULL,
+    headers   jsonb NOT NULL,
+    body      bytea NOT NULL,
     stored_ms bigint NOT NULL,
-    result    bytea NOT NULL,
     PRIMARY KEY (daemon_id, cache_key)
 );
+CREATE INDEX responses_by_age ON responses (stored_ms);

@@ -18,8 +18,8 @@ use crate::protocol::{
     PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, WireCommand,
 };
 use crate::store::{
-    now_ms, CachedResponse, ChunkLimits, ChunkOutcome, CompleteOutcome, ContextState, NewChange,
-    NewChunk, Posted, PostedOutcome, StoreError,
+    now_ms, CachedResponse, ChunkLimits, ChunkOutcome, CompleteOutcome, ContextState, LeaseBatch,
+    NewChange, NewChunk, Posted, PostedOutcome, StoreError,
 };
 use base64::Engine;
 
@@ -103,7 +103,10 @@ pub async fn poll(
 
     let now = now_ms();
     if signals.last_seen_due(now) {
-        app.store.touch_daemon(daemon_id, now).await?;
+        // A hint: a poll does not fail for it.
+        if let Err(err) = app.store.touch_daemon(daemon_id, now).await {
+            tracing::debug!(daemon_id, error = %err, "last_seen not stored");
+        }
     }
     // Only durable values are reported: a daemon trims its outbox by this number.
     // Updates with no room in the daemon's disk budget are not stored (the daemon keeps
@@ -154,6 +157,9 @@ pub async fn poll(
             .await
         {
             Ok(batch) => batch,
+            // The store is away (PostgreSQL restarting): reads need nothing of it, and
+            // their clients are waiting.
+            Err(StoreError::Unavailable(_)) if !reads.is_empty() => LeaseBatch::default(),
             Err(err) => {
                 signals.return_reads(reads);
                 return Err(err.into());

@@ -22,6 +22,7 @@ use std::path::Path;
 
 use super::chaos::{self, Ledger, DAEMON};
 use super::daemon::TestDaemon;
+use super::postgres::PgCluster;
 use super::{create_key, eventually, AgentProcess, RelayProcess};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -408,12 +409,14 @@ async fn key_maker(url: String, admin: String, acked: Arc<Mutex<Acked>>) {
     }
 }
 
-/// Runs the workload until some of everything was acknowledged, then SIGKILLs the relay.
+/// Runs the workload until some of everything was acknowledged, then strikes: the relay
+/// SIGKILLed, or its database stopped the way a crash stops it.
 async fn run_and_kill(
-    relay: RelayProcess,
+    url: &str,
     keys: &Keys,
     acked: &Arc<Mutex<Acked>>,
     progress: usize,
+    strike: impl FnOnce(),
 ) {
     let before = {
         let a = acked.lock().unwrap();
@@ -426,13 +429,13 @@ async fn run_and_kill(
         )
     };
     let mut tasks = vec![tokio::spawn(key_maker(
-        relay.url.clone(),
+        url.to_owned(),
         keys.admin.clone(),
         acked.clone(),
     ))];
     for id in 0..WRITERS {
         tasks.push(tokio::spawn(writer(
-            relay.url.clone(),
+            url.to_owned(),
             keys.client.clone(),
             acked.clone(),
             id,
@@ -440,13 +443,13 @@ async fn run_and_kill(
     }
     let (online_tx, online_rx) = tokio::sync::oneshot::channel();
     tasks.push(tokio::spawn(streamer(
-        relay.url.clone(),
+        url.to_owned(),
         keys.client.clone(),
         acked.clone(),
         online_rx,
     )));
     tasks.push(tokio::spawn(daemon_loop(
-        relay.url.clone(),
+        url.to_owned(),
         keys.daemon.clone(),
         acked.clone(),
         online_tx,
@@ -464,13 +467,22 @@ async fn run_and_kill(
     // Kill at a random moment while every task still has requests in flight.
     let delay = rand::random::<u64>() % 40;
     tokio::time::sleep(Duration::from_millis(delay)).await;
-    relay.kill();
+    strike();
     for task in tasks {
         tokio::time::timeout(Duration::from_secs(30), task)
             .await
             .expect("workload tasks stop once the relay is gone")
             .expect("no assertion failed in a workload task");
     }
+}
+
+/// What each round of a loop strikes.
+enum Fault<'a> {
+    /// SIGKILL the relay, run this (a power cut drops what was not synced), restart it.
+    KillRelay(Box<dyn FnMut() + 'a>),
+    /// Stop its PostgreSQL with `pg_ctl stop -m immediate` under load and start it again;
+    /// the relay process stays, and must serve again by itself.
+    RestartDatabase(&'a PgCluster),
 }
 
 /// `rounds` SIGKILLs of the relay on `data_dir`, each after at least `progress`
@@ -480,7 +492,34 @@ pub async fn crash_loop(
     data_dir: &Path,
     rounds: usize,
     progress: usize,
-    mut after_kill: impl FnMut(),
+    after_kill: impl FnMut(),
+) -> Acked {
+    fault_loop(
+        data_dir,
+        rounds,
+        progress,
+        Fault::KillRelay(Box::new(after_kill)),
+    )
+    .await
+}
+
+/// `rounds` crashes of the relay's PostgreSQL (`cluster`, which the data dir's
+/// [`super::STORE_FILE`] names) under load, each after at least `progress` acknowledged
+/// writes, then checks everything acknowledged on the same relay process.
+pub async fn database_outage_loop(
+    data_dir: &Path,
+    cluster: &PgCluster,
+    rounds: usize,
+    progress: usize,
+) -> Acked {
+    fault_loop(data_dir, rounds, progress, Fault::RestartDatabase(cluster)).await
+}
+
+async fn fault_loop(
+    data_dir: &Path,
+    rounds: usize,
+    progress: usize,
+    mut fault: Fault<'_>,
 ) -> Acked {
     let relay = RelayProcess::spawn(data_dir);
     let admin = relay.admin_token();
@@ -502,20 +541,34 @@ pub async fn crash_loop(
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut relay = Some(relay);
     for _ in 0..rounds {
-        let current = relay
-            .take()
-            .unwrap_or_else(|| RelayProcess::spawn(data_dir));
-        assert_eq!(
-            current.admin_token(),
-            admin,
-            "admin.key kept across the restart"
-        );
-        run_and_kill(current, &keys, &acked, progress).await;
-        after_kill();
+        match &mut fault {
+            Fault::KillRelay(after_kill) => {
+                let current = relay
+                    .take()
+                    .unwrap_or_else(|| RelayProcess::spawn(data_dir));
+                assert_eq!(
+                    current.admin_token(),
+                    admin,
+                    "admin.key kept across the restart"
+                );
+                let url = current.url.clone();
+                run_and_kill(&url, &keys, &acked, progress, || current.kill()).await;
+                after_kill();
+            }
+            Fault::RestartDatabase(cluster) => {
+                let current = relay.as_ref().expect("one relay throughout");
+                run_and_kill(&current.url, &keys, &acked, progress, || {
+                    cluster.stop_immediate()
+                })
+                .await;
+                cluster.start_again();
+            }
+        }
     }
 
-    // Restart once more and check everything that was acknowledged.
-    let relay = RelayProcess::spawn(data_dir);
+    // Check everything that was acknowledged: on a restarted relay, or on the one that
+    // lived through its database's crashes.
+    let relay = relay.unwrap_or_else(|| RelayProcess::spawn(data_dir));
     assert_eq!(
         relay.admin_token(),
         admin,

@@ -143,6 +143,46 @@ pub async fn metric_at(http: &reqwest::Client, url: &str, series: &str) -> Optio
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The file in a data dir that names the `[store]` its relay processes run on (tests
+/// only; a relay ignores it).
+pub const STORE_FILE: &str = "test-store.toml";
+
+/// The `[store]` table [`RelayProcess`] runs a relay over `data_dir` with: the data dir's
+/// [`STORE_FILE`], which a `pg_*` suite writes on first use (a database of its own in the
+/// process's shared cluster); `None`: the shipped sled.
+fn store_of(data_dir: &Path) -> Option<String> {
+    let file = data_dir.join(STORE_FILE);
+    if let Ok(store) = std::fs::read_to_string(&file) {
+        return Some(store);
+    }
+    if !on_postgres() {
+        return None;
+    }
+    let cluster = postgres::shared("end-to-end suite on PostgreSQL")?;
+    // From any context, a runtime of its own for the one statement.
+    let database = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime")
+                    .block_on(postgres::create_database(cluster))
+            })
+            .join()
+            .expect("create a database")
+    });
+    let store = postgres_store(&cluster.url(&database));
+    std::fs::create_dir_all(data_dir).expect("data dir");
+    std::fs::write(&file, &store).expect("write the store file");
+    Some(store)
+}
+
+/// A `[store]` table for the database at `url`.
+pub fn postgres_store(url: &str) -> String {
+    format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 8\n")
+}
+
 /// Whether this test binary runs its relays on PostgreSQL: the `pg_*` twins of the
 /// end-to-end suites (`tests/pg_sync_protocol.rs`, …) do, the suites themselves on sled.
 pub fn on_postgres() -> bool {
@@ -152,30 +192,9 @@ pub fn on_postgres() -> bool {
         .unwrap_or(false)
 }
 
-/// The `[store]` table of a relay over `data_dir`: on PostgreSQL, a database of its own
-/// in this process's shared cluster, its name kept in `data_dir` so that a restart over
-/// the same dir finds it. Empty on sled, and (after a loud skip) where PostgreSQL is not
-/// installed.
+/// The `[store]` table of an in-process relay over `data_dir` (see [`store_of`]).
 async fn store_toml(data_dir: &Path) -> String {
-    if !on_postgres() {
-        return String::new();
-    }
-    let Some(cluster) = postgres::shared("end-to-end suite on PostgreSQL") else {
-        return String::new();
-    };
-    let named = data_dir.join("pg-database");
-    let database = match std::fs::read_to_string(&named) {
-        Ok(name) => name,
-        Err(_) => {
-            let name = postgres::create_database(cluster).await;
-            std::fs::write(&named, &name).expect("write pg-database");
-            name
-        }
-    };
-    format!(
-        "[store]\nbackend = \"postgres\"\nurl = \"{}\"\npool_size = 8\n",
-        cluster.url(&database)
-    )
+    store_of(data_dir).unwrap_or_default()
 }
 
 fn merge_toml(base: &str, extra: &str, data_dir: &Path) -> String {
@@ -456,7 +475,17 @@ impl RelayProcess {
 
     fn start(data_dir: &Path, listen: &str, stderr: Stdio) -> Result<RelayProcess, (bool, String)> {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
-        Self::start_with(data_dir, listen, &shipped, (stderr, "warn"))
+        let config = match store_of(data_dir) {
+            None => shipped,
+            // The shipped config with the data dir's store, beside the data dir.
+            Some(store) => {
+                let text = std::fs::read_to_string(&shipped).expect("config.toml");
+                let config = data_dir.join("test-config.toml");
+                std::fs::write(&config, merge_toml(&text, &store, data_dir)).expect("write config");
+                config
+            }
+        };
+        Self::start_with(data_dir, listen, &config, (stderr, "warn"))
     }
 
     /// `(stderr, level)`: where the relay logs, and from which `RUST_LOG` level.

@@ -46,7 +46,7 @@ CREATE TABLE commands (
     expires_ms         bigint NOT NULL,
     lease_until_ms     bigint NOT NULL DEFAULT 0,
     deliveries         integer NOT NULL DEFAULT 0,
-    -- 0 until final.
+    -- When it reached a final state (0 before).
     finished_ms        bigint NOT NULL DEFAULT 0,
     result             text,
     error              text,
@@ -60,7 +60,8 @@ CREATE TABLE commands (
 CREATE INDEX commands_unfinished ON commands (daemon_id, queue_seq)
     WHERE state IN ('queued', 'delivered');
 -- Retention: finished commands by the time they finished.
-CREATE INDEX commands_finished ON commands (finished_ms) WHERE finished_ms > 0;
+CREATE INDEX commands_finished ON commands (finished_ms)
+    WHERE state IN ('completed', 'failed', 'expired');
 
 CREATE TABLE changes (
     daemon_id    text NOT NULL REFERENCES daemons ON DELETE CASCADE,

@@ -1265,8 +1265,8 @@ impl PgStore {
         }
         stats.commands_purged = client
             .execute(
-                "DELETE FROM commands WHERE finished_ms > 0 AND finished_ms < $1 \
-                 AND command_id NOT IN (SELECT command_id FROM contexts)",
+                "DELETE FROM commands WHERE state IN ('completed', 'failed', 'expired') \
+                 AND finished_ms < $1",
                 &[&i(now_ms.saturating_sub(policy.results_max_age_ms))],
             )
             .await
@@ -1432,8 +1432,8 @@ impl PgStore {
              RETURNING bytes + 128 AS bytes) \
              SELECT coalesce(sum(bytes), 0)::bigint, count(*) FROM gone",
             "WITH gone AS (DELETE FROM commands WHERE command_id IN ( \
-               SELECT command_id FROM commands WHERE daemon_id = $1 AND finished_ms > 0 \
-               AND command_id NOT IN (SELECT command_id FROM contexts) \
+               SELECT command_id FROM commands WHERE daemon_id = $1 \
+               AND state IN ('completed', 'failed', 'expired') \
                ORDER BY finished_ms LIMIT 256) \
              RETURNING octet_length(params) + coalesce(octet_length(result), 0) \
                + coalesce(octet_length(error), 0) + 128 AS bytes) \

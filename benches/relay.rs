@@ -43,8 +43,9 @@ fn quick() -> bool {
 }
 
 /// Whether `section` runs: `SYNCRELAY_BENCH_ONLY` names a comma-separated subset of
-/// `get`, `writes`, `fsync`, `changes` and `idle` (all when unset), for profiling one
-/// section.
+/// `get`, `writes`, `postgres` (the relay on PostgreSQL, with `get` and `writes` for its
+/// rows, and the INSERT anchor), `fsync`, `changes` and `idle` (all when unset), for
+/// profiling one section.
 fn runs(section: &str) -> bool {
     std::env::var("SYNCRELAY_BENCH_ONLY")
         .map(|only| only.split(',').any(|name| name.trim() == section))
@@ -143,8 +144,13 @@ enum Durability {
 }
 
 fn spawn_relay_with(data_dir: &Path, sync: Durability) -> (Process, String, Duration) {
+    spawn_relay_on(data_dir, sync, "")
+}
+
+/// [`spawn_relay_with`], with a `[store]` table (empty: sled in `data_dir`).
+fn spawn_relay_on(data_dir: &Path, sync: Durability, store: &str) -> (Process, String, Duration) {
     let config = data_dir.with_extension("toml");
-    std::fs::write(&config, RELAY_CONFIG).unwrap();
+    std::fs::write(&config, format!("{RELAY_CONFIG}{store}")).unwrap();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
         .arg("serve")
@@ -186,7 +192,16 @@ async fn relay_with_keys_synced(
     daemon_id: &str,
     sync: Durability,
 ) -> (Process, String, String, String, String) {
-    let (relay, url, _) = spawn_relay_with(data_dir, sync);
+    relay_with_keys_on(data_dir, daemon_id, sync, "").await
+}
+
+async fn relay_with_keys_on(
+    data_dir: &Path,
+    daemon_id: &str,
+    sync: Durability,
+    store: &str,
+) -> (Process, String, String, String, String) {
+    let (relay, url, _) = spawn_relay_on(data_dir, sync, store);
     let admin = std::fs::read_to_string(data_dir.join("admin.key"))
         .unwrap()
         .trim()
@@ -343,42 +358,14 @@ async fn main() {
     let target = local_server().await;
     let (relay, url, admin, daemon_key, client_key) =
         relay_with_keys(&dir.path().join("data"), "d").await;
-    let http = reqwest::Client::new();
-    let agent_config = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "[agent]\nrelay = {url:?}\ndaemon_id = \"d\"\nkey = {daemon_key:?}\ntarget = \"http://{target}/api/v1\"\nevents = \"\"\nstate_dir = {:?}\nconcurrency = 64\n",
-            dir.path().join("agent-state").display().to_string()
-        ),
+    let agent = start_agent(
+        &url,
+        &daemon_key,
+        &client_key,
+        target,
+        &dir.path().join("agent"),
     )
-    .unwrap();
-    let _agent = Process(
-        Command::new(env!("CARGO_BIN_EXE_syncrelay"))
-            .arg("agent")
-            .arg("--config")
-            .arg(&agent_config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let view: Value = http
-            .get(format!("{url}/api/v1/daemons/d"))
-            .bearer_auth(&client_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        if view["online"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent never came online");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
 
     println!("\nmirrored GET, loopback, release build, 2 cores");
     println!(
@@ -395,10 +382,16 @@ async fn main() {
         writes = durable_writes(&url, &admin, &client_key).await;
     }
     let relay_rss_kib = relay.rss_kib();
-    drop(relay);
-    let mut anchor = Value::Null;
-    if runs("writes") {
-        anchor = postgres_anchor(writes["per_second_c64"].as_f64()).await;
+    drop((relay, agent));
+    let mut on_postgres = Value::Null;
+    if runs("postgres") {
+        on_postgres = postgres_rows(
+            dir.path(),
+            target,
+            writes["per_second_c64"].as_f64(),
+            gets.get(1).and_then(|row| row["rps_c64"].as_f64()),
+        )
+        .await;
     }
     let fsync = if runs("fsync") {
         fsync_cost(dir.path()).await
@@ -428,12 +421,139 @@ async fn main() {
         "rathole_skipped": rathole,
         "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
         "durable_writes": writes,
-        "postgres_insert_anchor": anchor,
+        "postgres": on_postgres,
         "fsync_cost": fsync,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("written to {}", out.display());
+}
+
+/// `syncrelay agent` serving `target` as daemon `d` of the relay at `url`, online.
+async fn start_agent(
+    url: &str,
+    daemon_key: &str,
+    client_key: &str,
+    target: std::net::SocketAddr,
+    dir: &Path,
+) -> Process {
+    std::fs::create_dir_all(dir).unwrap();
+    let agent_config = dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[agent]\nrelay = {url:?}\ndaemon_id = \"d\"\nkey = {daemon_key:?}\ntarget = \"http://{target}/api/v1\"\nevents = \"\"\nstate_dir = {:?}\nconcurrency = 64\n",
+            dir.join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let agent = Process(
+        Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+            .arg("agent")
+            .arg("--config")
+            .arg(&agent_config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view: Value = http
+            .get(format!("{url}/api/v1/daemons/d"))
+            .bearer_auth(client_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if view["online"] == true {
+            return agent;
+        }
+        assert!(Instant::now() < deadline, "the agent never came online");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The relay on PostgreSQL (a throwaway cluster on this machine): its mirrored-GET row and
+/// durable writes at c=64, then the anchor (a raw durable `INSERT`) on the same cluster;
+/// each against the sled figures measured earlier in this run. Skipped, with a note, where
+/// PostgreSQL is not installed.
+async fn postgres_rows(
+    dir: &Path,
+    target: std::net::SocketAddr,
+    sled_writes: Option<f64>,
+    sled_gets: Option<f64>,
+) -> Value {
+    let Some(cluster) = postgres::PgCluster::start("postgres rows") else {
+        return json!({ "skipped": "PostgreSQL not installed" });
+    };
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("the throwaway cluster accepts connections");
+    let connection = tokio::spawn(connection);
+    client.batch_execute("CREATE DATABASE relay").await.unwrap();
+    drop(client);
+    let _ = connection.await;
+    let store = format!(
+        "[store]\nbackend = \"postgres\"\nurl = {:?}\npool_size = 64\n",
+        cluster.url("relay")
+    );
+    let (relay, url, admin, daemon_key, client_key) =
+        relay_with_keys_on(&dir.join("pg-data"), "d", Durability::Fdatasync, &store).await;
+    let mut gets = Vec::new();
+    let mut writes = Value::Null;
+    if runs("get") {
+        let agent = start_agent(
+            &url,
+            &daemon_key,
+            &client_key,
+            target,
+            &dir.join("pg-agent"),
+        )
+        .await;
+        get_row(
+            "relay on PostgreSQL",
+            &format!("{url}/api/v1/daemons/d/sessions"),
+            Some(&client_key),
+            &mut gets,
+        )
+        .await;
+        drop(agent);
+        if let (Some(sled), Some(pg)) = (sled_gets, gets[0]["rps_c64"].as_f64()) {
+            println!(
+                "mirrored GET throughput, PostgreSQL / sled: {:.2}×",
+                pg / sled
+            );
+        }
+    }
+    if runs("writes") {
+        writes = durable_writes(&url, &admin, &client_key).await;
+    }
+    drop(relay);
+    let anchor = if runs("writes") {
+        postgres_anchor(&cluster).await
+    } else {
+        Value::Null
+    };
+    let pg_writes = writes["per_second_c64"].as_f64();
+    let anchor_rate = anchor["per_second_c64"].as_f64();
+    let ratio = |relay: Option<f64>| relay.zip(anchor_rate).map(|(r, a)| r / a);
+    if let Some(r) = ratio(pg_writes) {
+        println!("durable writes on PostgreSQL / anchor: {r:.2}× (target ≥ 0.5)");
+    }
+    if let Some(r) = ratio(sled_writes) {
+        println!("durable writes on sled / anchor: {r:.2}×");
+    }
+    json!({
+        "mirrored_get": gets,
+        "durable_writes": writes,
+        "insert_anchor": anchor,
+        "writes_ratio_to_anchor": ratio(pg_writes),
+        "sled_writes_ratio_to_anchor": ratio(sled_writes),
+    })
 }
 
 /// The mirrored-GET rows (direct, relay, rathole) into `gets`; why rathole was skipped.
@@ -547,13 +667,9 @@ async fn durable_writes(url: &str, admin: &str, client_key: &str) -> Value {
 }
 
 /// The durable-write anchor: a prepared `INSERT` of a command-sized row, each its own
-/// transaction (`synchronous_commit=on`), at concurrency 64 (one connection each), on a
-/// throwaway PostgreSQL cluster on this machine; and the relay's durable writes measured
-/// just before against it. Skipped, with a note, where PostgreSQL is not installed.
-async fn postgres_anchor(relay_writes: Option<f64>) -> Value {
-    let Some(cluster) = postgres::PgCluster::start("postgres anchor") else {
-        return json!({ "skipped": "PostgreSQL not installed" });
-    };
+/// transaction (`synchronous_commit=on`), at concurrency 64 (one connection each), on
+/// `cluster`.
+async fn postgres_anchor(cluster: &postgres::PgCluster) -> Value {
     let url = cluster.url("postgres");
     let connect = || async {
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -609,12 +725,10 @@ async fn postgres_anchor(relay_writes: Option<f64>) -> Value {
         task.await.unwrap();
     }
     let per_second = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    let ratio = relay_writes.map(|relay| relay / per_second);
     println!(
-        "PostgreSQL durable INSERT anchor (prepared, c=64, one transaction each): {per_second:.0}/s{}",
-        ratio.map_or(String::new(), |r| format!("; relay durable writes / anchor: {r:.2}×"))
+        "PostgreSQL durable INSERT anchor (prepared, c=64, one transaction each): {per_second:.0}/s"
     );
-    json!({ "per_second_c64": per_second, "relay_ratio": ratio })
+    json!({ "per_second_c64": per_second })
 }
 
 /// Where the throwaway cluster is missing, the anchor is skipped with a note (a benchmark

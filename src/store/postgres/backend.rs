@@ -18,11 +18,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
 use deadpool_postgres::{Pool, Transaction};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -63,7 +62,35 @@ pub struct PgStore {
     commits: AtomicU64,
     commit_micros: AtomicU64,
     commit_seconds: crate::metrics::Histogram,
+    /// Each daemon's unfinished commands as last counted, plus those queued here since,
+    /// for the queue limit: counted again at most every [`COUNT_FOR`], so that queueing
+    /// stays one `INSERT` (a count per write costs a scan of the queue).
+    queued: Mutex<HashMap<String, (u64, Instant)>>,
+    /// The offline copies written lately, by daemon and path: an unchanged copy is not
+    /// written again within `RESPONSE_REFRESH_MS` (as sled's store checks on disk).
+    recent_copies: Mutex<HashMap<(String, String), (u64, u64)>>,
 }
+
+/// Queues a command when its daemon exists (`$2`), in one statement.
+const ENQUEUE: &str = "INSERT INTO commands (command_id, daemon_id, queue_seq, method, params, \
+    stream, state, created_ms, expires_ms, idempotency_key_id, idempotency_key) \
+    SELECT $1, $2, nextval('command_queue_seq'), $3, $4, $5, 'queued', $6, $7, $8, $9 \
+    WHERE EXISTS (SELECT 1 FROM daemons WHERE daemon_id = $2) \
+    RETURNING queue_seq";
+
+/// [`ENQUEUE`] with an `Idempotency-Key`: nothing when the key is taken.
+const ENQUEUE_WITH_KEY: &str = "INSERT INTO commands (command_id, daemon_id, queue_seq, method, \
+    params, stream, state, created_ms, expires_ms, idempotency_key_id, idempotency_key) \
+    SELECT $1, $2, nextval('command_queue_seq'), $3, $4, $5, 'queued', $6, $7, $8, $9 \
+    WHERE EXISTS (SELECT 1 FROM daemons WHERE daemon_id = $2) \
+    ON CONFLICT (daemon_id, idempotency_key_id, idempotency_key) \
+      WHERE idempotency_key IS NOT NULL DO NOTHING \
+    RETURNING queue_seq";
+
+/// How long a daemon's queue count is used before it is counted again.
+const COUNT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most offline copies remembered as recent; beyond, the memory starts over.
+const RECENT_COPIES: usize = 10_000;
 
 /// A row's `bigint`, as the relay's `u64` (never negative in this schema).
 fn u(row: &Row, index: usize) -> u64 {
@@ -190,10 +217,6 @@ fn pool_err(err: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {err}"))
 }
 
-fn is(err: &tokio_postgres::Error, state: &SqlState) -> bool {
-    err.code() == Some(state)
-}
-
 impl PgStore {
     /// Connects, checks the server and migrates (see [`super::open`]).
     pub async fn open(settings: &PgSettings) -> std::result::Result<PgStore, PgError> {
@@ -206,6 +229,8 @@ impl PgStore {
             commits: AtomicU64::new(0),
             commit_micros: AtomicU64::new(0),
             commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            queued: Mutex::new(HashMap::new()),
+            recent_copies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -501,9 +526,11 @@ impl PgStore {
 
     // ---- commands ------------------------------------------------------------------
 
-    /// One `INSERT`, committed on its own: the count the queue limit needs is read in the
-    /// same statement, and an `Idempotency-Key` already taken (even by a concurrent
-    /// request) returns the command it names.
+    /// One `INSERT`, committed on its own. An `Idempotency-Key` already taken (even by a
+    /// concurrent request) returns the command it names. The queue limit is checked
+    /// against the daemon's count as of at most [`COUNT_FOR`] ago plus what this relay
+    /// queued since: concurrent writers (or other relays) may pass it by what they queued
+    /// in that time.
     pub async fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
         let client = self.client().await?;
         if let Some(found) = find_idempotent(&client, &new).await? {
@@ -512,30 +539,25 @@ impl PgStore {
                 created: false,
             });
         }
-        let counted = client
-            .query_opt(
-                "SELECT (SELECT count(*) FROM commands WHERE daemon_id = $1 \
-                 AND state IN ('queued', 'delivered')) FROM daemons WHERE daemon_id = $1",
-                &[&new.daemon_id],
-            )
-            .await
-            .map_err(pg)?;
-        let Some(counted) = counted else {
-            return Err(StoreError::UnknownDaemon(new.daemon_id));
-        };
+        let queued = self.queued_count(&client, &new.daemon_id).await?;
         let (probe, daemon_id) = (new.clone(), new.daemon_id.clone());
-        let mut command = machine::new_command(new, u(&counted, 0), 0, now_ms)?;
+        let mut command = machine::new_command(new, queued, 0, now_ms)?;
         let bytes = command_bytes(&command);
         self.reserve(&daemon_id, bytes)?;
         let started = Instant::now();
         let (key_id, key) = command.idempotency.clone().unzip();
+        // Into the daemon's queue if the daemon exists; with a key, unless the key is
+        // taken (then nothing: the command it names is looked up below).
+        let insert = client
+            .prepare_cached(match key.is_some() {
+                false => ENQUEUE,
+                true => ENQUEUE_WITH_KEY,
+            })
+            .await
+            .map_err(pg)?;
         let inserted = client
             .query_opt(
-                "INSERT INTO commands (command_id, daemon_id, queue_seq, method, params, stream, \
-                 state, created_ms, expires_ms, idempotency_key_id, idempotency_key) \
-                 VALUES ($1, $2, nextval('command_queue_seq'), $3, $4, $5, 'queued', $6, $7, $8, $9) \
-                 ON CONFLICT (daemon_id, idempotency_key_id, idempotency_key) DO NOTHING \
-                 RETURNING queue_seq",
+                &insert,
                 &[
                     &command.id,
                     &command.daemon_id,
@@ -551,10 +573,6 @@ impl PgStore {
             .await;
         let inserted = match inserted {
             Ok(row) => row,
-            Err(err) if is(&err, &SqlState::FOREIGN_KEY_VIOLATION) => {
-                self.budget.release(&daemon_id, bytes);
-                return Err(StoreError::UnknownDaemon(daemon_id));
-            }
             Err(err) => {
                 self.budget.release(&daemon_id, bytes);
                 return Err(pg(err));
@@ -564,25 +582,69 @@ impl PgStore {
         match inserted {
             Some(row) => {
                 command.queue_seq = u(&row, 0);
+                if let Some((count, _)) = self.queued_counts().get_mut(&daemon_id) {
+                    *count += 1;
+                }
                 Ok(EnqueueOutcome {
                     command,
                     created: true,
                 })
             }
-            // A concurrent request with the same key won.
+            // No such daemon, or a concurrent request with the same key won.
             None => {
                 self.budget.release(&daemon_id, bytes);
-                let found = find_idempotent(&client, &probe).await?.ok_or_else(|| {
-                    StoreError::Unavailable(
-                        "an Idempotency-Key conflict without its command".into(),
-                    )
-                })?;
-                Ok(EnqueueOutcome {
-                    command: found,
-                    created: false,
-                })
+                match find_idempotent(&client, &probe).await? {
+                    Some(found) => Ok(EnqueueOutcome {
+                        command: found,
+                        created: false,
+                    }),
+                    None => Err(StoreError::UnknownDaemon(daemon_id)),
+                }
             }
         }
+    }
+
+    fn queued_counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `finished` of the daemon's commands reached a final state (committed).
+    fn unqueued(&self, daemon_id: &str, finished: u64) {
+        if let Some((count, _)) = self.queued_counts().get_mut(daemon_id) {
+            *count = count.saturating_sub(finished);
+        }
+    }
+
+    /// The daemon's unfinished commands (see [`PgStore::enqueue`]).
+    async fn queued_count(
+        &self,
+        client: &deadpool_postgres::Object,
+        daemon_id: &str,
+    ) -> Result<u64> {
+        if let Some((count, at)) = self.queued_counts().get_mut(daemon_id) {
+            if at.elapsed() < COUNT_FOR {
+                return Ok(*count);
+            }
+            // This caller counts again; the others keep using the count meanwhile.
+            *at = Instant::now();
+        }
+        let count = client
+            .prepare_cached(
+                "SELECT count(*) FROM commands WHERE daemon_id = $1 \
+                 AND state IN ('queued', 'delivered')",
+            )
+            .await
+            .map_err(pg)?;
+        let count = u(
+            &client.query_one(&count, &[&daemon_id]).await.map_err(pg)?,
+            0,
+        );
+        let mut counts = self.queued_counts();
+        if counts.len() >= RECENT_COPIES {
+            counts.clear();
+        }
+        counts.insert(daemon_id.to_owned(), (count, Instant::now()));
+        Ok(count)
     }
 
     /// Charges a write against the daemon's budget, or refuses it.
@@ -605,6 +667,37 @@ impl PgStore {
         now_ms: u64,
     ) -> Result<LeaseBatch> {
         let mut client = self.client().await?;
+        // First, in one statement: whether anything is due at all. An idle poll (the
+        // common case) ends here, without a transaction. This only pre-filters; what
+        // becomes of each command is decided below, by the machine, under locks.
+        let probe = client
+            .prepare_cached(
+                "SELECT d.connection_id, \
+                   EXISTS (SELECT 1 FROM commands c WHERE c.daemon_id = d.daemon_id \
+                     AND c.state IN ('queued', 'delivered') \
+                     AND NOT (c.state = 'delivered' AND c.lease_until_ms > $2)), \
+                   (SELECT min(c.lease_until_ms) FROM commands c WHERE c.daemon_id = d.daemon_id \
+                     AND c.state = 'delivered' AND c.lease_until_ms > $2) \
+                 FROM daemons d WHERE d.daemon_id = $1",
+            )
+            .await
+            .map_err(pg)?;
+        let probed = client
+            .query_opt(&probe, &[&daemon_id, &i(now_ms)])
+            .await
+            .map_err(pg)?;
+        let stored: Option<String> = probed.as_ref().and_then(|row| row.get(0));
+        if stored.as_deref() != connection_id {
+            return Err(StoreError::Superseded);
+        }
+        if let Some(row) = &probed {
+            if !row.get::<_, bool>(1) {
+                return Ok(LeaseBatch {
+                    commands: Vec::new(),
+                    next_lease_expiry_ms: row.get::<_, Option<i64>>(2).map(|t| t.max(0) as u64),
+                });
+            }
+        }
         let started = Instant::now();
         let tx = client.transaction().await.map_err(pg)?;
         // Shared: concurrent leases pass, a connect (which releases leases) waits.
@@ -622,6 +715,7 @@ impl PgStore {
         let rows = unfinished_locked(&tx, daemon_id).await?;
         let mut batch = LeaseBatch::default();
         let mut wrote = false;
+        let mut expired = 0;
         for row in &rows {
             if batch.commands.len() >= max {
                 break;
@@ -637,6 +731,7 @@ impl PgStore {
                     machine::finish(&mut command, CommandState::Expired, None, None, now_ms);
                     update_command(&tx, &command).await?;
                     wrote = true;
+                    expired += 1;
                 }
                 LeaseStep::Lease => {
                     machine::lease(&mut command, lease_ms, now_ms);
@@ -650,6 +745,7 @@ impl PgStore {
             true => self.commit(tx, started).await?,
             false => tx.rollback().await.map_err(pg)?,
         }
+        self.unqueued(daemon_id, expired);
         Ok(batch)
     }
 
@@ -672,21 +768,20 @@ impl PgStore {
                 }
             })
             .collect();
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ANY($1) \
-                     ORDER BY queue_seq FOR UPDATE"
-                ),
-                &[&ids],
-            )
+        let select = tx
+            .prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ANY($1) \
+                 ORDER BY queue_seq FOR UPDATE"
+            ))
             .await
             .map_err(pg)?;
+        let rows = tx.query(&select, &[&ids]).await.map_err(pg)?;
         let mut commands: HashMap<String, CommandRecord> = HashMap::new();
         for row in &rows {
             let command = command_from(row)?;
             commands.insert(command.id.clone(), command);
         }
+        let unfinished = commands.values().filter(|c| !c.state.is_final()).count();
         let mut outcomes = Vec::with_capacity(posted.len());
         for entry in posted {
             let outcome = match entry {
@@ -726,6 +821,8 @@ impl PgStore {
             }
         }
         self.commit(tx, started).await?;
+        let still = commands.values().filter(|c| !c.state.is_final()).count();
+        self.unqueued(daemon_id, (unfinished - still) as u64);
         Ok(outcomes)
     }
 
@@ -826,7 +923,11 @@ impl PgStore {
     pub async fn command(&self, command_id: &str, now_ms: u64) -> Result<Option<CommandRecord>> {
         let mut client = self.client().await?;
         let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = $1");
-        let row = client.query_opt(&sql, &[&command_id]).await.map_err(pg)?;
+        let select = client.prepare_cached(&sql).await.map_err(pg)?;
+        let row = client
+            .query_opt(&select, &[&command_id])
+            .await
+            .map_err(pg)?;
         let command = row.as_ref().map(command_from).transpose()?;
         if !command.as_ref().is_some_and(|c| c.due_to_expire(now_ms)) {
             return Ok(command);
@@ -844,6 +945,7 @@ impl PgStore {
             machine::finish(&mut command, CommandState::Expired, None, None, now_ms);
             update_command(&tx, &command).await?;
             self.commit(tx, started).await?;
+            self.unqueued(&command.daemon_id, 1);
         }
         Ok(Some(command))
     }
@@ -1155,6 +1257,23 @@ impl PgStore {
         path_and_query: &str,
         response: CachedResponse,
     ) -> Result<bool> {
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (response.status, &response.headers, &response.body).hash(&mut hasher);
+            hasher.finish()
+        };
+        let slot = (daemon_id.to_owned(), path_and_query.to_owned());
+        {
+            let recent = self.recent_copies.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((seen, at)) = recent.get(&slot) {
+                let fresh = response.stored_at_ms.saturating_sub(*at)
+                    < super::super::responses::RESPONSE_REFRESH_MS;
+                if *seen == fingerprint && fresh {
+                    return Ok(false);
+                }
+            }
+        }
         let bytes = (response.body.len() + path_and_query.len() + 64) as u64;
         if self.reserve(daemon_id, bytes).is_err() {
             // The copy is a convenience: without room, the daemon keeps its older data.
@@ -1189,6 +1308,12 @@ impl PgStore {
         tx.commit().await.map_err(pg)?;
         if written == 0 {
             self.budget.release(daemon_id, bytes);
+        } else {
+            let mut recent = self.recent_copies.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= RECENT_COPIES {
+                recent.clear();
+            }
+            recent.insert(slot, (fingerprint, response.stored_at_ms));
         }
         Ok(written > 0)
     }
@@ -1476,14 +1601,15 @@ async fn find_idempotent(
     let Some((key_id, key)) = &new.idempotency else {
         return Ok(None);
     };
+    let select = client
+        .prepare_cached(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE daemon_id = $1 \
+             AND idempotency_key_id = $2 AND idempotency_key = $3"
+        ))
+        .await
+        .map_err(pg)?;
     client
-        .query_opt(
-            &format!(
-                "SELECT {COMMAND_COLUMNS} FROM commands WHERE daemon_id = $1 \
-                 AND idempotency_key_id = $2 AND idempotency_key = $3"
-            ),
-            &[&new.daemon_id, key_id, key],
-        )
+        .query_opt(&select, &[&new.daemon_id, key_id, key])
         .await
         .map_err(pg)?
         .as_ref()
@@ -1525,22 +1651,27 @@ async fn context_by_id(
 
 /// The daemon's unfinished commands in queue order, locked for the transaction.
 async fn unfinished_locked(tx: &Transaction<'_>, daemon_id: &str) -> Result<Vec<Row>> {
-    tx.query(
-        &format!(
+    let select = tx
+        .prepare_cached(&format!(
             "SELECT {COMMAND_COLUMNS} FROM commands WHERE daemon_id = $1 \
              AND state IN ('queued', 'delivered') ORDER BY queue_seq FOR UPDATE"
-        ),
-        &[&daemon_id],
-    )
-    .await
-    .map_err(pg)
+        ))
+        .await
+        .map_err(pg)?;
+    tx.query(&select, &[&daemon_id]).await.map_err(pg)
 }
 
 /// Writes back what the machine changed in a command.
 async fn update_command(tx: &Transaction<'_>, command: &CommandRecord) -> Result<()> {
+    let update = tx
+        .prepare_cached(
+            "UPDATE commands SET state = $2, lease_until_ms = $3, deliveries = $4, \
+             finished_ms = $5, result = $6, error = $7 WHERE command_id = $1",
+        )
+        .await
+        .map_err(pg)?;
     tx.execute(
-        "UPDATE commands SET state = $2, lease_until_ms = $3, deliveries = $4, \
-         finished_ms = $5, result = $6, error = $7 WHERE command_id = $1",
+        &update,
         &[
             &command.id,
             &command.state.as_str(),
@@ -1557,9 +1688,15 @@ async fn update_command(tx: &Transaction<'_>, command: &CommandRecord) -> Result
 }
 
 async fn update_context(tx: &Transaction<'_>, record: &ContextRecord) -> Result<()> {
+    let update = tx
+        .prepare_cached(
+            "UPDATE contexts SET state = $2, status = $3, headers = $4, chunks = $5, \
+             bytes = $6, finished_ms = $7, error = $8 WHERE context_id = $1",
+        )
+        .await
+        .map_err(pg)?;
     tx.execute(
-        "UPDATE contexts SET state = $2, status = $3, headers = $4, chunks = $5, bytes = $6, \
-         finished_ms = $7, error = $8 WHERE context_id = $1",
+        &update,
         &[
             &i(record.context_id),
             &context_state_name(record.state),

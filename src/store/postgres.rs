@@ -176,6 +176,9 @@ pub async fn open(settings: &PgSettings) -> Result<Pool, PgError> {
     if !settings.allow_unsafe_durability {
         options.push_str(" -c synchronous_commit=on");
     }
+    // The backend's transactions are written for read committed (their row locks order
+    // them), whatever default a role or database sets.
+    options.push_str(" -c default_transaction_isolation=read\\ committed");
     config.options(options.trim());
     let manager = Manager::from_config(
         config,

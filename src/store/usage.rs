@@ -190,7 +190,7 @@ pub(super) fn context_body_size(record: &ContextRecord) -> u64 {
 }
 
 /// A finished command younger than this is never dropped for a disk budget.
-const FINISHED_MIN_AGE_MS: u64 = 10 * 60 * 1000;
+pub(super) const FINISHED_MIN_AGE_MS: u64 = 10 * 60 * 1000;
 
 /// Bytes an entry stands for: its key, and its value at full length if spilled.
 pub(super) fn stored_size(key: &[u8], value: &[u8]) -> u64 {

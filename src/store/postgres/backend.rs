@@ -10,9 +10,9 @@
 //! commands in queue order, then contexts. Queueing a command takes no daemon lock at all:
 //! it is one `INSERT`, so concurrent writers share PostgreSQL's group commit.
 //!
-//! Where the rules need a count (the queue limit) it is read in the same statement's
-//! snapshot, not under a lock: concurrent enqueues of one daemon may pass the limit by at
-//! most their number (the pool's size). Disk budgets are counted like sled's: a census in
+//! Where the rules need a count (the queue limit) it is a per-daemon count at most a
+//! second old plus what this relay queued since, not a count under a lock: concurrent
+//! writers (or other relays) may pass the limit by what they queue in that second. Disk budgets are counted like sled's: a census in
 //! SQL, plus what was written since, in memory; trimming a daemon over its budget happens
 //! in the census (`maintain`), not inline.
 
@@ -26,7 +26,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::super::machine::{self, ChunkStep, CompleteStep, LeaseStep};
-use super::super::usage::{Budget, TreeUsage, Usage};
+use super::super::usage::{Budget, TreeUsage, Usage, FINISHED_MIN_AGE_MS};
 use super::super::{AppendOutcome, CachedResponse};
 use super::super::{
     ChangeEntry, ChunkLimits, ChunkOutcome, CommandRecord, CommandState, CommitStats,
@@ -59,6 +59,9 @@ pub struct PgStore {
     /// Keys by id, as read: authentication keeps working for known keys while the database
     /// is briefly away. Removed here before a revocation answers.
     keys: RwLock<HashMap<String, KeyRecord>>,
+    /// Bumped around every key removal: a lookup caches what it read only if no removal
+    /// began or ended meanwhile, so a revoked key is never cached again.
+    key_removals: AtomicU64,
     commits: AtomicU64,
     commit_micros: AtomicU64,
     commit_seconds: crate::metrics::Histogram,
@@ -226,6 +229,7 @@ impl PgStore {
             shown: redacted(&settings.url),
             budget: Budget::default(),
             keys: RwLock::new(HashMap::new()),
+            key_removals: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             commit_micros: AtomicU64::new(0),
             commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
@@ -465,16 +469,19 @@ impl PgStore {
     }
 
     pub async fn remove_key(&self, key_id: &str) -> Result<bool> {
-        // Out of the cache first: from now on every lookup asks the database.
+        // Out of the cache first: from now on every lookup asks the database, and none
+        // that read the key before the DELETE commits may cache it (`key_removals`).
+        self.key_removals.fetch_add(1, Ordering::SeqCst);
         self.keys_cache().remove(key_id);
         let client = self.client().await?;
         let started = Instant::now();
         let removed = client
             .execute("DELETE FROM keys WHERE key_id = $1", &[&key_id])
-            .await
-            .map_err(pg)?;
-        self.committed(started);
+            .await;
+        self.key_removals.fetch_add(1, Ordering::SeqCst);
         self.keys_cache().remove(key_id);
+        let removed = removed.map_err(pg)?;
+        self.committed(started);
         Ok(removed > 0)
     }
 
@@ -487,18 +494,19 @@ impl PgStore {
         {
             return Ok(Some(record.clone()));
         }
+        let removals = self.key_removals.load(Ordering::SeqCst);
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = $1"),
-                &[&key_id],
-            )
+        let select = client
+            .prepare_cached(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = $1"))
             .await
             .map_err(pg)?;
+        let row = client.query_opt(&select, &[&key_id]).await.map_err(pg)?;
         let record = row.as_ref().map(key_from).transpose()?;
         if let Some(record) = &record {
-            self.keys_cache()
-                .insert(record.key_id.clone(), record.clone());
+            let mut cache = self.keys_cache();
+            if self.key_removals.load(Ordering::SeqCst) == removals {
+                cache.insert(record.key_id.clone(), record.clone());
+            }
         }
         Ok(record)
     }
@@ -1193,6 +1201,9 @@ impl PgStore {
             return Err(err);
         }
         self.commit(tx, started).await?;
+        if let Some((count, _)) = self.queued_counts().get_mut(&daemon_id) {
+            *count += 1;
+        }
         if let Some(old) = &current {
             // Retired: no longer counted against the daemon.
             self.budget.release(&old.daemon_id, old.bytes);
@@ -1440,7 +1451,7 @@ impl PgStore {
                 finished && record.created_at_ms.saturating_add(work.context_ttl_ms) <= now_ms;
             let over_budget = finished && total > work.contexts_max_bytes;
             if expired || over_budget || abandoned {
-                client
+                let retired = client
                     .execute(
                         "UPDATE contexts SET retired_ms = $2 WHERE context_id = $1 \
                          AND retired_ms IS NULL",
@@ -1448,7 +1459,10 @@ impl PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                self.budget.release(&record.daemon_id, record.bytes);
+                // Retired meanwhile by a new fetch, which gave its bytes back then.
+                if retired == 1 {
+                    self.budget.release(&record.daemon_id, record.bytes);
+                }
                 total -= record.bytes;
             }
         }
@@ -1545,6 +1559,9 @@ impl PgStore {
         excess: u64,
         now_ms: u64,
     ) -> Result<u64> {
+        // As sled trims (`usage::trim_daemon`): cached copies, ended contexts, the change
+        // log, and last finished commands at least `FINISHED_MIN_AGE_MS` old (a client may
+        // still read a result, or retry its Idempotency-Key, for that long).
         let steps: [&str; 4] = [
             "WITH gone AS (DELETE FROM responses WHERE (daemon_id, cache_key) IN ( \
                SELECT daemon_id, cache_key FROM responses WHERE daemon_id = $1 \
@@ -1556,23 +1573,29 @@ impl PgStore {
                AND state <> 'fetching' ORDER BY created_ms LIMIT 64) \
              RETURNING bytes + 128 AS bytes) \
              SELECT coalesce(sum(bytes), 0)::bigint, count(*) FROM gone",
-            "WITH gone AS (DELETE FROM commands WHERE command_id IN ( \
-               SELECT command_id FROM commands WHERE daemon_id = $1 \
-               AND state IN ('completed', 'failed', 'expired') \
-               ORDER BY finished_ms LIMIT 256) \
-             RETURNING octet_length(params) + coalesce(octet_length(result), 0) \
-               + coalesce(octet_length(error), 0) + 128 AS bytes) \
-             SELECT coalesce(sum(bytes), 0)::bigint, count(*) FROM gone",
             "WITH gone AS (DELETE FROM changes WHERE (daemon_id, seq) IN ( \
                SELECT daemon_id, seq FROM changes WHERE daemon_id = $1 ORDER BY seq LIMIT 256) \
              RETURNING octet_length(data) + octet_length(kind) + 48 AS bytes) \
+             SELECT coalesce(sum(bytes), 0)::bigint, count(*) FROM gone",
+            "WITH gone AS (DELETE FROM commands WHERE command_id IN ( \
+               SELECT command_id FROM commands WHERE daemon_id = $1 \
+               AND state IN ('completed', 'failed', 'expired') AND finished_ms <= $2 \
+               ORDER BY finished_ms LIMIT 256) \
+             RETURNING octet_length(params) + coalesce(octet_length(result), 0) \
+               + coalesce(octet_length(error), 0) + 128 AS bytes) \
              SELECT coalesce(sum(bytes), 0)::bigint, count(*) FROM gone",
         ];
         let mut freed = 0;
         for step in steps {
             while freed < excess {
-                let params: [&(dyn ToSql + Sync); 2] = [&daemon_id, &i(now_ms)];
-                // Each statement uses the parameters it names.
+                // `$2`: now for the contexts, the newest finish a command may have for the
+                // commands (the last step).
+                let old_enough = i(now_ms.saturating_sub(FINISHED_MIN_AGE_MS));
+                let second = match step.contains("FROM commands") {
+                    true => old_enough,
+                    false => i(now_ms),
+                };
+                let params: [&(dyn ToSql + Sync); 2] = [&daemon_id, &second];
                 let used = if step.contains("$2") {
                     &params[..]
                 } else {

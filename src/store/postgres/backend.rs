@@ -315,23 +315,11 @@ impl PgStore {
     pub async fn ensure_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<DaemonRecord> {
         let client = self.client().await?;
         let started = Instant::now();
-        client
-            .execute(
-                "INSERT INTO daemons (daemon_id, created_ms) VALUES ($1, $2) \
-                 ON CONFLICT (daemon_id) DO NOTHING",
-                &[&daemon_id, &i(now_ms)],
-            )
-            .await
-            .map_err(pg)?;
+        create_daemon(&client, daemon_id, now_ms).await?;
         self.committed(started);
-        let row = client
-            .query_one(
-                &format!("SELECT {DAEMON_COLUMNS} FROM daemons WHERE daemon_id = $1"),
-                &[&daemon_id],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(daemon_from(&row))
+        daemon_in(&client, daemon_id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownDaemon(daemon_id.to_owned()))
     }
 
     pub async fn connect_daemon(
@@ -345,13 +333,7 @@ impl PgStore {
         let mut client = self.client().await?;
         let started = Instant::now();
         let tx = client.transaction().await.map_err(pg)?;
-        tx.execute(
-            "INSERT INTO daemons (daemon_id, created_ms) VALUES ($1, $2) \
-             ON CONFLICT (daemon_id) DO NOTHING",
-            &[&daemon_id, &i(now_ms)],
-        )
-        .await
-        .map_err(pg)?;
+        create_daemon(&tx, daemon_id, now_ms).await?;
         tx.execute(
             "SELECT 1 FROM daemons WHERE daemon_id = $1 FOR NO KEY UPDATE",
             &[&daemon_id],
@@ -379,15 +361,11 @@ impl PgStore {
                 update_command(&tx, &command).await?;
             }
         }
-        let row = tx
-            .query_one(
-                &format!("SELECT {DAEMON_COLUMNS} FROM daemons WHERE daemon_id = $1"),
-                &[&daemon_id],
-            )
-            .await
-            .map_err(pg)?;
+        let record = daemon_in(&tx, daemon_id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownDaemon(daemon_id.to_owned()))?;
         self.commit(tx, started).await?;
-        Ok(daemon_from(&row))
+        Ok(record)
     }
 
     /// A hint: committed without waiting for the WAL flush.
@@ -407,15 +385,7 @@ impl PgStore {
     }
 
     pub async fn daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!("SELECT {DAEMON_COLUMNS} FROM daemons WHERE daemon_id = $1"),
-                &[&daemon_id],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(row.as_ref().map(daemon_from))
+        daemon_in(&self.client().await?, daemon_id).await
     }
 
     pub async fn daemons(&self) -> Result<Vec<DaemonRecord>> {
@@ -437,13 +407,7 @@ impl PgStore {
         let started = Instant::now();
         let tx = client.transaction().await.map_err(pg)?;
         if let Some(daemon_id) = &record.daemon_id {
-            tx.execute(
-                "INSERT INTO daemons (daemon_id, created_ms) VALUES ($1, $2) \
-                 ON CONFLICT (daemon_id) DO NOTHING",
-                &[daemon_id, &i(now_ms)],
-            )
-            .await
-            .map_err(pg)?;
+            create_daemon(&tx, daemon_id, now_ms).await?;
         }
         tx.execute(
             &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
@@ -1638,6 +1602,37 @@ async fn find_idempotent(
         .as_ref()
         .map(command_from)
         .transpose()
+}
+
+/// Creates the daemon's row unless it has one.
+async fn create_daemon(
+    client: &impl deadpool_postgres::GenericClient,
+    daemon_id: &str,
+    now_ms: u64,
+) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO daemons (daemon_id, created_ms) VALUES ($1, $2) \
+             ON CONFLICT (daemon_id) DO NOTHING",
+            &[&daemon_id, &i(now_ms)],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(())
+}
+
+async fn daemon_in(
+    client: &impl deadpool_postgres::GenericClient,
+    daemon_id: &str,
+) -> Result<Option<DaemonRecord>> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {DAEMON_COLUMNS} FROM daemons WHERE daemon_id = $1"),
+            &[&daemon_id],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(row.as_ref().map(daemon_from))
 }
 
 async fn command_in(

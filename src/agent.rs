@@ -4,10 +4,15 @@
 //! [`EventPublisher`].
 //!
 //! One session per relay connection, three loops sharing one HTTP/2 connection:
-//! - downlink: a long poll that brings commands the moment they are queued;
+//! - downlink: brings commands the moment they are queued;
 //! - uplink: uploads the durable outbox (daemon events) and drops what the relay's
 //!   `last_update_seq` acknowledges;
-//! - results: posts finished results until the relay accepts them.
+//! - results: posts finished results (and streamed responses, chunk by chunk) until the
+//!   relay accepts them.
+//!
+//! By default all three share one `POST /sync/stream` (one HTTP/2 stream for the whole
+//! connection; see [`stream`]); against a relay that does not offer it, or with
+//! `sync = "poll"`, the downlink is a long poll and the others are requests of their own.
 //!
 //! Commands run concurrently up to `concurrency`. A redelivered command (same id) is never
 //! executed twice: its stored result is sent again. A session that fails for a transient
@@ -20,10 +25,12 @@ mod events;
 pub mod handler;
 mod link;
 mod status;
+mod stream;
 pub mod target;
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,15 +42,16 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{AgentConfig, RawAgent};
+pub use config::{AgentConfig, RawAgent, SyncMode};
 pub use handler::{Command, CommandHandler, Outcome, StreamReply};
 pub use target::HttpTarget;
 
 use backoff::Backoff;
 use link::{LinkError, RelayLink, WireCommand};
 use status::StatusLog;
+use stream::StreamLink;
 
-use crate::protocol::{ResultEntry, Update};
+use crate::protocol::{ResultEntry, ResultsResponse, StreamUp, Update};
 use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
 
 /// Updates uploaded per poll (the relay accepts up to 1000 by default).
@@ -146,6 +154,10 @@ struct Shared {
     /// them: running a read twice is harmless, so it is not worth an fsync.
     volatile: Mutex<std::collections::HashMap<String, StoredResult>>,
     results_ready: Notify,
+    /// The session's sync stream, while one is open: results and chunks go over it.
+    stream: Mutex<Option<Arc<StreamLink>>>,
+    /// The relay refused `/sync/stream` once: this agent polls from then on.
+    stream_refused: AtomicBool,
 }
 
 impl Agent {
@@ -171,6 +183,8 @@ impl Agent {
             unsent: Mutex::new(unsent),
             volatile: Mutex::default(),
             results_ready: Notify::new(),
+            stream: Mutex::default(),
+            stream_refused: AtomicBool::new(false),
             config: config.clone(),
         });
         Ok(Agent { config, shared })
@@ -274,11 +288,101 @@ impl Shared {
             .poll_timeout
             .min(Duration::from_secs(hello.poll_timeout_max.max(1)));
         let connection_id = hello.connection_id;
+        let offered = hello.transports.iter().any(|t| t == "stream");
+        if self.config.sync == SyncMode::Stream
+            && offered
+            && !self.stream_refused.load(Ordering::Relaxed)
+        {
+            match self.link.open_stream(&connection_id).await {
+                Ok(Some((response, writer))) => {
+                    return self
+                        .clone()
+                        .stream_session(&connection_id, response, writer)
+                        .await
+                }
+                Ok(None) => self.stream_refused.store(true, Ordering::Relaxed),
+                Err(err) => return err,
+            }
+        }
         tokio::select! {
             err = self.clone().downlink(&connection_id, poll_timeout) => err,
             err = self.clone().uplink(&connection_id) => err,
             err = self.clone().post_results() => err,
         }
+    }
+
+    /// A session on one sync stream: commands arrive on it, and updates, results and
+    /// chunks go out on it, until it ends.
+    async fn stream_session(
+        self: Arc<Self>,
+        connection_id: &str,
+        response: reqwest::Response,
+        writer: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> LinkError {
+        let link = Arc::new(StreamLink::new(writer));
+        *self.lock_stream() = Some(link.clone());
+        self.status.set(
+            "relay",
+            &format!("connected to {} (one HTTP/2 stream)", self.config.relay),
+        );
+        let err = tokio::select! {
+            err = stream::read_lines(response, &link, |commands| self.dispatch(commands)) => err,
+            err = self.clone().uplink(connection_id) => err,
+            err = self.clone().post_results() => err,
+        };
+        self.lock_stream().take();
+        link.close().await;
+        err
+    }
+
+    fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Arc<StreamLink>>> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Uploads updates: a line on the session's stream, or a poll that does not wait.
+    /// Answers the durable `last_update_seq` and any commands the poll brought.
+    async fn upload(
+        &self,
+        connection_id: &str,
+        updates: Vec<Update>,
+    ) -> Result<(u64, Vec<WireCommand>), LinkError> {
+        let stream = self.lock_stream().clone();
+        if let Some(stream) = stream {
+            let up = StreamUp {
+                updates: Some(updates),
+                results: None,
+            };
+            let down = stream.call(&up).await?;
+            let seq = down.last_update_seq.ok_or_else(|| {
+                LinkError::Transient("the relay's answer lacks last_update_seq".into())
+            })?;
+            return Ok((seq, Vec::new()));
+        }
+        let reply = self
+            .link
+            .poll(connection_id, updates, false, Duration::ZERO)
+            .await?;
+        Ok((reply.last_update_seq, reply.commands))
+    }
+
+    /// Sends results or chunks: a line on the session's stream, or a request.
+    async fn send_results(
+        &self,
+        results: Vec<Box<RawValue>>,
+    ) -> Result<ResultsResponse, LinkError> {
+        let stream = self.lock_stream().clone();
+        let Some(stream) = stream else {
+            return self.link.results(results).await;
+        };
+        let up = StreamUp {
+            updates: None,
+            results: Some(results),
+        };
+        let down = stream.call(&up).await?;
+        Ok(ResultsResponse {
+            accepted: down.accepted.unwrap_or_default(),
+            unknown: down.unknown.unwrap_or_default(),
+        })
     }
 
     /// Long polls for commands.
@@ -331,16 +435,12 @@ impl Shared {
                     seq: Some(seq),
                 })
                 .collect();
-            match self
-                .link
-                .poll(connection_id, updates, false, Duration::ZERO)
-                .await
-            {
-                Ok(reply) => {
-                    if let Err(err) = self.store.acknowledge(reply.last_update_seq) {
+            match self.upload(connection_id, updates).await {
+                Ok((last_update_seq, commands)) => {
+                    if let Err(err) = self.store.acknowledge(last_update_seq) {
                         return LinkError::Transient(format!("agent state: {err}"));
                     }
-                    self.dispatch(reply.commands);
+                    self.dispatch(commands);
                 }
                 Err(err) => return err,
             }
@@ -483,7 +583,7 @@ impl Shared {
                 }
             }
             if !entries.is_empty() {
-                match self.link.results(entries).await {
+                match self.send_results(entries).await {
                     Ok(reply) => done.extend(reply.accepted.into_iter().chain(reply.unknown)),
                     Err(err) => return err,
                 }
@@ -591,7 +691,7 @@ impl Shared {
             let entry = raw(&entry);
             let mut backoff = Backoff::new();
             loop {
-                match self.link.results(vec![entry.clone()]).await {
+                match self.send_results(vec![entry.clone()]).await {
                     Ok(reply) if reply.unknown.iter().any(|id| id == command_id) => return,
                     Ok(_) => break,
                     Err(LinkError::Rejected(_)) => return,

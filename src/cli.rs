@@ -62,6 +62,10 @@ pub enum Command {
         /// Where the outbox and recent results live (default ./agent-state).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// `stream` (default: one HTTP/2 stream, long polling when the relay lacks it) or
+        /// `poll` (long polling always).
+        #[arg(long, value_parser = ["stream", "poll"])]
+        sync: Option<String>,
     },
     /// Manage API keys on a running relay.
     Keys {
@@ -179,6 +183,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             target,
             events,
             state_dir,
+            sync,
         } => {
             let mut raw = match &config {
                 Some(path) => RawAgent::from_file(path)?,
@@ -195,6 +200,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             raw.target = target.or(raw.target);
             raw.events = events.or(raw.events);
             raw.state_dir = state_dir.or(raw.state_dir);
+            raw.sync = sync.or(raw.sync);
             let config = raw.validate(&origin)?;
             init_tracing(LogFormat::Text);
             tracing::info!(relay = %config.relay, daemon_id = %config.daemon_id, target = %config.target, "agent starting");

@@ -164,8 +164,10 @@ pub struct SyncConfig {
     /// A daemon counts as online while a poll is waiting or for this long after its last
     /// sync request.
     pub online_grace: Duration,
-    /// Most commands handed out by one poll.
+    /// Most commands handed out by one poll (or one line of a sync stream).
     pub max_commands_per_poll: usize,
+    /// Serve `POST /sync/stream` and offer it in the connect answer.
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +299,7 @@ pub struct RawSync {
     pub lease_duration: Option<String>,
     pub online_grace: Option<String>,
     pub max_commands_per_poll: Option<usize>,
+    pub stream: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -572,6 +575,7 @@ impl Config {
                 raw.sync.max_commands_per_poll,
                 64,
             ),
+            stream: raw.sync.stream.unwrap_or(true),
         };
         check.require(
             sync.poll_timeout_max >= Duration::from_secs(1),

@@ -32,6 +32,10 @@ pub struct ConnectResponse {
     #[serde(default)]
     #[schema(value_type = String, required = true)]
     pub relay_version: Cow<'static, str>,
+    /// The sync transports this relay offers: `poll` (`/sync/poll` and `/sync/results`)
+    /// and `stream` (`/sync/stream`). Empty from a relay older than the stream.
+    #[serde(default)]
+    pub transports: Vec<Cow<'static, str>>,
 }
 
 /// One daemon-side event in a poll's `updates`.
@@ -142,6 +146,94 @@ pub struct ResultEntry {
 pub struct ResultsResponse {
     pub accepted: Vec<String>,
     pub unknown: Vec<String>,
+}
+
+/// One line a daemon writes on `POST /sync/stream`: updates, results (and chunks), or
+/// both. Each line is answered by exactly one [`StreamDown`] line, in the order the lines
+/// were written: `last_update_seq` once its updates are durable, `accepted` and `unknown`
+/// once its results are, or an `error` when the line was refused.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct StreamUp {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates: Option<Vec<Update>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<ResultEntry>>)]
+    pub results: Option<Vec<Box<RawValue>>>,
+}
+
+/// One line the relay writes on `POST /sync/stream`: commands to run, the answer to one
+/// daemon line, a keep-alive, or an error. `superseded` and `unauthorized` errors are the
+/// last line of the stream; any other error answers one daemon line.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct StreamDown<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<WireCommand>>)]
+    pub commands: Option<Vec<WireCommand<'a>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keepalive: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// Cuts a `/sync/stream` body into its lines (JSON objects, one a line), as pieces of
+/// it arrive: both sides read the other's lines through it.
+#[derive(Debug, Default)]
+pub struct LineBuffer {
+    pending: bytes::BytesMut,
+    /// Bytes of `pending` known to hold no newline.
+    scanned: usize,
+}
+
+impl LineBuffer {
+    pub fn push(&mut self, piece: &[u8]) {
+        self.pending.extend_from_slice(piece);
+    }
+
+    /// The next whole line, without its newline and surrounding blanks; blank lines are
+    /// skipped.
+    pub fn next_line(&mut self) -> Option<bytes::Bytes> {
+        while let Some(at) = memchr::memchr(b'\n', &self.pending[self.scanned..]) {
+            let mut line = self.pending.split_to(self.scanned + at + 1);
+            self.scanned = 0;
+            let start = line.len() - line.trim_ascii_start().len();
+            let kept = line.trim_ascii_end().len();
+            line.truncate(kept);
+            let line = line.freeze().slice(start.min(kept)..);
+            if !line.is_empty() {
+                return Some(line);
+            }
+        }
+        self.scanned = self.pending.len();
+        None
+    }
+
+    /// Bytes of the line not yet ended.
+    pub fn unfinished(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// What is left once the body has ended: a last line without its newline.
+    pub fn rest(&mut self) -> Option<bytes::Bytes> {
+        let rest = std::mem::take(&mut self.pending).freeze();
+        self.scanned = 0;
+        let trimmed = rest.trim_ascii();
+        (!trimmed.is_empty()).then(|| rest.slice_ref(trimmed))
+    }
+}
+
+impl StreamDown<'_> {
+    /// An error that ends the stream rather than answering a line.
+    pub fn is_final_error(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| matches!(e.code.as_str(), "superseded" | "unauthorized" | "forbidden"))
+    }
 }
 
 /// Params of an `http` command, as the relay builds them from a mirrored call.
@@ -637,6 +729,38 @@ mod tests {
 #[cfg(test)]
 mod wire_tests {
     use super::*;
+
+    #[test]
+    fn lines_are_cut_wherever_the_pieces_end() {
+        let mut lines = LineBuffer::default();
+        lines.push(b"{\"a\":1}\n\n  \r\n{\"b\"");
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(lines.next_line(), None);
+        assert_eq!(lines.unfinished(), 4);
+        lines.push(b":2}\r");
+        assert_eq!(lines.next_line(), None);
+        lines.push(b"\n {\"c\":3}");
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{\"b\":2}"[..]));
+        assert_eq!(lines.next_line(), None);
+        assert_eq!(lines.rest().as_deref(), Some(&b"{\"c\":3}"[..]));
+        assert_eq!(lines.rest(), None);
+    }
+
+    #[test]
+    fn a_stream_line_answering_nothing_ends_only_on_final_errors() {
+        let down: StreamDown<'static> =
+            serde_json::from_str(r#"{"error":{"code":"chunk_gap","message":"m"}}"#).unwrap();
+        assert!(!down.is_final_error());
+        let down: StreamDown<'static> =
+            serde_json::from_str(r#"{"error":{"code":"superseded","message":"m"}}"#).unwrap();
+        assert!(down.is_final_error());
+        let keepalive = serde_json::to_string(&StreamDown {
+            keepalive: true,
+            ..StreamDown::default()
+        })
+        .unwrap();
+        assert_eq!(keepalive, r#"{"keepalive":true}"#);
+    }
 
     #[test]
     fn the_relay_s_writing_and_the_agent_s_reading_agree() {

@@ -30,6 +30,7 @@ mod router;
 mod server;
 mod streams;
 mod sync;
+mod sync_stream;
 pub mod tls;
 
 use std::future::Future;
@@ -56,6 +57,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Cancelled when shutdown begins: waiting polls and streams answer at once.
     pub shutdown: CancellationToken,
+    /// The tasks serving `/sync/stream`s, so that none outlives the store they write to.
+    pub sessions: tokio_util::task::TaskTracker,
     pub metrics: Metrics,
     pub limits: limits::RateLimits,
     /// Set while an online backup runs (one at a time).
@@ -289,6 +292,7 @@ async fn run_with_tls(
         store: store.clone(),
         hub: Arc::new(Hub::default()),
         shutdown: CancellationToken::new(),
+        sessions: tokio_util::task::TaskTracker::new(),
         metrics: Metrics::new(document.paths.paths.keys()),
         backup_running: Default::default(),
         usage: Default::default(),
@@ -307,6 +311,14 @@ async fn run_with_tls(
     let _ = housekeeping.await;
     if let Some(reloads) = reloads {
         let _ = reloads.await;
+    }
+    // Sync streams end on the cancelled token; one in a store call finishes it first.
+    app.sessions.close();
+    if tokio::time::timeout(STORE_CLOSE_TIMEOUT, app.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sync streams still running at shutdown");
     }
     // Bounded: a store whose flush is wedged (sled after a failed write) must not keep
     // the process from exiting. Everything acknowledged was flushed before its answer.

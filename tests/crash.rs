@@ -60,7 +60,34 @@ async fn sigkill_loop_long() {
 async fn relay_and_agent_sigkilled_at_random_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("agent");
-    agent_crash_loop(dir.path(), &state_dir, 4, 30, Strike::RelayOrAgent, || {}).await;
+    agent_crash_loop(
+        dir.path(),
+        &state_dir,
+        4,
+        30,
+        Strike::RelayOrAgent,
+        "stream",
+        || {},
+    )
+    .await;
+}
+
+/// The same with the agent long-polling (`--sync poll`), as daemons written before
+/// `/sync/stream` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_agent_sigkilled_at_random_lose_nothing_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("agent");
+    agent_crash_loop(
+        dir.path(),
+        &state_dir,
+        4,
+        30,
+        Strike::RelayOrAgent,
+        "poll",
+        || {},
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +102,7 @@ async fn relay_and_agent_sigkill_loop_long() {
         kills,
         15,
         Strike::RelayOrAgent,
+        "stream",
         || {},
     )
     .await;

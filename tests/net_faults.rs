@@ -74,7 +74,7 @@ fn total(proxy: &Proxy) -> usize {
     proxy.injected().values().sum()
 }
 
-async fn faults_loop(target: usize, half_open_every: usize) {
+async fn faults_loop(target: usize, half_open_every: usize, sync: &str) {
     let relay = TestRelay::start().await;
     let daemon_key = relay.key("daemon", Some(DAEMON), None).await;
     let client = relay.client(&[DAEMON]).await;
@@ -89,6 +89,7 @@ async fn faults_loop(target: usize, half_open_every: usize) {
         RawAgent {
             poll_timeout: Some("2s".into()),
             request_timeout: Some("10s".into()),
+            sync: Some(sync.into()),
             ..RawAgent::default()
         },
     );
@@ -166,12 +167,18 @@ async fn faults_loop(target: usize, half_open_every: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_on_every_connection_lose_and_duplicate_nothing() {
-    faults_loop(40, 25).await;
+    faults_loop(40, 25, "stream").await;
+}
+
+/// The same with the agent long-polling, as daemons written before `/sync/stream` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_on_every_connection_lose_and_duplicate_nothing_polling() {
+    faults_loop(40, 25, "poll").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 500 faults at each proxy; cargo test --release --test net_faults -- --ignored"]
 async fn faults_on_every_connection_long() {
     let faults = chaos::env_count("SYNCRELAY_NET_FAULTS", 500);
-    faults_loop(faults, 50).await;
+    faults_loop(faults, 50, "stream").await;
 }

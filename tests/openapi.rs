@@ -850,6 +850,18 @@ async fn real_traffic_matches_the_document() {
         "y".repeat(70_000)
     ));
     spec.expect(oversized, 413).await;
+    // This client speaks HTTP/1.1: the stream refuses it in the documented error shape
+    // (tests/sync_stream.rs speaks the stream itself, over HTTP/2).
+    let stream_path = format!(
+        "/sync/stream?daemon_id=d1&connection_id={}",
+        d1.connection_id
+    );
+    let http1 = authed(&relay, Method::POST, &stream_path, &d1_key).body("{}\n");
+    let refused = spec.expect(http1, 400).await.json();
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP/2"));
 
     // The client API the relay answers itself.
     let listed = spec

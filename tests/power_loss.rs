@@ -104,6 +104,7 @@ async fn agent_power_loop(test: &str, cuts: usize, progress: usize) {
         cuts,
         progress,
         Strike::Agent,
+        "stream",
         || tokio::task::block_in_place(|| lazyfs.power_cut()),
     )
     .await;

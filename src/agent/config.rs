@@ -56,6 +56,16 @@ pub struct AgentConfig {
     pub results_max_age: Duration,
     /// Largest piece of a streamed response posted as one chunk.
     pub chunk_bytes: usize,
+    /// How the agent talks to the relay.
+    pub sync: SyncMode,
+}
+
+/// The sync transport: `stream` (one HTTP/2 stream per connection, when the relay offers
+/// it, else long polling) or `poll` (long polling always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Stream,
+    Poll,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +86,8 @@ pub struct RawAgent {
     pub poll_timeout: Option<String>,
     pub results_max_age: Option<String>,
     pub chunk_bytes: Option<usize>,
+    /// `"stream"` (the default) or `"poll"`.
+    pub sync: Option<String>,
     #[serde(default)]
     pub methods: BTreeMap<String, String>,
 }
@@ -206,6 +218,16 @@ impl RawAgent {
         if chunk_bytes == 0 {
             problems.push("agent.chunk_bytes must be greater than 0".into());
         }
+        let sync = match self.sync.as_deref().map(str::trim) {
+            None | Some("stream") => SyncMode::Stream,
+            Some("poll") => SyncMode::Poll,
+            Some(other) => {
+                problems.push(format!(
+                    "agent.sync = {other:?} must be \"stream\" or \"poll\""
+                ));
+                SyncMode::Stream
+            }
+        };
         let events = match self.events {
             None => Some("stream/events".to_owned()),
             Some(path) if path.trim().is_empty() => None,
@@ -229,6 +251,7 @@ impl RawAgent {
                 poll_timeout,
                 results_max_age,
                 chunk_bytes,
+                sync,
             }),
             _ => Err(AgentConfigError {
                 origin: origin.to_owned(),

@@ -5,10 +5,15 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::config::AgentConfig;
 use crate::protocol::{
@@ -28,8 +33,10 @@ const POLL_SLACK: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request answered 429 is sent again after `Retry-After` (at most this long), this
 /// many times, before the caller sees a transient error.
-const MAX_THROTTLED: u32 = 10;
-const MAX_RETRY_AFTER_SECS: u64 = 60;
+pub const MAX_THROTTLED: u32 = 10;
+pub const MAX_RETRY_AFTER_SECS: u64 = 60;
+/// Lines queued for the relay beyond what HTTP/2 has taken.
+const STREAM_LINES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -136,22 +143,53 @@ impl RelayLink {
                 tokio::time::sleep(Duration::from_secs(wait)).await;
                 continue;
             }
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
-            let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
-            return match status.as_u16() {
-                401 | 403 => Err(LinkError::Rejected(format!("{status} {code}: {message}"))),
-                409 if code == "superseded" => Err(LinkError::Superseded),
-                429 => Err(LinkError::Transient(format!(
-                    "relay answered {status} {code}: {message}"
-                ))),
-                400..=499 => Err(LinkError::Refused(format!(
-                    "relay answered {status} {code}: {message}"
-                ))),
-                _ => Err(LinkError::Transient(format!(
-                    "relay answered {status} {code}: {message}"
-                ))),
-            };
+            return Err(refusal(response).await);
+        }
+    }
+
+    /// Opens `POST /sync/stream` for the connection: `Ok(None)` when the relay does not
+    /// serve it (an older relay: 404; HTTP/1.1 only: 400), so the caller polls instead.
+    /// The lines written to the returned sender are the request body; the response's body
+    /// is the relay's lines.
+    pub async fn open_stream(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<(reqwest::Response, mpsc::Sender<Bytes>)>, LinkError> {
+        let url = self
+            .base
+            .join("sync/stream")
+            .map_err(|err| LinkError::Transient(err.to_string()))?;
+        let (lines, body) = mpsc::channel::<Bytes>(STREAM_LINES);
+        let body = ReceiverStream::new(body).map(Ok::<_, std::io::Error>);
+        let mut request = self
+            .http
+            .post(url)
+            .query(&[
+                ("daemon_id", self.daemon_id.as_str()),
+                ("connection_id", connection_id),
+            ])
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(reqwest::Body::wrap_stream(body));
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        // Bounded by its head only: the stream itself lives as long as the connection.
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, request.send())
+            .await
+            .map_err(|_| LinkError::Transient("the relay did not answer the stream".into()))?
+            .map_err(|err| {
+                LinkError::Transient(format!("relay unreachable: {}", root_cause(&err)))
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(Some((response, lines)));
+        }
+        match refusal(response).await {
+            LinkError::Refused(message) if matches!(status.as_u16(), 400 | 404 | 405) => {
+                tracing::info!(%message, "the relay does not serve /sync/stream; polling");
+                Ok(None)
+            }
+            err => Err(err),
         }
     }
 
@@ -190,6 +228,36 @@ impl RelayLink {
             results,
         };
         self.post("sync/results", &body, REQUEST_TIMEOUT).await
+    }
+}
+
+/// A non-2xx answer, classified.
+async fn refusal(response: reqwest::Response) -> LinkError {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or("");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    classify(Some(status.as_u16()), code, message)
+}
+
+/// What an error the relay answered means to the agent, by status when there is one (a
+/// request) or by code alone (a line of the stream).
+pub fn classify(status: Option<u16>, code: &str, message: &str) -> LinkError {
+    let status = status.unwrap_or(match code {
+        "unauthorized" => 401,
+        "forbidden" => 403,
+        "superseded" | "chunk_gap" => 409,
+        "rate_limited" | "queue_full" => 429,
+        "storage_unavailable" | "daemon_offline" | "timeout" => 503,
+        _ => 400,
+    });
+    let text = format!("relay answered {status} {code}: {message}");
+    match status {
+        401 | 403 => LinkError::Rejected(text),
+        409 if code == "superseded" => LinkError::Superseded,
+        429 => LinkError::Transient(text),
+        400..=499 => LinkError::Refused(text),
+        _ => LinkError::Transient(text),
     }
 }
 

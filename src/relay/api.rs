@@ -24,11 +24,14 @@ use utoipa_axum::routes;
 use super::auth::Principal;
 use super::http::{json, parse_json, read_body, ApiError};
 use super::router::{has_backslash, is_dot_segment};
-use super::{admin_api, changes, client, mirror, router, streams, sync, App, Response};
+use super::{
+    admin_api, changes, client, mirror, router, streams, sync, sync_stream, App, Response,
+};
 use crate::protocol::{
     BackupLine, BackupRequest, ChangesResponse, CommandView, ConnectRequest, ConnectResponse,
     CreateKeyRequest, CreatedKey, DaemonList, DaemonView, ErrorBody, Health, KeyList,
     NamedCommandRequest, PollRequest, PollResponse, ResultsRequest, ResultsResponse, RevokedKey,
+    StreamDown, StreamUp,
 };
 
 type AppState = State<Arc<App>>;
@@ -51,6 +54,7 @@ pub fn router() -> (axum::Router<Arc<App>>, Document) {
         .routes(g.add(MethodFirst(Sync), routes!(sync_connect)))
         .routes(g.add(MethodFirst(Sync), routes!(sync_poll)))
         .routes(g.add(MethodFirst(Sync), routes!(sync_results)))
+        .routes(g.add(MethodFirst(Sync), routes!(sync_stream)))
         .routes(g.add(MethodFirst(Client), routes!(list_daemons)))
         .routes(g.add(MethodFirst(Client), routes!(get_command)))
         .routes(g.add(CredentialsFirst(Daemon), routes!(get_daemon)))
@@ -405,6 +409,34 @@ async fn sync_results(
     JsonBody(request): JsonBody<ResultsRequest>,
 ) -> Result<Response, ApiError> {
     sync::results(&app, &principal, request).await
+}
+
+/// One long-lived HTTP/2 stream for a connection: the daemon writes update and result
+/// lines, the relay writes commands, one answer per daemon line once it is durable,
+/// keep-alives, and a last error line when the connection is superseded.
+#[utoipa::path(post, path = "/sync/stream", tag = "sync", operation_id = "syncStream",
+    security(("bearerAuth" = []), ("mutualTLS" = [])),
+    params(
+        ("daemon_id" = String, Query, pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("connection_id" = String, Query, description = "From `/sync/connect`."),
+    ),
+    request_body(content = StreamUp, content_type = "application/x-ndjson",
+        description = "One `StreamUp` object a line, for as long as the stream lives."),
+    responses(
+        (status = 200, description = "One `StreamDown` object a line.",
+            content_type = "application/x-ndjson", body = StreamDown),
+        (status = 400, description = "Not HTTP/2, or the query lacks an id.", body = ErrorBody),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`superseded`: a newer connect replaced this one.",
+            body = ErrorBody),
+        Authenticated,
+    ))]
+async fn sync_stream(
+    State(app): AppState,
+    Caller(principal): Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
+    sync_stream::open(&app, &principal, request).await
 }
 
 // --- Client API -------------------------------------------------------------------------

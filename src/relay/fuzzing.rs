@@ -62,7 +62,7 @@ pub fn sync_json(data: &[u8]) {
         if let Ok(timeout) = poll_timeout(poll.timeout, Duration::from_secs(60)) {
             assert!(timeout <= Duration::from_secs(60), "timeout not clamped");
         }
-        if let Ok(changes) = validate_updates(&poll) {
+        if let Ok(changes) = validate_updates(&poll.updates) {
             assert_eq!(changes.len(), poll.updates.len());
             for change in changes {
                 assert!((1..=256).contains(&change.kind.len()));

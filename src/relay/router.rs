@@ -171,12 +171,15 @@ async fn handle_in_span(
             .headers_mut()
             .insert(SOURCE, Source::Relay.header());
     }
-    // An event stream outlives its handler: it ends when its key is revoked.
-    let is_event_stream = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if let (true, Some(principal)) = (is_event_stream, ctx.principal.get()) {
+    // An event stream or a sync stream outlives its handler: it ends when its key is
+    // revoked, with a last event or line that says so.
+    let content_type = response.headers().get(http::header::CONTENT_TYPE);
+    let last = match content_type.map(|v| v.as_bytes()) {
+        Some(t) if t.starts_with(b"text/event-stream") => Some(REVOKED_EVENT),
+        Some(t) if t.starts_with(super::sync_stream::NDJSON.as_bytes()) => Some(REVOKED_LINE),
+        _ => None,
+    };
+    if let (Some(last), Some(principal)) = (last, ctx.principal.get()) {
         if !principal.by_certificate {
             // A revocation replaces the rest of the body with one event.
             response.headers_mut().remove(CONTENT_LENGTH);
@@ -186,6 +189,7 @@ async fn handle_in_span(
             response = response.map(|body| {
                 axum::body::Body::new(UntilRevoked {
                     body,
+                    last,
                     revoked: Mutex::new(Some(until)),
                 })
             });
@@ -345,16 +349,21 @@ async fn revoked(
     }
 }
 
-/// An event-stream body that ends when its key is revoked, with an `error` event first,
-/// so that a client never takes a cut-off stream (a context) for a complete one.
+/// An event-stream (or sync stream) body that ends when its key is revoked, with an
+/// `error` event (line) first, so that a client never takes a cut-off stream (a context)
+/// for a complete one.
 struct UntilRevoked {
     body: axum::body::Body,
+    /// The event or line that ends the body.
+    last: &'static str,
     /// `None` once revoked. In a mutex only so the body is `Sync`; never contended.
     revoked: Mutex<Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
 }
 
 const REVOKED_EVENT: &str =
     "event: error\ndata: {\"code\":\"unauthorized\",\"message\":\"the key was revoked\"}\n\n";
+const REVOKED_LINE: &str =
+    "{\"error\":{\"code\":\"unauthorized\",\"message\":\"the key was revoked\"}}\n";
 
 impl hyper::body::Body for UntilRevoked {
     type Data = Bytes;
@@ -364,13 +373,14 @@ impl hyper::body::Body for UntilRevoked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let last = self.last;
         let revoked = self.revoked.get_mut().unwrap_or_else(|e| e.into_inner());
         let Some(future) = revoked else {
             return Poll::Ready(None);
         };
         if future.as_mut().poll(cx).is_ready() {
             *revoked = None;
-            let event = Frame::data(Bytes::from_static(REVOKED_EVENT.as_bytes()));
+            let event = Frame::data(Bytes::from_static(last.as_bytes()));
             return Poll::Ready(Some(Ok(event)));
         }
         Pin::new(&mut self.body).poll_frame(cx)

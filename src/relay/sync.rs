@@ -1,5 +1,5 @@
 //! The sync protocol, the daemon's side of the relay: `/sync/connect`, `/sync/poll` and
-//! `/sync/results`. Updates and results are committed to disk before the 200 that
+//! `/sync/results`, and the steps [`super::sync_stream`] shares with them. Updates and results are committed to disk before the 200 that
 //! acknowledges them; a waiting poll wakes the moment a command is queued.
 
 use std::time::Duration;
@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 use super::auth::{authorize, Access, Principal};
 use super::http::{json, ApiError};
-use super::hub::ReadOutcome;
+use super::hub::{DaemonSignals, Read, ReadOutcome};
 use super::{App, Response};
 use crate::protocol::{
     parse_rfc3339, valid_daemon_id, ConnectRequest, ConnectResponse, HttpParams, HttpResult,
-    PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, WireCommand,
+    PollRequest, PollResponse, ResultEntry, ResultsRequest, ResultsResponse, Update, WireCommand,
 };
 use crate::store::{
     now_ms, CachedResponse, ChunkLimits, ChunkOutcome, CompleteOutcome, ContextState, LeaseBatch,
@@ -67,6 +67,10 @@ pub async fn connect(
             poll_timeout_max: app.config.sync.poll_timeout_max.as_secs(),
             last_update_seq: record.last_update_seq,
             relay_version: env!("CARGO_PKG_VERSION").into(),
+            transports: match app.config.sync.stream {
+                true => vec!["poll".into(), "stream".into()],
+                false => vec!["poll".into()],
+            },
         },
     ))
 }
@@ -80,16 +84,9 @@ pub async fn poll(
 ) -> Result<Response, ApiError> {
     let daemon_id = request.daemon_id.as_str();
     check_daemon(principal, daemon_id)?;
-    let limits = &app.config.limits;
-    if request.updates.len() > limits.max_updates_per_poll {
-        return Err(ApiError::payload_too_large(format!(
-            "{} updates in one poll; at most {} are accepted",
-            request.updates.len(),
-            limits.max_updates_per_poll
-        )));
-    }
+    check_update_count(app, request.updates.len())?;
     let timeout = poll_timeout(request.timeout, app.config.sync.poll_timeout_max)?;
-    let updates = validate_updates(&request)?;
+    let updates = validate_updates(&request.updates)?;
     let signals = app.signals(daemon_id).await?;
     signals.seen();
     let mut connection_rx = signals.connection.subscribe();
@@ -101,70 +98,28 @@ pub async fn poll(
         None => connection_rx.borrow_and_update().clone(),
     };
 
-    let now = now_ms();
-    if signals.last_seen_due(now) {
-        // A hint: a poll does not fail for it.
-        if let Err(err) = app.store.touch_daemon(daemon_id, now).await {
-            tracing::debug!(daemon_id, error = %err, "last_seen not stored");
-        }
-    }
+    touch(app, &signals, daemon_id).await;
     // Only durable values are reported: a daemon trims its outbox by this number.
     // Updates with no room in the daemon's disk budget are not stored (the daemon keeps
     // them, seeing `last_update_seq` unmoved), but the poll still hands out commands:
     // running them is what frees the budget. With nothing to hand out, it is a 429.
     let mut updates_refused = None;
-    let last_update_seq = if updates.is_empty() {
-        signals.durable_update_seq()
-    } else {
-        match app.store.append_changes(daemon_id, updates, now).await {
-            Ok(outcome) => {
-                signals.publish_changes(outcome.last_change_seq);
-                signals.publish_update_seq(outcome.last_update_seq);
-                outcome.last_update_seq
-            }
-            Err(err @ StoreError::OverBudget(_)) => {
-                tracing::warn!(
-                    daemon_id,
-                    "updates refused: the daemon's disk budget is full"
-                );
-                updates_refused = Some(ApiError::from(err));
-                signals.durable_update_seq()
-            }
-            Err(err) => return Err(err.into()),
+    let last_update_seq = match append_updates(app, &signals, daemon_id, updates).await {
+        Ok(seq) => seq,
+        Err(err @ StoreError::OverBudget(_)) => {
+            updates_refused = Some(ApiError::from(err));
+            signals.durable_update_seq()
         }
+        Err(err) => return Err(err.into()),
     };
 
     let deadline = Instant::now() + timeout;
-    let lease_ms = app.config.sync.lease_duration.as_millis() as u64;
     let max = app.config.sync.max_commands_per_poll;
     let mut _waiting = None;
     let (reads, batch) = loop {
         let mut queue_rx = signals.queue.subscribe();
-        // Reads first: a client waits for each, and they cost the store nothing.
-        let reads =
-            signals.take_reads(max, my_connection.as_deref(), |id| app.hub.read_waiting(id));
-        // Durable when it returns, leases included: a command is run only once it is on
-        // disk, or a crash would take it back after the daemon ran it.
-        let batch = match app
-            .store
-            .lease(
-                daemon_id,
-                my_connection.as_deref(),
-                max - reads.len(),
-                lease_ms,
-                now_ms(),
-            )
-            .await
-        {
-            Ok(batch) => batch,
-            // The store is away (PostgreSQL restarting): reads need nothing of it, and
-            // their clients are waiting.
-            Err(StoreError::Unavailable(_)) if !reads.is_empty() => LeaseBatch::default(),
-            Err(err) => {
-                signals.return_reads(reads);
-                return Err(err.into());
-            }
-        };
+        let (reads, batch) =
+            next_commands(app, &signals, daemon_id, my_connection.as_deref(), max).await?;
         if !reads.is_empty()
             || !batch.commands.is_empty()
             || !request.wait_for_commands
@@ -199,6 +154,103 @@ pub async fn poll(
             return Err(refused);
         }
     }
+    Ok(with_commands(&reads, &batch, |commands| {
+        json(
+            StatusCode::OK,
+            &PollResponse {
+                commands,
+                last_update_seq,
+            },
+        )
+    }))
+}
+
+/// At most `limits.max_updates_per_poll` updates in one poll or stream line.
+pub(super) fn check_update_count(app: &App, count: usize) -> Result<(), ApiError> {
+    let max = app.config.limits.max_updates_per_poll;
+    if count > max {
+        return Err(ApiError::payload_too_large(format!(
+            "{count} updates in one poll; at most {max} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// The daemon's last-seen time, stored now and then; a hint, so a failure is only logged.
+pub(super) async fn touch(app: &App, signals: &DaemonSignals, daemon_id: &str) {
+    let now = now_ms();
+    if signals.last_seen_due(now) {
+        if let Err(err) = app.store.touch_daemon(daemon_id, now).await {
+            tracing::debug!(daemon_id, error = %err, "last_seen not stored");
+        }
+    }
+}
+
+/// Appends checked updates to the daemon's change log; the `last_update_seq` now durable
+/// (unchanged when there were none).
+pub(super) async fn append_updates(
+    app: &App,
+    signals: &DaemonSignals,
+    daemon_id: &str,
+    updates: Vec<NewChange>,
+) -> Result<u64, StoreError> {
+    if updates.is_empty() {
+        return Ok(signals.durable_update_seq());
+    }
+    match app.store.append_changes(daemon_id, updates, now_ms()).await {
+        Ok(outcome) => {
+            signals.publish_changes(outcome.last_change_seq);
+            signals.publish_update_seq(outcome.last_update_seq);
+            Ok(outcome.last_update_seq)
+        }
+        Err(err) => {
+            if matches!(err, StoreError::OverBudget(_)) {
+                tracing::warn!(
+                    daemon_id,
+                    "updates refused: the daemon's disk budget is full"
+                );
+            }
+            Err(err)
+        }
+    }
+}
+
+/// One look for work: reads waiting (they cost the store nothing) first, then commands
+/// leased durably, up to `max` in all.
+pub(super) async fn next_commands(
+    app: &App,
+    signals: &DaemonSignals,
+    daemon_id: &str,
+    connection: Option<&str>,
+    max: usize,
+) -> Result<(Vec<Read>, LeaseBatch), ApiError> {
+    let reads = signals.take_reads(max, connection, |id| app.hub.read_waiting(id));
+    // Durable when it returns, leases included: a command is run only once it is on
+    // disk, or a crash would take it back after the daemon ran it.
+    let lease_ms = app.config.sync.lease_duration.as_millis() as u64;
+    match app
+        .store
+        .lease(daemon_id, connection, max - reads.len(), lease_ms, now_ms())
+        .await
+    {
+        Ok(batch) => Ok((reads, batch)),
+        // The store is away (PostgreSQL restarting): reads need nothing of it, and their
+        // clients are waiting.
+        Err(StoreError::Unavailable(_)) if !reads.is_empty() => Ok((reads, LeaseBatch::default())),
+        Err(err) => {
+            signals.return_reads(reads);
+            Err(err.into())
+        }
+    }
+}
+
+/// Calls `f` with reads and leased commands as the wire lists them, their params passed
+/// on as stored.
+pub(super) fn with_commands<R>(
+    reads: &[Read],
+    batch: &LeaseBatch,
+    f: impl FnOnce(Vec<WireCommand<'_>>) -> R,
+) -> R {
     let listed: Vec<(&str, &str, &str, bool)> = reads
         .iter()
         .map(|read| (&*read.id, &*read.method, &*read.params_json, false))
@@ -225,13 +277,7 @@ pub async fn poll(
             stream: *stream,
         })
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        &PollResponse {
-            commands,
-            last_update_seq,
-        },
-    ))
+    f(commands)
 }
 
 /// Answers `POST /sync/results`: stores each result (first one wins), commits, then wakes
@@ -243,20 +289,32 @@ pub async fn results(
 ) -> Result<Response, ApiError> {
     let daemon_id = request.daemon_id.as_str();
     check_daemon(principal, daemon_id)?;
-    if request.results.len() > app.config.limits.max_results_per_post {
+    let signals = app.signals(daemon_id).await?;
+    let response = store_results(app, &signals, daemon_id, &request.results).await?;
+    Ok(json(StatusCode::OK, &response))
+}
+
+/// Checks and stores a list of results and chunks (the first result of a command wins),
+/// durably, then wakes the clients waiting for them.
+pub(super) async fn store_results(
+    app: &App,
+    signals: &DaemonSignals,
+    daemon_id: &str,
+    results: &[Box<RawValue>],
+) -> Result<ResultsResponse, ApiError> {
+    if results.len() > app.config.limits.max_results_per_post {
         return Err(ApiError::payload_too_large(format!(
             "{} results in one post; at most {} are accepted",
-            request.results.len(),
+            results.len(),
             app.config.limits.max_results_per_post
         )));
     }
-    let mut entries = Vec::with_capacity(request.results.len());
-    for (index, raw) in request.results.iter().enumerate() {
+    let mut entries = Vec::with_capacity(results.len());
+    for (index, raw) in results.iter().enumerate() {
         let entry: ResultEntry = serde_json::from_str(raw.get())
             .map_err(|err| ApiError::bad_request(format!("results[{index}]: {err}")))?;
         entries.push(entry);
     }
-    let signals = app.signals(daemon_id).await?;
     signals.seen();
     let now = now_ms();
     // Every entry is checked before anything is answered or stored: a bad one is a 400
@@ -387,7 +445,7 @@ pub async fn results(
         )
         .with_details(serde_json::json!({ "command_id": command_id, "expected": expected })));
     }
-    Ok(json(StatusCode::OK, &response))
+    Ok(response)
 }
 
 /// One stream chunk (`results[index]`), checked.
@@ -478,7 +536,7 @@ pub(super) async fn remember_get(app: &App, daemon_id: &str, params_json: &str, 
     }
 }
 
-fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {
+pub(super) fn check_daemon(principal: &Principal, daemon_id: &str) -> Result<(), ApiError> {
     if !valid_daemon_id(daemon_id) {
         return Err(ApiError::bad_request(
             "daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
@@ -499,9 +557,8 @@ pub(super) fn poll_timeout(requested: Option<f64>, max: Duration) -> Result<Dura
     }
 }
 
-pub(super) fn validate_updates(request: &PollRequest) -> Result<Vec<NewChange>, ApiError> {
-    request
-        .updates
+pub(super) fn validate_updates(updates: &[Update]) -> Result<Vec<NewChange>, ApiError> {
+    updates
         .iter()
         .enumerate()
         .map(|(index, update)| {

@@ -782,6 +782,7 @@ pub async fn agent_crash_loop(
     kills: usize,
     progress: usize,
     strike: Strike,
+    sync: &str,
     mut after_agent_kill: impl FnMut(),
 ) -> AgentLoop {
     let relay_dir = dir.join("relay");
@@ -802,7 +803,8 @@ pub async fn agent_crash_loop(
     .await;
     let daemon = Arc::new(TestDaemon::start().await);
     let url = relay.url.clone();
-    let spawn_agent = || AgentProcess::spawn(&url, DAEMON, &daemon_key, &daemon.target, state_dir);
+    let spawn_agent =
+        || AgentProcess::spawn_syncing(&url, DAEMON, &daemon_key, &daemon.target, state_dir, sync);
     let mut agent = spawn_agent();
 
     let ledger = Arc::new(Ledger::default());

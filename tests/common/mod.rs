@@ -650,6 +650,18 @@ impl AgentProcess {
         target: &str,
         state_dir: &Path,
     ) -> AgentProcess {
+        Self::spawn_syncing(relay_url, daemon_id, key, target, state_dir, "stream")
+    }
+
+    /// As [`AgentProcess::spawn`], with `--sync <sync>` (`stream` or `poll`).
+    pub fn spawn_syncing(
+        relay_url: &str,
+        daemon_id: &str,
+        key: &str,
+        target: &str,
+        state_dir: &Path,
+        sync: &str,
+    ) -> AgentProcess {
         // Synced, as an operator's provisioned key file is: it may sit on a LazyFS mount
         // that a power cut empties of everything not synced.
         let key_file = state_dir.with_extension("key");
@@ -668,6 +680,7 @@ impl AgentProcess {
             .arg(&key_file)
             .arg("--state-dir")
             .arg(state_dir)
+            .args(["--sync", sync])
             .env("RUST_LOG", "warn")
             .env_remove("SYNCRELAY_AGENT_KEY")
             .stdout(Stdio::null())

@@ -5,13 +5,17 @@
 //!
 //! Sections (every one bounded in time):
 //! - mirrored GET: p50/p99 at concurrency 1 and requests/s at concurrency 64, direct to
-//!   the local server (baseline), through the relay, and through rathole when installed;
+//!   the local server (baseline), through the relay with the agent on its `/sync/stream`,
+//!   through rathole when installed, and through the relay with an agent polling;
+//! - link: the same GET at concurrency 16 with 20 ms of delay each way between the
+//!   daemon's side and the relay's (agent ↔ relay; rathole's client ↔ server);
 //! - durable writes: mirrored POSTs answered 202 (flushed) per second at concurrency 64,
 //!   and writes per flush, against the anchor of a durable PostgreSQL `INSERT` of a
 //!   command-sized row at concurrency 64 on a throwaway cluster (when PostgreSQL is
 //!   installed);
-//! - wake: p50/p99 from queueing a command to the daemon's waiting poll answering, with
-//!   1,000 and 10,000 idle daemons long-polling, and relay RSS per idle daemon;
+//! - idle: p50/p99 from queueing a command to its `commands` line reaching the daemon,
+//!   with 1,000 and 10,000 idle daemons on one h2c connection and stream each (and 1,000
+//!   over TLS), and relay RSS per idle daemon;
 //! - change log: append and replay rate of 1,000,000 entries, restart time on that store,
 //!   data-dir bytes per stored byte;
 //! - fsync cost: durable writes at c=64 and change-log appends with sled's flush alone
@@ -21,6 +25,9 @@
 //! `SYNCRELAY_BENCH_QUICK=1` shrinks every section (a smoke run). Results also go to
 //! `target/bench-relay.json`; BENCHMARKS.md explains the method and the limits.
 
+#[path = "../tests/common/certs.rs"]
+#[allow(dead_code)]
+mod certs;
 mod common;
 #[path = "../tests/common/postgres.rs"]
 mod postgres;
@@ -34,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{create_key, micros, percentile, wait_poll};
+use common::{create_key, micros, percentile};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
@@ -115,6 +122,22 @@ impl Process {
     }
 }
 
+/// Lifts this process's open-files limit to its hard limit (the relay, spawned after,
+/// inherits it): 10,000 daemons on connections of their own need twice that many.
+fn raise_open_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 const RELAY_CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"
@@ -124,7 +147,8 @@ queue_limit = 100000000
 per_key_per_second = 0
 per_address_per_second = 0
 [limits]
-max_connections_per_address = 4096
+max_connections = 30000
+max_connections_per_address = 30000
 "#;
 
 /// Starts `syncrelay serve` on `data_dir`; returns it, its URL and the time to its
@@ -301,10 +325,12 @@ async fn get_row(name: &str, url: &str, key: Option<&str>, rows: &mut Vec<Value>
     rows.push(row);
 }
 
-/// rathole's server and client forwarding a local port to `target`, or why not.
-fn start_rathole(
+/// rathole's server and client forwarding a local port to `target`, or why not; with
+/// `link`, the client reaches the server through a delay line of that delay each way.
+async fn start_rathole(
     dir: &Path,
     target: std::net::SocketAddr,
+    link: Option<Duration>,
 ) -> Result<(Process, Process, String), String> {
     let binary = std::env::var_os("RATHOLE")
         .map(PathBuf::from)
@@ -322,7 +348,15 @@ fn start_rathole(
             .port()
     };
     let (control, service) = (free_port(), free_port());
-    let server = dir.join("rathole-server.toml");
+    let remote = match link {
+        Some(delay) => {
+            let upstream = format!("127.0.0.1:{control}").parse().unwrap();
+            // The link's task lives as long as this process: a few idle sockets.
+            common::delay_link(upstream, delay).await.0.port()
+        }
+        None => control,
+    };
+    let server = dir.join(format!("rathole-server-{service}.toml"));
     std::fs::write(
         &server,
         format!(
@@ -330,11 +364,11 @@ fn start_rathole(
         ),
     )
     .unwrap();
-    let client = dir.join("rathole-client.toml");
+    let client = dir.join(format!("rathole-client-{service}.toml"));
     std::fs::write(
         &client,
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.svc]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\n"
+            "[client]\nremote_addr = \"127.0.0.1:{remote}\"\n[client.services.svc]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\n"
         ),
     )
     .unwrap();
@@ -366,6 +400,23 @@ async fn main() {
         &dir.path().join("agent"),
     )
     .await;
+    let poll_key = create_key(
+        &reqwest::Client::new(),
+        &url,
+        &admin,
+        json!({ "role": "daemon", "daemon": "p" }),
+    )
+    .await;
+    let poller = start_agent_as(
+        &url,
+        "p",
+        "poll",
+        &poll_key,
+        &client_key,
+        target,
+        &dir.path().join("agent-poll"),
+    )
+    .await;
 
     println!("\nmirrored GET, loopback, release build, 2 cores");
     println!(
@@ -381,8 +432,12 @@ async fn main() {
     if runs("writes") {
         writes = durable_writes(&url, &admin, &client_key).await;
     }
+    let mut link = Value::Null;
+    if runs("link") {
+        link = delayed_link(&url, &admin, &client_key, target, dir.path()).await;
+    }
     let relay_rss_kib = relay.rss_kib();
-    drop((relay, agent));
+    drop((relay, agent, poller));
     let mut on_postgres = Value::Null;
     if runs("postgres") {
         on_postgres = postgres_rows(
@@ -405,12 +460,14 @@ async fn main() {
     };
     let mut idle = Vec::new();
     if runs("idle") {
-        for n in if quick() {
-            vec![200]
-        } else {
-            vec![1_000, 10_000]
-        } {
-            idle.push(idle_daemons(&dir.path().join(format!("idle-{n}")), n).await);
+        raise_open_files();
+        let (small, large) = if quick() { (200, 200) } else { (1_000, 10_000) };
+        for (run, (n, tls)) in [(small, false), (large, false), (small, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("idle-{run}-{n}-{}", if tls { "tls" } else { "h2c" });
+            idle.push(idle_daemons(&dir.path().join(name), n, tls).await);
         }
     }
 
@@ -418,6 +475,7 @@ async fn main() {
         "change_log": changelog,
         "idle_daemons": idle,
         "mirrored_get": gets,
+        "mirrored_get_20ms_link_c16": link,
         "rathole_skipped": rathole,
         "relay_rss_kib_after_gets_and_writes": relay_rss_kib,
         "durable_writes": writes,
@@ -429,9 +487,24 @@ async fn main() {
     println!("written to {}", out.display());
 }
 
-/// `syncrelay agent` serving `target` as daemon `d` of the relay at `url`, online.
+/// `syncrelay agent` serving `target` as daemon `d` of the relay at `url`, online, on
+/// the stream.
 async fn start_agent(
     url: &str,
+    daemon_key: &str,
+    client_key: &str,
+    target: std::net::SocketAddr,
+    dir: &Path,
+) -> Process {
+    start_agent_as(url, "d", "stream", daemon_key, client_key, target, dir).await
+}
+
+/// `syncrelay agent` serving `target` as `daemon_id`, syncing by `sync` (`stream` or
+/// `poll`), online.
+async fn start_agent_as(
+    url: &str,
+    daemon_id: &str,
+    sync: &str,
     daemon_key: &str,
     client_key: &str,
     target: std::net::SocketAddr,
@@ -442,7 +515,7 @@ async fn start_agent(
     std::fs::write(
         &agent_config,
         format!(
-            "[agent]\nrelay = {url:?}\ndaemon_id = \"d\"\nkey = {daemon_key:?}\ntarget = \"http://{target}/api/v1\"\nevents = \"\"\nstate_dir = {:?}\nconcurrency = 64\n",
+            "[agent]\nrelay = {url:?}\ndaemon_id = {daemon_id:?}\nsync = {sync:?}\nkey = {daemon_key:?}\ntarget = \"http://{target}/api/v1\"\nevents = \"\"\nstate_dir = {:?}\nconcurrency = 64\n",
             dir.join("state").display().to_string()
         ),
     )
@@ -460,7 +533,7 @@ async fn start_agent(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let view: Value = http
-            .get(format!("{url}/api/v1/daemons/d"))
+            .get(format!("{url}/api/v1/daemons/{daemon_id}"))
             .bearer_auth(client_key)
             .send()
             .await
@@ -573,13 +646,13 @@ async fn mirrored_gets(
     )
     .await;
     get_row(
-        "relay (client→relay→agent)",
+        "relay, agent on the stream",
         &format!("{url}/api/v1/daemons/d/sessions"),
         Some(client_key),
         gets,
     )
     .await;
-    let rathole = match start_rathole(dir, target) {
+    let rathole = match start_rathole(dir, target, None).await {
         Ok((server, client, tunnel)) => {
             let ready = Instant::now() + Duration::from_secs(10);
             while http
@@ -606,6 +679,14 @@ async fn mirrored_gets(
             Some(why)
         }
     };
+    // Last, so that the rows before keep their places in the JSON and the ratios below.
+    get_row(
+        "relay, agent polling",
+        &format!("{url}/api/v1/daemons/p/sessions"),
+        Some(client_key),
+        gets,
+    )
+    .await;
     let ratio = |a: usize, b: usize, field: &str| {
         gets[a][field].as_f64().unwrap() / gets[b][field].as_f64().unwrap()
     };
@@ -614,14 +695,145 @@ async fn mirrored_gets(
         ratio(1, 0, "p50_us"),
         ratio(1, 0, "rps_c64")
     );
-    if gets.len() == 3 {
+    if gets.len() == 4 {
         println!(
-            "relay / rathole: p50 {:.2}× (target ≤ 1.5), throughput {:.2}× (target ≥ 1)",
+            "relay (stream) / rathole: p50 {:.2}× (target ≤ 1.5), throughput {:.2}× (target ≥ 1)",
             ratio(1, 2, "p50_us"),
             ratio(1, 2, "rps_c64")
         );
+        println!(
+            "relay (polling) / rathole: p50 {:.2}×, throughput {:.2}×",
+            ratio(3, 2, "p50_us"),
+            ratio(3, 2, "rps_c64")
+        );
     }
     rathole
+}
+
+/// Latency samples and requests/s of `concurrency` workers each sending GETs one after
+/// another for `duration`.
+async fn loaded_latency(
+    url: &str,
+    key: Option<&str>,
+    concurrency: usize,
+    duration: Duration,
+) -> (Vec<Duration>, f64) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, url, key) = (http.clone(), url.to_owned(), key.map(str::to_owned));
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while Instant::now() < deadline {
+                    let mut request = http.get(&url);
+                    if let Some(key) = &key {
+                        request = request.bearer_auth(key);
+                    }
+                    let sent = Instant::now();
+                    let response = request.send().await.unwrap();
+                    assert!(response.status().is_success(), "{}", response.status());
+                    response.bytes().await.unwrap();
+                    samples.push(sent.elapsed());
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for worker in workers {
+        samples.extend(worker.await.unwrap());
+    }
+    let rps = samples.len() as f64 / started.elapsed().as_secs_f64();
+    samples.sort();
+    (samples, rps)
+}
+
+/// The mirrored GET at c=16 with 20 ms of delay each way between the daemon's side and
+/// the relay's: the agent on the stream, the agent polling, and rathole's client and
+/// server through the same kind of link.
+async fn delayed_link(
+    url: &str,
+    admin: &str,
+    client_key: &str,
+    target: std::net::SocketAddr,
+    dir: &Path,
+) -> Value {
+    const DELAY: Duration = Duration::from_millis(20);
+    let duration = load_duration();
+    let relay_addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let (link, _link_task) = common::delay_link(relay_addr, DELAY).await;
+    let http = reqwest::Client::new();
+    println!("\nmirrored GET, c=16, 20 ms each way between the daemon's side and the relay");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}",
+        "path", "p50 µs", "p99 µs", "req/s"
+    );
+    let mut rows = Vec::new();
+    let mut row = |name: &str, (samples, rps): (Vec<Duration>, f64)| {
+        let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+        println!(
+            "{name:<28} {:>10.0} {:>10.0} {rps:>10.0}",
+            micros(p50),
+            micros(p99)
+        );
+        rows.push(
+            json!({ "path": name, "p50_us": micros(p50), "p99_us": micros(p99), "rps_c16": rps }),
+        );
+    };
+    for (daemon, sync) in [("ls", "stream"), ("lp", "poll")] {
+        let key = create_key(
+            &http,
+            url,
+            admin,
+            json!({ "role": "daemon", "daemon": daemon }),
+        )
+        .await;
+        let agent = start_agent_as(
+            &format!("http://{link}"),
+            daemon,
+            sync,
+            &key,
+            client_key,
+            target,
+            &dir.join(format!("agent-{daemon}")),
+        )
+        .await;
+        let get = format!("{url}/api/v1/daemons/{daemon}/sessions");
+        // Warm up: the agent's connection and the first leases.
+        loaded_latency(&get, Some(client_key), 16, Duration::from_millis(500)).await;
+        let measured = loaded_latency(&get, Some(client_key), 16, duration).await;
+        row(&format!("relay, agent {sync}"), measured);
+        drop(agent);
+    }
+    match start_rathole(dir, target, Some(DELAY)).await {
+        Ok((server, client, tunnel)) => {
+            let get = format!("{tunnel}/api/v1/sessions");
+            let ready = Instant::now() + Duration::from_secs(10);
+            while http.get(&get).send().await.is_err() {
+                assert!(Instant::now() < ready, "rathole never forwarded");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            loaded_latency(&get, None, 16, Duration::from_millis(500)).await;
+            let measured = loaded_latency(&get, None, 16, duration).await;
+            row("rathole (TCP tunnel)", measured);
+            drop((server, client));
+            let ratio = |a: usize, b: usize| {
+                rows[a]["p50_us"].as_f64().unwrap() / rows[b]["p50_us"].as_f64().unwrap()
+            };
+            println!(
+                "through the link, p50 relay (stream) / rathole: {:.2}× (target ≤ 1.1); relay (polling) / rathole: {:.2}×",
+                ratio(0, 2),
+                ratio(1, 2)
+            );
+        }
+        Err(why) => println!("rathole through the link: skipped: {why}"),
+    }
+    Value::Array(rows)
 }
 
 /// Durable writes: 202s per second at concurrency 64, and writes per flush.
@@ -918,17 +1130,58 @@ async fn change_log(data_dir: &Path) -> Value {
     })
 }
 
-/// `n` daemons long-polling on a fresh relay (HTTP/2, 100 polls per connection): the
-/// relay's RSS per waiting daemon, and the wake latency from queueing a write for one of
-/// them to its poll answering.
-async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
+/// `n` idle daemons, each on one TCP connection of its own (h2c, or h2 over TLS) with one
+/// `/sync/stream` open on it, as agents keep them: relay RSS per daemon, and the wake
+/// time from a queued command's 202 to its `commands` line reaching the daemon.
+async fn idle_daemons(data_dir: &Path, n: usize, tls: bool) -> Value {
+    use rustls_pki_types::pem::PemObject;
     let samples = if quick() { 50 } else { 300 };
-    let (relay, url, admin, _, client_key) = relay_with_keys(data_dir, "idle-0").await;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
-    // Keys and connects, 64 at a time.
+    let (tls_toml, connector) = if tls {
+        let ca = certs::Ca::new("bench CA");
+        let (cert, key) = ca.server().write(data_dir.parent().unwrap(), "idle-server");
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_pem = ca.write(data_dir.parent().unwrap(), "idle-ca.pem");
+        for der in rustls_pki_types::CertificateDer::pem_file_iter(&ca_pem).unwrap() {
+            roots.add(der.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        (
+            format!(
+                "[tls]\ncert = {:?}\nkey = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            ),
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
+        )
+    } else {
+        (String::new(), None)
+    };
+    let (relay, url, _) = spawn_relay_on(data_dir, Durability::Fdatasync, &tls_toml);
+    let admin = std::fs::read_to_string(data_dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut http = reqwest::Client::builder().pool_max_idle_per_host(64);
+    if tls {
+        let ca_pem = std::fs::read(data_dir.parent().unwrap().join("idle-ca.pem")).unwrap();
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap());
+    }
+    let http = http.build().unwrap();
+    let client_key = create_key(
+        &http,
+        &url,
+        &admin,
+        json!({ "role": "client", "scope": ["*"] }),
+    )
+    .await;
+    // Keys, 64 at a time.
     let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
     let mut setups = Vec::new();
     for i in 0..n {
@@ -944,17 +1197,7 @@ async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
                 json!({ "role": "daemon", "daemon": daemon_id }),
             )
             .await;
-            let connect: Value = http
-                .post(format!("{url}/sync/connect"))
-                .bearer_auth(&key)
-                .json(&json!({ "daemon_id": daemon_id }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (daemon_id, key, connect["connection_id"].clone())
+            (daemon_id, key)
         }));
     }
     let mut daemons = Vec::with_capacity(n);
@@ -962,30 +1205,73 @@ async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
         daemons.push(setup.await.unwrap());
     }
     let rss_before = relay.rss_kib();
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
     let (woke_tx, mut woke_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
-    let mut pollers = Vec::new();
-    for (chunk_index, chunk) in daemons.chunks(100).enumerate() {
-        let h2 = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .build()
+    let mut streams = Vec::new();
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    for (index, (daemon_id, key)) in daemons.into_iter().enumerate() {
+        let (woke_tx, connector, connecting) =
+            (woke_tx.clone(), connector.clone(), connecting.clone());
+        streams.push(tokio::spawn(async move {
+            let permit = connecting.acquire_owned().await.unwrap();
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = tcp.set_nodelay(true);
+            let mut sender = match connector {
+                Some(connector) => {
+                    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                    let stream = connector.connect(name, tcp).await.unwrap();
+                    h2_handshake(stream).await
+                }
+                None => h2_handshake(tcp).await,
+            };
+            let connect = serde_json::to_vec(&json!({ "daemon_id": daemon_id })).unwrap();
+            let request = http::Request::post("/sync/connect")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Either::Left(Full::new(Bytes::from(
+                    connect,
+                ))))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let hello: Value = serde_json::from_slice(&body).unwrap();
+            let connection_id = hello["connection_id"].as_str().unwrap().to_owned();
+            // The request body stays open for as long as the daemon lives.
+            let (_lines_out, lines) =
+                tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(1);
+            let body =
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(lines));
+            let request = http::Request::post(format!(
+                "/sync/stream?daemon_id={daemon_id}&connection_id={connection_id}"
+            ))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/x-ndjson")
+            .body(http_body_util::Either::Right(body))
             .unwrap();
-        for (offset, (daemon_id, key, connection_id)) in chunk.iter().cloned().enumerate() {
-            let index = chunk_index * 100 + offset;
-            let (h2, url, woke_tx) = (h2.clone(), url.clone(), woke_tx.clone());
-            pollers.push(tokio::spawn(async move {
-                while let Some(body) =
-                    wait_poll(&h2, &url, &key, &daemon_id, &connection_id, 60).await
-                {
-                    if body["commands"].as_array().is_some_and(|c| !c.is_empty()) {
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            drop(permit);
+            let mut body = response.into_body();
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                if let Ok(data) = frame.into_data() {
+                    if data.starts_with(b"{\"commands\"") {
                         let _ = woke_tx.send((index, Instant::now()));
                     }
                 }
-            }));
-        }
+            }
+            drop(_lines_out);
+        }));
     }
-    let ready = Instant::now() + Duration::from_secs(60);
+    let ready = Instant::now() + Duration::from_secs(120);
     while metric(&http, &url, "syncrelay_polls_waiting").await < n as f64 {
-        assert!(Instant::now() < ready, "the polls never all waited");
+        assert!(Instant::now() < ready, "the streams never all opened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rss_waiting = relay.rss_kib();
@@ -1004,39 +1290,60 @@ async fn idle_daemons(data_dir: &Path, n: usize) -> Value {
         assert_eq!(response.status(), 202);
         let (woken, arrived) = tokio::time::timeout(Duration::from_secs(10), woke_rx.recv())
             .await
-            .expect("a poll woke")
+            .expect("a stream woke")
             .unwrap();
         assert_eq!(woken, index);
         wake.push(arrived.duration_since(sent));
-        // Let that daemon's next poll be waiting again.
-        while metric(&http, &url, "syncrelay_polls_waiting").await < n as f64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
     wake.sort();
     let per_daemon = (rss_waiting.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64;
     let total_per_daemon = rss_waiting as f64 * 1024.0 / n as f64;
+    let transport = if tls { "h2 over TLS" } else { "h2c" };
     println!(
-        "\n{n} idle daemons long-polling: wake p50 {:.0} µs, p99 {:.0} µs (target ≤ 10 ms); \
-         relay RSS {:.1} MiB, {:.1} KiB per waiting poll ({:.1} KiB per daemon in all; target ≤ 16)",
+        "\n{n} idle daemons, one {transport} connection and stream each: wake p50 {:.0} µs, p99 {:.0} µs \
+         (target ≤ 10 ms); relay RSS {:.1} MiB, {:.1} KiB per daemon's connection and stream \
+         ({:.1} KiB per daemon in all; target ≤ 16)",
         micros(percentile(&wake, 0.5)),
         micros(percentile(&wake, 0.99)),
         rss_waiting as f64 / 1024.0,
         per_daemon / 1024.0,
         total_per_daemon / 1024.0
     );
-    for poller in pollers {
-        poller.abort();
+    for stream in streams {
+        stream.abort();
     }
     json!({
         "daemons": n,
+        "transport": transport,
         "wake_p50_us": micros(percentile(&wake, 0.5)),
         "wake_p99_us": micros(percentile(&wake, 0.99)),
-        "relay_rss_kib_before_polls": rss_before,
-        "relay_rss_kib_polls_waiting": rss_waiting,
-        "rss_bytes_per_waiting_poll": per_daemon,
+        "relay_rss_kib_before_streams": rss_before,
+        "relay_rss_kib_streams_open": rss_waiting,
+        "rss_bytes_per_daemon_stream": per_daemon,
         "rss_bytes_per_daemon_total": total_per_daemon,
     })
+}
+
+type IdleBody = http_body_util::Either<
+    Full<Bytes>,
+    http_body_util::StreamBody<
+        tokio_stream::wrappers::ReceiverStream<Result<hyper::body::Frame<Bytes>, Infallible>>,
+    >,
+>;
+
+/// An HTTP/2 client connection on `io`, its driver spawned.
+async fn h2_handshake<T>(io: T) -> hyper::client::conn::http2::SendRequest<IdleBody>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
 }
 
 /// One value of the relay's `/metrics`.

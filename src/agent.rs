@@ -61,6 +61,8 @@ const UPLOAD_BATCH: usize = 100;
 const MAX_POST_BYTES: usize = 4 << 20;
 /// Results posted per request.
 const RESULTS_BATCH: usize = 100;
+/// Results posts (or stream lines) out at once.
+const RESULTS_IN_FLIGHT: usize = 8;
 /// Longest wait for running commands at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Body pieces read ahead of the chunk being posted.
@@ -547,25 +549,48 @@ impl Shared {
     }
 
     /// Posts stored results until the relay has taken each (accepted, or unknown to it).
+    /// Up to [`RESULTS_IN_FLIGHT`] posts (or stream lines) are out at once, so a result
+    /// that finishes while another post is in flight goes at once instead of waiting a
+    /// round trip behind it.
     async fn post_results(self: Arc<Self>) -> LinkError {
+        let slots = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
+        // Ids in a post still in flight: not sent again meanwhile.
+        let sending: Arc<Mutex<HashSet<String>>> = Arc::default();
+        // Dropped with this future (the session ended): the posts in flight end with it.
+        let mut posts = tokio::task::JoinSet::new();
         loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                Some(Ok(Err(err))) = posts.join_next() => return err,
+            };
             let batch: Vec<String> = {
                 let unsent = self.lock_unsent();
-                unsent.iter().take(RESULTS_BATCH).cloned().collect()
+                let sending = sending.lock().unwrap_or_else(|p| p.into_inner());
+                unsent
+                    .iter()
+                    .filter(|id| !sending.contains(*id))
+                    .take(RESULTS_BATCH)
+                    .cloned()
+                    .collect()
             };
             if batch.is_empty() {
-                self.results_ready.notified().await;
+                drop(slot);
+                tokio::select! {
+                    () = self.results_ready.notified() => {}
+                    Some(Ok(Err(err))) = posts.join_next() => return err,
+                }
                 continue;
             }
             let mut entries = Vec::with_capacity(batch.len());
+            let mut ids = Vec::with_capacity(batch.len());
             // Ids whose result is gone (pruned) have nothing left to send.
-            let mut done = HashSet::new();
+            let mut gone = HashSet::new();
             let mut bytes = 0;
-            for id in &batch {
-                let volatile = self.lock_volatile().get(id).cloned();
+            for id in batch {
+                let volatile = self.lock_volatile().get(&id).cloned();
                 match volatile
                     .map(|stored| Ok(Some(stored)))
-                    .unwrap_or_else(|| self.store.result(id))
+                    .unwrap_or_else(|| self.store.result(&id))
                 {
                     Ok(Some(stored)) => {
                         // Keep each post well inside the relay's body limit.
@@ -575,30 +600,54 @@ impl Shared {
                             break;
                         }
                         bytes += size;
-                        entries.push(result_entry(id, &stored));
+                        entries.push(result_entry(&id, &stored));
+                        ids.push(id);
                     }
                     _ => {
-                        done.insert(id.clone());
+                        gone.insert(id);
                     }
                 }
             }
-            if !entries.is_empty() {
-                match self.send_results(entries).await {
-                    Ok(reply) => done.extend(reply.accepted.into_iter().chain(reply.unknown)),
-                    Err(err) => return err,
-                }
+            if !gone.is_empty() {
+                self.lock_unsent().retain(|id| !gone.contains(id));
             }
-            for id in &done {
-                if self.lock_volatile().remove(id).is_some() {
-                    continue;
-                }
-                if let Ok(Some(mut stored)) = self.store.result(id) {
-                    stored.delivered = true;
-                    let _ = self.store.put_result(id, &stored);
-                }
+            if entries.is_empty() {
+                continue;
             }
-            self.lock_unsent().retain(|id| !done.contains(id));
+            sending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ids.iter().cloned());
+            let (shared, sending) = (self.clone(), sending.clone());
+            posts.spawn(async move {
+                let _slot = slot;
+                let sent = shared.send_results(entries).await;
+                let mut sending_now = sending.lock().unwrap_or_else(|p| p.into_inner());
+                for id in &ids {
+                    sending_now.remove(id);
+                }
+                drop(sending_now);
+                let reply = sent?;
+                let done: HashSet<String> =
+                    reply.accepted.into_iter().chain(reply.unknown).collect();
+                shared.delivered(&done);
+                Ok::<(), LinkError>(())
+            });
         }
+    }
+
+    /// Forgets results the relay has taken: read results at once, stored ones marked.
+    fn delivered(&self, done: &HashSet<String>) {
+        for id in done {
+            if self.lock_volatile().remove(id).is_some() {
+                continue;
+            }
+            if let Ok(Some(mut stored)) = self.store.result(id) {
+                stored.delivered = true;
+                let _ = self.store.put_result(id, &stored);
+            }
+        }
+        self.lock_unsent().retain(|id| !done.contains(id));
     }
 
     /// Posts a streamed response as chunks: a reader task keeps reading the body while a

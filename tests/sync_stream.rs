@@ -72,10 +72,12 @@ impl RawStream {
             .expect("stream open");
     }
 
-    /// The next line that is not a keep-alive; `None` once the relay ended the stream.
+    /// The next line that is not a keep-alive (within 20 s); `None` once the relay ended
+    /// the stream.
     async fn next(&mut self) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let line = tokio::time::timeout(Duration::from_secs(20), self.lines_in.recv())
+            let line = tokio::time::timeout_at(deadline, self.lines_in.recv())
                 .await
                 .expect("a line within 20 s")?;
             if line["keepalive"] != true {

@@ -50,3 +50,63 @@ pub async fn wait_poll(
         .ok()?;
     response.json::<Value>().await.ok()
 }
+
+/// A TCP link with a fixed propagation delay each way, on loopback: every piece read
+/// is written out `delay` after it arrived, in order, without holding back the pieces
+/// behind it (a delay line, not a stop-and-wait pipe), so throughput is unchanged and
+/// only latency grows. Its address stands for `upstream`'s.
+pub async fn delay_link(
+    upstream: std::net::SocketAddr,
+    delay: Duration,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::join!(
+                    delay_line(in_read, out_write, delay),
+                    delay_line(out_read, in_write, delay)
+                );
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn delay_line(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buffer).await {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now() + delay, buffer[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}

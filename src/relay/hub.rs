@@ -36,6 +36,10 @@ pub struct DaemonSignals {
     /// the one stored last. Held only across synchronous store calls.
     pub connect_lock: tokio::sync::Mutex<()>,
     polls_waiting: AtomicUsize,
+    /// Moves whenever stored commands may have become ready for the daemon (queued,
+    /// released by a reconnect): a stream leases again only then, or when a lease it
+    /// knows of runs out.
+    stored: AtomicU64,
     /// Last sync request seen by this process (ms); 0: none since start.
     last_request_ms: AtomicU64,
     /// The `last_seen_ms` last written to the daemon's record: polls write it at most
@@ -77,6 +81,7 @@ impl DaemonSignals {
             durable_update_seq: AtomicU64::new(record.last_update_seq),
             connect_lock: tokio::sync::Mutex::new(()),
             polls_waiting: AtomicUsize::new(0),
+            stored: AtomicU64::new(0),
             last_request_ms: AtomicU64::new(0),
             last_seen_stored_ms: AtomicU64::new(record.last_seen_ms.unwrap_or(0)),
             reads: Mutex::default(),
@@ -179,6 +184,18 @@ impl DaemonSignals {
                 reads.waiting.push_front(read);
             }
         }
+    }
+
+    /// Stored commands are ready (committed before this call): wakes polls and streams.
+    pub fn bump_stored(&self) {
+        self.stored.fetch_add(1, Ordering::SeqCst);
+        self.bump_queue();
+    }
+
+    /// Taken before a lease: if it has moved since, commands may wait that the lease did
+    /// not see.
+    pub fn stored_generation(&self) -> u64 {
+        self.stored.load(Ordering::SeqCst)
     }
 
     /// Wakes polls waiting for commands.

@@ -149,7 +149,7 @@ async fn dispatch(
         )
         .await?;
     if outcome.created {
-        signals.bump_queue();
+        signals.bump_stored();
     }
     let command_id = outcome.command.id.clone();
     if prefs.respond_async {
@@ -208,10 +208,17 @@ async fn read(
     };
     match outcome {
         Some(outcome) if outcome.error_json.is_none() => {
-            if let Some(result_json) = &outcome.result_json {
-                super::sync::remember_get(app, daemon_id, &spec.params_json, result_json).await;
+            // Rendered once: for the client, and (a GET's 2xx) as the offline copy.
+            let result_json = outcome.result_json.as_deref().unwrap_or("null");
+            match (&spec.kind, &spec.cache_key, http_rendered(result_json)) {
+                (ResultKind::Http, Some(key), Ok(rendered)) => {
+                    if !spec.head {
+                        super::sync::keep_copy(app, daemon_id, key, &rendered).await;
+                    }
+                    Ok(build(rendered, Source::Daemon, spec.head))
+                }
+                _ => Ok(completed_response(outcome.result_json.as_deref(), &spec)),
             }
-            Ok(completed_response(outcome.result_json.as_deref(), &spec))
         }
         Some(outcome) => Err(daemon_error(outcome.error_json.as_deref())),
         None => offline_copy(app, daemon_id, &spec).await.ok_or_else(|| {
@@ -438,6 +445,13 @@ fn build(rendered: Rendered, source: Source, head: bool) -> Response {
     response
 }
 
+/// An `http` command's result as the response it stands for.
+fn http_rendered(result_json: &str) -> Result<Rendered, String> {
+    serde_json::from_str::<HttpResult>(result_json)
+        .map_err(|err| err.to_string())
+        .and_then(|result| render_http_result(&result))
+}
+
 fn completed_response(result_json: Option<&str>, spec: &CommandSpec) -> Response {
     let result_json = result_json.unwrap_or("null");
     match spec.kind {
@@ -451,10 +465,7 @@ fn completed_response(result_json: Option<&str>, spec: &CommandSpec) -> Response
                 .insert(SOURCE, Source::Daemon.header());
             response
         }
-        ResultKind::Http => match serde_json::from_str::<HttpResult>(result_json)
-            .map_err(|err| err.to_string())
-            .and_then(|result| render_http_result(&result))
-        {
+        ResultKind::Http => match http_rendered(result_json) {
             Ok(rendered) => build(rendered, Source::Daemon, spec.head),
             Err(reason) => ApiError::new(
                 StatusCode::BAD_GATEWAY,

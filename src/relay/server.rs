@@ -118,7 +118,7 @@ pub async fn serve(
         let shared = shared.clone();
         // Every log line of the connection, and of each request on it, names the peer.
         let span = tracing::info_span!("connection", %peer);
-        connections.spawn(tracing::Instrument::instrument(
+        let task = tracing::Instrument::instrument(
             async move {
                 let _open = open;
                 let _permit = permit;
@@ -187,7 +187,8 @@ pub async fn serve(
                 }
             },
             span,
-        ));
+        );
+        connections.spawn(task);
     }
     drop(listener);
     tracing::info!("shutting down: answering waiting requests");
@@ -345,7 +346,9 @@ async fn serve_until<I>(
         let connection = connection.clone();
         let in_flight = counted.begin();
         async move {
-            let response = router::handle(app, routes, connection, request).await;
+            // Boxed: hyper keeps each HTTP/2 stream's task (sized for this future) for
+            // as long as the response body lives, and a sync stream's lives for hours.
+            let response = Box::pin(router::handle(app, routes, connection, request)).await;
             Ok::<_, Infallible>(response.map(|body| CountedBody {
                 body,
                 _in_flight: Some(in_flight),

@@ -83,7 +83,7 @@ pub async fn serve(
             .await?;
         match opened {
             Opened::Started(record) => {
-                signals.bump_queue();
+                signals.bump_stored();
                 (record, Source::Daemon)
             }
             Opened::Existing(record) if record.state == ContextState::Complete => {

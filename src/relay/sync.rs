@@ -54,7 +54,7 @@ pub async fn connect(
             .await?;
         signals.connection.send_replace(Some(connection_id.clone()));
         signals.requeue_reads(&connection_id);
-        signals.bump_queue();
+        signals.bump_stored();
         record
     };
     signals.seen();
@@ -118,8 +118,15 @@ pub async fn poll(
     let mut _waiting = None;
     let (reads, batch) = loop {
         let mut queue_rx = signals.queue.subscribe();
-        let (reads, batch) =
-            next_commands(app, &signals, daemon_id, my_connection.as_deref(), max).await?;
+        let (reads, batch) = next_commands(
+            app,
+            &signals,
+            daemon_id,
+            my_connection.as_deref(),
+            max,
+            true,
+        )
+        .await?;
         if !reads.is_empty()
             || !batch.commands.is_empty()
             || !request.wait_for_commands
@@ -215,16 +222,20 @@ pub(super) async fn append_updates(
     }
 }
 
-/// One look for work: reads waiting (they cost the store nothing) first, then commands
-/// leased durably, up to `max` in all.
+/// One look for work: reads waiting (they cost the store nothing) first, then, with
+/// `lease`, commands leased durably, up to `max` in all.
 pub(super) async fn next_commands(
     app: &App,
     signals: &DaemonSignals,
     daemon_id: &str,
     connection: Option<&str>,
     max: usize,
+    lease: bool,
 ) -> Result<(Vec<Read>, LeaseBatch), ApiError> {
     let reads = signals.take_reads(max, connection, |id| app.hub.read_waiting(id));
+    if !lease {
+        return Ok((reads, LeaseBatch::default()));
+    }
     // Durable when it returns, leases included: a command is run only once it is on
     // disk, or a crash would take it back after the daemon ran it.
     let lease_ms = app.config.sync.lease_duration.as_millis() as u64;
@@ -236,7 +247,14 @@ pub(super) async fn next_commands(
         Ok(batch) => Ok((reads, batch)),
         // The store is away (PostgreSQL restarting): reads need nothing of it, and their
         // clients are waiting.
-        Err(StoreError::Unavailable(_)) if !reads.is_empty() => Ok((reads, LeaseBatch::default())),
+        // Look again in a second, as if a lease ran out then.
+        Err(StoreError::Unavailable(_)) if !reads.is_empty() => {
+            let retry = LeaseBatch {
+                commands: Vec::new(),
+                next_lease_expiry_ms: Some(now_ms() + 1_000),
+            };
+            Ok((reads, retry))
+        }
         Err(err) => {
             signals.return_reads(reads);
             Err(err.into())
@@ -512,26 +530,36 @@ pub(super) async fn remember_get(app: &App, daemon_id: &str, params_json: &str, 
     let Ok(result) = serde_json::from_str::<HttpResult>(result_json) else {
         return;
     };
-    if !(200..300).contains(&result.status) {
-        return;
-    }
     let Ok(rendered) = super::mirror::render_http_result(&result) else {
         return;
     };
-    if rendered.body.len() > app.config.commands.get_cache_max_body {
+    keep_copy(
+        app,
+        daemon_id,
+        &super::mirror::cache_key(&params),
+        &rendered,
+    )
+    .await;
+}
+
+/// Keeps a GET's rendered 2xx answer as the copy served while the daemon is offline.
+pub(super) async fn keep_copy(
+    app: &App,
+    daemon_id: &str,
+    cache_key: &str,
+    rendered: &super::mirror::Rendered,
+) {
+    if !rendered.status.is_success() || rendered.body.len() > app.config.commands.get_cache_max_body
+    {
         return;
     }
     let cached = CachedResponse {
-        status: result.status,
-        headers: rendered.headers,
-        body: rendered.body,
+        status: rendered.status.as_u16(),
+        headers: rendered.headers.clone(),
+        body: rendered.body.clone(),
         stored_at_ms: now_ms(),
     };
-    if let Err(err) = app
-        .store
-        .cache_response(daemon_id, &super::mirror::cache_key(&params), cached)
-        .await
-    {
+    if let Err(err) = app.store.cache_response(daemon_id, cache_key, cached).await {
         tracing::warn!(error = %err, "could not keep the offline copy of a GET");
     }
 }

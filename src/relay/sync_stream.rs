@@ -131,7 +131,9 @@ impl Session {
         let mut lines = LineBuffer::default();
         loop {
             while let Some(line) = lines.next_line() {
-                let answer = self.answer(&line).await;
+                // Boxed: the store call's state lives only while a line is answered, not
+                // in every idle session.
+                let answer = Box::pin(self.answer(&line)).await;
                 if self.out.send(answer).await.is_err() {
                     return;
                 }
@@ -153,7 +155,7 @@ impl Session {
                 // is answered too.
                 Some(Err(_)) | None => {
                     if let Some(line) = lines.rest() {
-                        let answer = self.answer(&line).await;
+                        let answer = Box::pin(self.answer(&line)).await;
                         let _ = self.out.send(answer).await;
                     }
                     return;
@@ -209,6 +211,11 @@ impl Session {
         let mut connection_rx = signals.connection.subscribe();
         let max = app.config.sync.max_commands_per_poll;
         let mut keepalive_at = Instant::now() + KEEPALIVE;
+        // The store is asked only when stored commands may be ready: the generation
+        // moved since the last lease that left nothing behind, or a lease runs out.
+        // Reads alone cost it nothing.
+        let mut leased_at: Option<u64> = None;
+        let mut lease_check: Option<Instant> = None;
         loop {
             // Room for one line first: nothing is leased that could not be sent.
             let Ok(permit) = self.out.reserve().await else {
@@ -219,15 +226,19 @@ impl Session {
                 return;
             }
             let mut queue_rx = signals.queue.subscribe();
-            let (reads, batch) = match next_commands(
+            let generation = signals.stored_generation();
+            let lease =
+                leased_at != Some(generation) || lease_check.is_some_and(|at| at <= Instant::now());
+            let next = Box::pin(next_commands(
                 app,
                 signals,
                 &self.daemon_id,
                 mine.as_deref(),
                 max,
-            )
-            .await
-            {
+                lease,
+            ))
+            .await;
+            let (reads, batch) = match next {
                 Ok(next) => next,
                 Err(err) => {
                     tracing::warn!(daemon_id = %self.daemon_id, error = %err.message, "sync stream ends: commands cannot be leased");
@@ -235,6 +246,16 @@ impl Session {
                     return;
                 }
             };
+            if lease {
+                lease_check = batch
+                    .next_lease_expiry_ms
+                    .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
+                // A full batch may have left commands behind, and commands just leased
+                // have leases that will run out: look again at once (the next lease
+                // returns when the earliest of them ends).
+                let again = reads.len() + batch.commands.len() >= max || !batch.commands.is_empty();
+                leased_at = (!again).then_some(generation);
+            }
             if !reads.is_empty() || !batch.commands.is_empty() {
                 signals.seen();
                 let line = with_commands(&reads, &batch, |commands| {
@@ -247,9 +268,6 @@ impl Session {
                 keepalive_at = Instant::now() + KEEPALIVE;
                 continue;
             }
-            let lease_check = batch
-                .next_lease_expiry_ms
-                .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
             tokio::select! {
                 biased;
                 changed = connection_rx.changed() => {
@@ -263,7 +281,7 @@ impl Session {
                 _ = tokio::time::sleep_until(keepalive_at) => {
                     permit.send(encode(&StreamDown { keepalive: true, ..StreamDown::default() }));
                     keepalive_at = Instant::now() + KEEPALIVE;
-                    touch(app, signals, &self.daemon_id).await;
+                    Box::pin(touch(app, signals, &self.daemon_id)).await;
                 }
                 _ = app.shutdown.cancelled() => return,
             }

@@ -80,7 +80,14 @@ pub struct Maintenance {
 /// The relay's store. Cheap to share behind an `Arc`.
 pub struct Store {
     backend: Backend,
+    /// Offline copies written lately, by daemon and cache key: their fingerprint and
+    /// `stored_at_ms`. An identical copy younger than `RESPONSE_REFRESH_MS` is not
+    /// offered to the backend again, so a busy GET costs the store nothing.
+    recent_copies: std::sync::Mutex<std::collections::HashMap<(String, String), (u64, u64)>>,
 }
+
+/// Offline copies remembered at most (the memo is emptied when full).
+const RECENT_COPIES: usize = 10_000;
 
 enum Backend {
     Sled(Arc<SledStore>),
@@ -98,9 +105,7 @@ pub enum StoreSettings {
 impl Store {
     /// The embedded store in `dir` (created if missing).
     pub fn open_sled(dir: &Path) -> Result<Store> {
-        Ok(Store {
-            backend: Backend::Sled(Arc::new(SledStore::open(dir)?)),
-        })
+        Ok(Store::with(Backend::Sled(Arc::new(SledStore::open(dir)?))))
     }
 
     /// The store `settings` name: sled opened (and created), or PostgreSQL connected,
@@ -110,10 +115,17 @@ impl Store {
         Ok(match settings {
             StoreSettings::Sled(dir) => Store::open_sled(dir)
                 .with_context(|| format!("opening the store in {}", dir.display()))?,
-            StoreSettings::Postgres(pg) => Store {
-                backend: Backend::Postgres(Arc::new(PgStore::open(pg).await?)),
-            },
+            StoreSettings::Postgres(pg) => {
+                Store::with(Backend::Postgres(Arc::new(PgStore::open(pg).await?)))
+            }
         })
+    }
+
+    fn with(backend: Backend) -> Store {
+        Store {
+            backend,
+            recent_copies: Default::default(),
+        }
     }
 
     /// The backend's name, for logs and metrics.
@@ -613,10 +625,44 @@ impl Store {
         path_and_query: &str,
         response: CachedResponse,
     ) -> Result<bool> {
-        match &self.backend {
-            Backend::Sled(sled) => sled.put_response(daemon_id, path_and_query, &response),
-            Backend::Postgres(pg) => pg.cache_response(daemon_id, path_and_query, response).await,
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (response.status, &response.headers, &response.body).hash(&mut hasher);
+            hasher.finish()
+        };
+        let slot = (daemon_id.to_owned(), path_and_query.to_owned());
+        let stored_at = response.stored_at_ms;
+        {
+            let recent = self.lock_recent_copies();
+            if let Some((seen, at)) = recent.get(&slot) {
+                let fresh = stored_at.saturating_sub(*at) < super::responses::RESPONSE_REFRESH_MS;
+                if *seen == fingerprint && fresh {
+                    return Ok(false);
+                }
+            }
         }
+        let written = match &self.backend {
+            Backend::Sled(sled) => sled.put_response(daemon_id, path_and_query, &response)?,
+            Backend::Postgres(pg) => {
+                pg.cache_response(daemon_id, path_and_query, response)
+                    .await?
+            }
+        };
+        if written {
+            let mut recent = self.lock_recent_copies();
+            if recent.len() >= RECENT_COPIES {
+                recent.clear();
+            }
+            recent.insert(slot, (fingerprint, stored_at));
+        }
+        Ok(written)
+    }
+
+    fn lock_recent_copies(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), (u64, u64)>> {
+        self.recent_copies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn response(

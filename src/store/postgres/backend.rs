@@ -69,9 +69,6 @@ pub struct PgStore {
     /// for the queue limit: counted again at most every [`COUNT_FOR`], so that queueing
     /// stays one `INSERT` (a count per write costs a scan of the queue).
     queued: Mutex<HashMap<String, (u64, Instant)>>,
-    /// The offline copies written lately, by daemon and path: an unchanged copy is not
-    /// written again within `RESPONSE_REFRESH_MS` (as sled's store checks on disk).
-    recent_copies: Mutex<HashMap<(String, String), (u64, u64)>>,
 }
 
 /// Queues a command when its daemon exists (`$2`), in one statement.
@@ -234,7 +231,6 @@ impl PgStore {
             commit_micros: AtomicU64::new(0),
             commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
             queued: Mutex::new(HashMap::new()),
-            recent_copies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1225,30 +1221,14 @@ impl PgStore {
     // ---- cached responses ----------------------------------------------------------
 
     /// A hint: committed without waiting for the WAL flush. An identical copy younger
-    /// than `RESPONSE_REFRESH_MS` is not written again.
+    /// than `RESPONSE_REFRESH_MS` is not written again (`Store` remembers what it wrote
+    /// lately and does not even ask).
     pub async fn cache_response(
         &self,
         daemon_id: &str,
         path_and_query: &str,
         response: CachedResponse,
     ) -> Result<bool> {
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            (response.status, &response.headers, &response.body).hash(&mut hasher);
-            hasher.finish()
-        };
-        let slot = (daemon_id.to_owned(), path_and_query.to_owned());
-        {
-            let recent = self.recent_copies.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((seen, at)) = recent.get(&slot) {
-                let fresh = response.stored_at_ms.saturating_sub(*at)
-                    < super::super::responses::RESPONSE_REFRESH_MS;
-                if *seen == fingerprint && fresh {
-                    return Ok(false);
-                }
-            }
-        }
         let bytes = (response.body.len() + path_and_query.len() + 64) as u64;
         if self.reserve(daemon_id, bytes).is_err() {
             // The copy is a convenience: without room, the daemon keeps its older data.
@@ -1283,12 +1263,6 @@ impl PgStore {
         tx.commit().await.map_err(pg)?;
         if written == 0 {
             self.budget.release(daemon_id, bytes);
-        } else {
-            let mut recent = self.recent_copies.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() >= RECENT_COPIES {
-                recent.clear();
-            }
-            recent.insert(slot, (fingerprint, response.stored_at_ms));
         }
         Ok(written > 0)
     }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use common::daemon::TestDaemon;
 use common::{eventually, Daemon, RelayProcess, TestAgent, TestRelay};
 use syncrelay::agent::RawAgent;
+use syncrelay::protocol::LineBuffer;
 
 const DAEMON: &str = "streamer";
 
@@ -39,21 +40,7 @@ impl RawStream {
         let Some((response, lines_out)) = parts else {
             return (status, None);
         };
-        let (tx, lines_in) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut body = response.bytes_stream();
-            let mut pending = Vec::new();
-            while let Some(Ok(bytes)) = body.next().await {
-                pending.extend_from_slice(&bytes);
-                while let Some(at) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=at).collect();
-                    let value: Value = serde_json::from_slice(&line).expect("a JSON line");
-                    if tx.send(value).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let lines_in = relay_lines(response);
         (
             status,
             Some(RawStream {
@@ -105,6 +92,25 @@ impl RawStream {
             .unwrap_or_else(|| panic!("expected commands, got {line}"))
             .clone()
     }
+}
+
+/// The relay's lines of a stream, parsed, as they arrive (the crate's own line cutter).
+fn relay_lines(response: reqwest::Response) -> mpsc::UnboundedReceiver<Value> {
+    let (tx, lines_in) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut body = response.bytes_stream();
+        let mut lines = LineBuffer::default();
+        while let Some(Ok(bytes)) = body.next().await {
+            lines.push(&bytes);
+            while let Some(line) = lines.next_line() {
+                let value: Value = serde_json::from_slice(&line).expect("a JSON line");
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    lines_in
 }
 
 /// `POST /sync/stream` over prior-knowledge h2c; the response and the request body's sender
@@ -573,22 +579,15 @@ async fn a_daemon_that_stops_reading_holds_a_bounded_part_of_the_relay() {
     );
 
     // Reading again, the daemon gets every command: nothing was lost while it stalled.
-    let mut body = response.bytes_stream();
-    let mut pending = Vec::new();
+    let mut lines = relay_lines(response);
     let mut got = std::collections::HashSet::new();
     while got.len() < COMMANDS {
-        let bytes = tokio::time::timeout(Duration::from_secs(20), body.next())
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.recv())
             .await
             .expect("lines keep coming")
-            .expect("the stream is open")
-            .unwrap();
-        pending.extend_from_slice(&bytes);
-        while let Some(at) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=at).collect();
-            let line: Value = serde_json::from_slice(&line).unwrap();
-            for command in line["commands"].as_array().into_iter().flatten() {
-                got.insert(command["id"].as_str().unwrap().to_owned());
-            }
+            .expect("the stream is open");
+        for command in line["commands"].as_array().into_iter().flatten() {
+            got.insert(command["id"].as_str().unwrap().to_owned());
         }
     }
     assert_eq!(got.len(), COMMANDS);

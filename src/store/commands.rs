@@ -8,8 +8,6 @@
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionResult;
-use sled::Transactional;
 
 use super::daemons::DaemonRecord;
 use super::machine::{self, CompleteStep, LeaseStep};
@@ -126,41 +124,137 @@ pub enum CompleteOutcome {
     Unknown,
 }
 
-/// A fresh command id (`cmd-` and 24 hex digits).
+/// A fresh command id: `cmd-` and 24 hex digits, the milliseconds since the epoch (48
+/// bits), a counter of this process (16 bits) and 32 random bits, as UUIDv7 orders its
+/// ids. Ids made later sort later, so new commands go to the end of the `commands` tree
+/// instead of into random pages of it (each write to a page rewrites it in sled's cache);
+/// two ids of one process differ in their time or counter, and the random bits keep them
+/// unguessable to someone who knows the time.
 pub fn new_command_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut bytes = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut bytes);
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    bytes[6..8].copy_from_slice(&count.to_be_bytes());
+    rand::thread_rng().fill_bytes(&mut bytes[8..]);
     format!("cmd-{}", hex::encode(bytes))
 }
 
-/// Takes the next queue position of `daemon` for a new command, or refuses with
-/// `QueueFull`. The caller holds the daemon's lock and writes both records.
+/// A daemon's queue as counted in memory: the last position handed out, and the entries
+/// of the `queue` tree (its unfinished commands, plus any entry a crash left pointing at
+/// nothing, until a lease drops it). Counted from the tree at first use after open, so a
+/// crash cannot leave them wrong. They used to live in the daemon's record, which made
+/// every enqueue and every finish rewrite that record too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct QueueCounters {
+    pub last_seq: u64,
+    pub queued: u64,
+}
+
+/// Takes the next queue position of the daemon for a new command, or refuses with
+/// `QueueFull`. The caller holds the daemon's lock, writes the command, then stores the
+/// counters back ([`SledStore::set_queue_counters`]).
 pub(super) fn prepare_command(
-    daemon: &mut DaemonRecord,
+    counters: &mut QueueCounters,
     new: NewCommand,
     now_ms: u64,
 ) -> Result<CommandRecord> {
-    let command = machine::new_command(new, daemon.queued, daemon.next_queue_seq + 1, now_ms)?;
-    daemon.next_queue_seq += 1;
-    daemon.queued += 1;
+    let command = machine::new_command(new, counters.queued, counters.last_seq + 1, now_ms)?;
+    counters.last_seq += 1;
+    counters.queued += 1;
     Ok(command)
 }
 
 impl SledStore {
+    /// The daemon's queue counters, counted from the `queue` tree on first use. `record_seq`
+    /// is the last position its record holds (written by earlier versions; never lower
+    /// than a position still in use then). The caller holds the daemon's lock.
+    pub(super) fn queue_counters(&self, daemon_id: &str, record_seq: u64) -> Result<QueueCounters> {
+        if let Some(counters) = self.queues_map().get(daemon_id) {
+            return Ok(*counters);
+        }
+        let mut counters = self.count_queue(daemon_id)?;
+        counters.last_seq = counters.last_seq.max(record_seq);
+        self.queues_map().insert(daemon_id.to_owned(), counters);
+        Ok(counters)
+    }
+
+    /// The counters of the daemon's queue as the tree holds it now (nothing cached).
+    pub(super) fn count_queue(&self, daemon_id: &str) -> Result<QueueCounters> {
+        let mut counters = QueueCounters::default();
+        for item in self.queue.scan_prefix(layout::daemon_prefix(daemon_id)) {
+            let (key, _) = item?;
+            counters.queued += 1;
+            counters.last_seq = counters.last_seq.max(layout::seq_of(&key));
+        }
+        Ok(counters)
+    }
+
+    /// Stores the counters after the write they count. The caller holds the daemon's lock.
+    pub(super) fn set_queue_counters(&self, daemon_id: &str, counters: QueueCounters) {
+        self.queues_map().insert(daemon_id.to_owned(), counters);
+    }
+
+    /// The cached counters, when the daemon's have been counted since open.
+    pub(super) fn cached_queue_counters(&self, daemon_id: &str) -> Option<QueueCounters> {
+        self.queues_map().get(daemon_id).copied()
+    }
+
+    fn queues_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, QueueCounters>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes one entry of the daemon's queue, and counts it when it was there. The caller
+    /// holds the daemon's lock.
+    pub(super) fn unqueue(&self, daemon_id: &str, queue_key: &[u8]) -> Result<()> {
+        if self.queue.remove(queue_key)?.is_some() {
+            if let Some(counters) = self.queues_map().get_mut(daemon_id) {
+                counters.queued = counters.queued.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
     /// Stores a new command at the end of its daemon's queue, or returns the command an
     /// `Idempotency-Key` already names. Call [`SledStore::commit`] before acknowledging.
+    ///
+    /// No sled transaction: the records go in as single writes, each atomic, in an order
+    /// whose every prefix (what a crash before the commit can leave; sled recovers its log
+    /// up to the first missing write) the store reads correctly:
+    /// 1. the `Idempotency-Key`'s entry: alone, it names a command that does not exist,
+    ///    and a retry queues a new one in its place;
+    /// 2. the queue entry: without its command, a lease drops it;
+    /// 3. the command.
+    ///
+    /// A retry that finds its command unfinished but not queued (a state sled's recovery
+    /// should never leave) queues it again rather than leave it to wait forever.
     pub fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
         let _guard = self.lock_daemon(&new.daemon_id);
-        let mut daemon: DaemonRecord =
-            self.get_decoded(&self.daemons, new.daemon_id.as_bytes())?
-                .ok_or_else(|| StoreError::UnknownDaemon(new.daemon_id.clone()))?;
+        let daemon: DaemonRecord = self
+            .get_decoded(&self.daemons, new.daemon_id.as_bytes())?
+            .ok_or_else(|| StoreError::UnknownDaemon(new.daemon_id.clone()))?;
+        let mut counters = self.queue_counters(&new.daemon_id, daemon.next_queue_seq)?;
         let idempotency_key = new
             .idempotency
             .as_ref()
             .map(|(key_id, key)| layout::daemon_text_key(&new.daemon_id, &[key_id, key]));
         if let Some(index_key) = &idempotency_key {
             if let Some(command_id) = self.idempotency.get(index_key)? {
-                if let Some(command) = self.get_decoded(&self.commands, &command_id)? {
+                if let Some(command) =
+                    self.get_decoded::<CommandRecord>(&self.commands, &command_id)?
+                {
+                    let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
+                    if !command.state.is_final() && !self.queue.contains_key(&queue_key)? {
+                        self.committer
+                            .tracked(|| self.queue.insert(queue_key.as_slice(), command_id))?;
+                        counters.queued += 1;
+                        self.set_queue_counters(&command.daemon_id, counters);
+                    }
                     return Ok(EnqueueOutcome {
                         command,
                         created: false,
@@ -168,8 +262,7 @@ impl SledStore {
                 }
             }
         }
-        let command = prepare_command(&mut daemon, new, now_ms)?;
-        let daemon_bytes = self.encoded(&daemon)?;
+        let command = prepare_command(&mut counters, new, now_ms)?;
         let command_bytes = self.encoded(&command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let index_bytes = idempotency_key
@@ -183,18 +276,17 @@ impl SledStore {
             now_ms,
         )?;
         // Tracked: a poll may lease the command before this request's commit resolves.
-        self.committer.tracked(|| {
-            (&self.daemons, &self.commands, &self.queue, &self.idempotency).transaction(
-                |(daemons, commands, queue, idempotency)| -> ConflictableTransactionResult<(), StoreError> {
-                    daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
-                    commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
-                    queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
-                    if let Some(index_key) = &idempotency_key {
-                        idempotency.insert(index_key.as_slice(), command.id.as_bytes())?;
-                    }
-                    Ok(())
-                },
-            )
+        self.committer.tracked(|| -> Result<()> {
+            if let Some(index_key) = &idempotency_key {
+                self.idempotency
+                    .insert(index_key.as_slice(), command.id.as_bytes())?;
+            }
+            self.queue
+                .insert(queue_key.as_slice(), command.id.as_bytes())?;
+            self.set_queue_counters(&command.daemon_id, counters);
+            self.commands
+                .insert(command.id.as_bytes(), command_bytes.as_slice())?;
+            Ok(())
         })?;
         Ok(EnqueueOutcome {
             command,
@@ -231,13 +323,14 @@ impl SledStore {
             let Some(mut command) =
                 self.get_decoded::<CommandRecord>(&self.commands, &command_id)?
             else {
-                // A queue entry outlived its command (purged by retention): drop it.
-                self.queue.remove(queue_key)?;
+                // A queue entry outlived its command (purged by retention, or a crash
+                // came between the two writes of `enqueue`): drop it.
+                self.unqueue(daemon_id, &queue_key)?;
                 continue;
             };
             match machine::lease_step(&command, now_ms) {
                 LeaseStep::Unqueue => {
-                    self.queue.remove(queue_key)?;
+                    self.unqueue(daemon_id, &queue_key)?;
                 }
                 LeaseStep::Running(until) => {
                     batch.next_lease_expiry_ms =
@@ -311,8 +404,11 @@ impl SledStore {
         Ok(Some(command))
     }
 
-    /// Moves a command to a final state, atomically across the command, queue, finished and
-    /// daemon records. The caller holds the daemon's lock.
+    /// Moves a command to a final state: its `finished` index entry, its record, then its
+    /// queue entry goes, as single writes in that order (see [`SledStore::enqueue`]). A
+    /// crash between them leaves an index entry of an unfinished command, which retention
+    /// drops and keeps the command, or a finished command still queued, which the next
+    /// lease unqueues. The caller holds the daemon's lock.
     pub(super) fn finish_locked(
         &self,
         command: &mut CommandRecord,
@@ -321,32 +417,18 @@ impl SledStore {
         error_json: Option<String>,
         now_ms: u64,
     ) -> Result<()> {
-        let daemon: Option<DaemonRecord> =
-            self.get_decoded(&self.daemons, command.daemon_id.as_bytes())?;
-        let daemon_bytes = daemon
-            .map(|mut daemon| {
-                daemon.queued = daemon.queued.saturating_sub(1);
-                self.encoded(&daemon)
-            })
-            .transpose()?;
         machine::finish(command, state, result_json, error_json, now_ms);
         let command_bytes = self.encoded(&*command)?;
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         let finished_key = layout::finished_key(now_ms, &command.id);
         let command = &*command;
         // Tracked: a reader may show the final state before the caller's commit resolves.
-        self.committer.tracked(|| (&self.daemons, &self.commands, &self.queue, &self.finished).transaction(
-            |(daemons, commands, queue, finished)| -> ConflictableTransactionResult<(), StoreError> {
-                if let Some(bytes) = &daemon_bytes {
-                    daemons.insert(command.daemon_id.as_bytes(), bytes.as_slice())?;
-                }
-                commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
-                queue.remove(queue_key.as_slice())?;
-                finished.insert(finished_key.as_slice(), &[])?;
-                Ok(())
-            },
-        ))?;
-        Ok(())
+        self.committer.tracked(|| -> Result<()> {
+            self.finished.insert(finished_key.as_slice(), &[])?;
+            self.commands
+                .insert(command.id.as_bytes(), command_bytes.as_slice())?;
+            self.unqueue(&command.daemon_id, &queue_key)
+        })
     }
 }
 
@@ -490,5 +572,95 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn queue_counters_are_counted_again_after_reopen() {
+        let (dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        let a = store.enqueue(new_command("d", None), 0).unwrap().command;
+        let b = store.enqueue(new_command("d", None), 0).unwrap().command;
+        store.complete("d", &a.id, None, None, 1).unwrap();
+        store.commit().await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 1);
+        // The next position follows the last one in use, never reuses it.
+        let c = store.enqueue(new_command("d", None), 2).unwrap().command;
+        assert!(c.queue_seq > b.queue_seq);
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 2);
+        let leased = store.lease("d", None, 10, 100, 3).unwrap().commands;
+        assert_eq!(
+            leased.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            [&b.id, &c.id]
+        );
+    }
+
+    /// What a crash inside `enqueue` or `finish_locked` can leave (a prefix of their
+    /// writes) is read as described there.
+    #[test]
+    fn what_a_crash_leaves_of_queueing_and_finishing_is_read_correctly() {
+        let (_dir, store) = temp_store();
+        store.ensure_daemon("d", 0).unwrap();
+        // The idempotency entry alone: a retry queues a new command in its place.
+        let index_key = layout::daemon_text_key("d", &["k1", "lost"]);
+        store
+            .idempotency
+            .insert(&index_key, b"cmd-gone".as_slice())
+            .unwrap();
+        let retry = store.enqueue(new_command("d", Some("lost")), 0).unwrap();
+        assert!(retry.created);
+        assert_eq!(
+            store.idempotency.get(&index_key).unwrap().unwrap().as_ref(),
+            retry.command.id.as_bytes()
+        );
+        // A queue entry without its command: counted until a lease drops it.
+        store
+            .queue
+            .insert(layout::daemon_seq_key("d", 1_000), b"cmd-gone".as_slice())
+            .unwrap();
+        let mut counters = store.count_queue("d").unwrap();
+        assert_eq!(counters.queued, 2);
+        store.set_queue_counters("d", counters);
+        let leased = store.lease("d", None, 10, 100, 1).unwrap().commands;
+        assert_eq!(leased.len(), 1);
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 1);
+        // An unfinished command whose queue entry is missing: a retry with its key
+        // queues it again.
+        let kept = retry.command;
+        store
+            .queue
+            .remove(layout::daemon_seq_key("d", kept.queue_seq))
+            .unwrap();
+        counters = store.count_queue("d").unwrap();
+        store.set_queue_counters("d", counters);
+        let again = store.enqueue(new_command("d", Some("lost")), 2).unwrap();
+        assert!(!again.created);
+        assert_eq!(again.command.id, kept.id);
+        assert!(store
+            .queue
+            .contains_key(layout::daemon_seq_key("d", kept.queue_seq))
+            .unwrap());
+        assert_eq!(store.daemon("d").unwrap().unwrap().queued, 1);
+        // A `finished` entry of a command that is not finished: retention drops the
+        // entry and keeps the command.
+        let live = store.enqueue(new_command("d", None), 3).unwrap().command;
+        store
+            .finished
+            .insert(layout::finished_key(4, &live.id), &[])
+            .unwrap();
+        let policy = crate::store::RetentionPolicy {
+            changes_max_entries: u64::MAX,
+            changes_max_age_ms: u64::MAX,
+            results_max_age_ms: 0,
+            responses_max_age_ms: u64::MAX,
+        };
+        store.sweep(&policy, 10).unwrap();
+        assert_eq!(
+            store.command(&live.id).unwrap().unwrap().state,
+            CommandState::Queued
+        );
+        assert!(store.finished.is_empty());
     }
 }

@@ -127,19 +127,16 @@ impl SledStore {
                 return Ok(Opened::Existing(record.clone()));
             }
         }
-        let mut daemon: DaemonRecord = self
+        let daemon: DaemonRecord = self
             .get_decoded(&self.daemons, request.daemon_id.as_bytes())?
             .ok_or_else(|| StoreError::UnknownDaemon(request.daemon_id.clone()))?;
-        let command = prepare_command(&mut daemon, machine::stream_command(&request), now_ms)?;
+        let mut counters = self.queue_counters(&request.daemon_id, daemon.next_queue_seq)?;
+        let command = prepare_command(&mut counters, machine::stream_command(&request), now_ms)?;
         let daemon_id = request.daemon_id.clone();
         let record =
             machine::new_context(self.spill.next_id()?, request, command.id.clone(), now_ms);
         let id_bytes = record.context_id.to_be_bytes();
-        let (daemon_bytes, command_bytes, record_bytes) = (
-            self.encoded(&daemon)?,
-            self.encoded(&command)?,
-            self.encoded(&record)?,
-        );
+        let (command_bytes, record_bytes) = (self.encoded(&command)?, self.encoded(&record)?);
         let queue_key = layout::daemon_seq_key(&command.daemon_id, command.queue_seq);
         self.reserve_budget(
             &daemon_id,
@@ -153,7 +150,6 @@ impl SledStore {
         // Tracked: a poll may lease the command before this request's commit resolves.
         self.committer.tracked(|| {
             (
-                &self.daemons,
                 &self.commands,
                 &self.queue,
                 &self.contexts,
@@ -162,8 +158,7 @@ impl SledStore {
                 &self.context_garbage,
             )
                 .transaction(
-                    |(daemons, commands, queue, contexts, index, by_command, garbage)| -> ConflictableTransactionResult<(), StoreError> {
-                        daemons.insert(command.daemon_id.as_bytes(), daemon_bytes.as_slice())?;
+                    |(commands, queue, contexts, index, by_command, garbage)| -> ConflictableTransactionResult<(), StoreError> {
                         commands.insert(command.id.as_bytes(), command_bytes.as_slice())?;
                         queue.insert(queue_key.as_slice(), command.id.as_bytes())?;
                         contexts.insert(&id_bytes, record_bytes.as_slice())?;
@@ -176,6 +171,7 @@ impl SledStore {
                     },
                 )
         })?;
+        self.set_queue_counters(&daemon_id, counters);
         if let Some(old) = &current {
             // Retired: no longer counted against the daemon.
             self.release_budget(&old.daemon_id, context_body_size(old));

@@ -20,9 +20,12 @@ pub struct DaemonRecord {
     pub last_update_seq: u64,
     /// Highest relay sequence number of the change log (0: empty).
     pub last_change_seq: u64,
-    /// Last sequence number used in the queue tree.
+    /// Last sequence number used in the queue tree. The store keeps the live counters in
+    /// memory (`QueueCounters`) and no longer rewrites the record for each command: on
+    /// disk this is a lower bound; records read through the store carry the live value.
     pub next_queue_seq: u64,
-    /// Commands queued or delivered, not yet completed or expired.
+    /// Commands queued or delivered, not yet completed or expired (live when read through
+    /// the store, as `next_queue_seq`).
     pub queued: u64,
 }
 
@@ -105,7 +108,9 @@ impl SledStore {
     }
 
     pub fn daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>> {
-        self.get_decoded(&self.daemons, daemon_id.as_bytes())
+        self.get_decoded(&self.daemons, daemon_id.as_bytes())?
+            .map(|record| self.with_queue_counters(record))
+            .transpose()
     }
 
     /// Every daemon, ordered by id.
@@ -114,9 +119,21 @@ impl SledStore {
             .iter()
             .map(|item| {
                 let (_, value) = item?;
-                self.decode(&value)
+                self.with_queue_counters(self.decode(&value)?)
             })
             .collect()
+    }
+
+    /// The record with its live queue counters: cached ones, or counted from the tree
+    /// now (without caching them: only a writer holding the daemon's lock may).
+    fn with_queue_counters(&self, mut record: DaemonRecord) -> Result<DaemonRecord> {
+        let counters = match self.cached_queue_counters(&record.daemon_id) {
+            Some(counters) => counters,
+            None => self.count_queue(&record.daemon_id)?,
+        };
+        record.next_queue_seq = record.next_queue_seq.max(counters.last_seq);
+        record.queued = counters.queued;
+        Ok(record)
     }
 }
 

@@ -4,8 +4,11 @@
 //! relay reaches them only through [`super::Store`], which commits before it returns.
 //!
 //! Concurrency: mutations of one daemon's records are serialised by a striped lock held only
-//! across synchronous sled calls (never across `.await`), and multi-tree changes use sled
-//! transactions so a crash never leaves half of one.
+//! across synchronous sled calls (never across `.await`). A multi-tree change is either a
+//! sled transaction, so a crash never leaves half of one, or (queueing and finishing a
+//! command, the hot path) single-key writes in an order whose every prefix the store reads
+//! correctly (`commands.rs`): a sled transaction or batch costs two log writes and a
+//! `sync_file_range` each, a single insert none.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,6 +46,9 @@ pub struct SledStore {
     pub(super) gate: gate::Gate,
     /// Each daemon's bytes against its disk budget, between censuses.
     pub(super) budget: usage::Budget,
+    /// Each daemon's queue counters, counted from the `queue` tree at first use after open
+    /// (`commands.rs`); changed only under the daemon's lock.
+    pub(super) queues: Mutex<std::collections::HashMap<String, super::commands::QueueCounters>>,
 }
 
 /// A daemon's mutation lock, inside the write gate.
@@ -109,6 +115,7 @@ impl SledStore {
             daemon_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             gate: gate::Gate::default(),
             budget: usage::Budget::default(),
+            queues: Mutex::default(),
             db,
             synced,
         };
@@ -169,7 +176,8 @@ impl SledStore {
         }
         let stripe = &self.daemon_locks[(hash % LOCK_STRIPES as u64) as usize];
         // A panic while holding the guard leaves no torn data (sled transactions are
-        // atomic), so a poisoned lock is safe to keep using.
+        // atomic, and ordered single writes leave states the store reads as a crash would
+        // leave them), so a poisoned lock is safe to keep using.
         DaemonGuard {
             _gate: gate,
             _lock: stripe

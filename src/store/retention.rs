@@ -137,8 +137,11 @@ impl SledStore {
             for item in self.finished.range(..end.as_slice()) {
                 let (key, _) = item?;
                 let command_id = &key[8..];
-                if let Some(command) =
-                    self.get_decoded::<CommandRecord>(&self.commands, command_id)?
+                // Only the command this entry indexes: a crash inside `finish_locked` can
+                // leave an entry of a command that is not finished (then, or at that time).
+                if let Some(command) = self
+                    .get_decoded::<CommandRecord>(&self.commands, command_id)?
+                    .filter(|c| c.state.is_final() && c.finished_at_ms.to_be_bytes() == key[..8])
                 {
                     if let Some((key_id, idem)) = &command.idempotency {
                         idempotency

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -54,8 +54,20 @@ struct Tracked {
     durable: AtomicU64,
 }
 
+/// Longest the flusher lingers before a flush to let more commits join it.
+///
+/// Each flush costs the same CPU however many commits it answers (sled's write and
+/// `sync_file_range` on one of its I/O threads, the `fdatasync`, the wake-ups): under
+/// concurrent writes, CPU spent flushing is CPU the writers do not get. So when the last
+/// flush answered more than one commit, the flusher waits as long as that flush took (at
+/// most this) before it takes the queue, as PostgreSQL's `commit_delay` does when other
+/// transactions are active: a commit waits at most about two flushes instead of one, and
+/// a lone writer never waits (its flushes answer one commit each). BENCHMARKS.md, "The
+/// write path", has what it buys.
+const MAX_LINGER: Duration = Duration::from_millis(2);
+
 /// Longest a commit waits for its flush before it is answered as a failure.
-const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct GroupCommit {
     /// `None` once stopped. The lock only guards taking the sender out on stop.
@@ -192,9 +204,15 @@ fn flush_loop(
     tracked: &Tracked,
 ) {
     // `recv` fails once every sender is gone: stop() was called and the queue is drained.
+    // The last flush's batch size and duration: what lingering is sized by.
+    let (mut last_batch, mut last_flush) = (0, Duration::ZERO);
     while let Ok(first) = waiters_rx.recv() {
+        if last_batch >= 2 {
+            std::thread::sleep(last_flush.min(MAX_LINGER));
+        }
         let mut batch = vec![first];
         batch.extend(waiters_rx.try_iter());
+        last_batch = batch.len();
         let started = Instant::now();
         let covered = tracked.finished.load(Ordering::SeqCst);
         let bumped = seal.as_mut().map_or(Ok(()), |seal| seal.bump());
@@ -214,6 +232,7 @@ fn flush_loop(
             .commits
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let elapsed = started.elapsed();
+        last_flush = elapsed;
         counters
             .flush_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);

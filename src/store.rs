@@ -71,7 +71,7 @@ pub const SEAL_FILE: &str = "store.seal";
 
 /// Errors of the store. `Unavailable` is the one a caller maps to 503
 /// `storage_unavailable`: nothing of the failed call was acknowledged.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(String),

@@ -202,6 +202,77 @@ async fn queue_limit_idempotency_expiry_and_unknown_daemons() {
     .await;
 }
 
+/// Writers at once (PostgreSQL inserts what arrives together in one statement, sled
+/// flushes it in one group commit): each gets its own answer, as if it had been alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_each_get_their_own_answer() {
+    let test = "concurrent_writers_each_get_their_own_answer";
+    each_backend(test, |store, backend| async move {
+        store.ensure_daemon("d", 0).await.unwrap();
+        let store = std::sync::Arc::new(store);
+        let writers: Vec<_> = (0..120)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let new = match n % 4 {
+                        0 => command("nobody", None, 1_000),
+                        1 => command("d", Some("same"), 1_000),
+                        _ => command("d", None, 1_000),
+                    };
+                    (n, store.enqueue(new, 0).await)
+                })
+            })
+            .collect();
+        let mut fresh = Vec::new();
+        let mut keyed = std::collections::BTreeSet::new();
+        let mut keyed_created = 0;
+        for writer in writers {
+            let (n, outcome) = writer.await.unwrap();
+            match n % 4 {
+                0 => assert!(
+                    matches!(outcome, Err(StoreError::UnknownDaemon(_))),
+                    "{backend}: a command for no daemon is refused"
+                ),
+                1 => {
+                    let outcome = outcome.unwrap();
+                    keyed_created += usize::from(outcome.created);
+                    keyed.insert(outcome.command.id);
+                }
+                _ => {
+                    let outcome = outcome.unwrap();
+                    assert!(outcome.created, "{backend}");
+                    fresh.push(outcome.command);
+                }
+            }
+        }
+        assert_eq!(
+            (keyed.len(), keyed_created),
+            (1, 1),
+            "{backend}: one command for one key, created once"
+        );
+        let mut queued: Vec<(u64, String)> =
+            fresh.iter().map(|c| (c.queue_seq, c.id.clone())).collect();
+        queued.push({
+            let id = keyed.first().unwrap();
+            let keyed = store.command(id, 0).await.unwrap().unwrap();
+            (keyed.queue_seq, keyed.id)
+        });
+        queued.sort();
+        queued.dedup_by_key(|(seq, _)| *seq);
+        assert_eq!(
+            queued.len(),
+            61,
+            "{backend}: each has a queue position of its own"
+        );
+        // The daemon gets them all, in the positions they were answered with.
+        let leased = store.lease("d", None, 100, 1_000, 0).await.unwrap();
+        let leased: Vec<String> = leased.commands.into_iter().map(|c| c.id).collect();
+        let answered: Vec<String> = queued.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(leased, answered, "{backend}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_releases_leases_and_supersedes_the_old_connection() {
     let test = "a_reconnect_releases_leases_and_supersedes_the_old_connection";

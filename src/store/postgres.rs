@@ -17,6 +17,7 @@
 //! step of issue 20.
 
 mod backend;
+mod inserter;
 
 use std::time::Duration;
 

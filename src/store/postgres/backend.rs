@@ -8,7 +8,7 @@
 //! append or a new fetch, which serialises them per daemon as sled's daemon lock does;
 //! neither conflicts with the `FOR KEY SHARE` a new command's foreign key takes), then its
 //! commands in queue order, then contexts. Queueing a command takes no daemon lock at all:
-//! it is one `INSERT`, so concurrent writers share PostgreSQL's group commit.
+//! it is one row of a group `INSERT` (`inserter.rs`), which concurrent writers share.
 //!
 //! Where the rules need a count (the queue limit) it is a per-daemon count at most a
 //! second old plus what this relay queued since, not a count under a lock: concurrent
@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use deadpool_postgres::{Pool, Transaction};
@@ -34,6 +34,7 @@ use super::super::{
     KeyRecord, LeaseBatch, Maintenance, NewChange, NewCommand, Opened, Posted, PostedOutcome,
     Result, Role, StoreError, SweepStats,
 };
+use super::inserter::Inserter;
 use super::{redacted, PgError, PgSettings};
 
 const COMMAND_COLUMNS: &str = "command_id, daemon_id, method, params, stream, state, \
@@ -50,6 +51,38 @@ const DAEMON_COLUMNS: &str = "daemon_id, version, capabilities, created_ms, last
 
 const KEY_COLUMNS: &str = "key_id, role, daemon_id, scope, label, secret_sha256, created_ms";
 
+/// Durable writes: how many committed, in how many `COMMIT`s (a group insert commits many
+/// in one), and how long those took.
+pub(super) struct Commits {
+    writes: AtomicU64,
+    commits: AtomicU64,
+    micros: AtomicU64,
+    seconds: crate::metrics::Histogram,
+}
+
+impl Default for Commits {
+    fn default() -> Self {
+        Commits {
+            writes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
+            seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl Commits {
+    /// Counts `writes` made durable by one `COMMIT` that took from `started`.
+    pub(super) fn committed(&self, started: Instant, writes: u64) {
+        let elapsed = started.elapsed();
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.seconds.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// The relay's data in PostgreSQL.
 pub struct PgStore {
     pool: Pool,
@@ -62,30 +95,14 @@ pub struct PgStore {
     /// Bumped around every key removal: a lookup caches what it read only if no removal
     /// began or ended meanwhile, so a revoked key is never cached again.
     key_removals: AtomicU64,
-    commits: AtomicU64,
-    commit_micros: AtomicU64,
-    commit_seconds: crate::metrics::Histogram,
+    commits: Arc<Commits>,
+    /// New commands, inserted in batches.
+    inserter: Inserter,
     /// Each daemon's unfinished commands as last counted, plus those queued here since,
     /// for the queue limit: counted again at most every [`COUNT_FOR`], so that queueing
     /// stays one `INSERT` (a count per write costs a scan of the queue).
     queued: Mutex<HashMap<String, (u64, Instant)>>,
 }
-
-/// Queues a command when its daemon exists (`$2`), in one statement.
-const ENQUEUE: &str = "INSERT INTO commands (command_id, daemon_id, queue_seq, method, params, \
-    stream, state, created_ms, expires_ms, idempotency_key_id, idempotency_key) \
-    SELECT $1, $2, nextval('command_queue_seq'), $3, $4, $5, 'queued', $6, $7, $8, $9 \
-    WHERE EXISTS (SELECT 1 FROM daemons WHERE daemon_id = $2) \
-    RETURNING queue_seq";
-
-/// [`ENQUEUE`] with an `Idempotency-Key`: nothing when the key is taken.
-const ENQUEUE_WITH_KEY: &str = "INSERT INTO commands (command_id, daemon_id, queue_seq, method, \
-    params, stream, state, created_ms, expires_ms, idempotency_key_id, idempotency_key) \
-    SELECT $1, $2, nextval('command_queue_seq'), $3, $4, $5, 'queued', $6, $7, $8, $9 \
-    WHERE EXISTS (SELECT 1 FROM daemons WHERE daemon_id = $2) \
-    ON CONFLICT (daemon_id, idempotency_key_id, idempotency_key) \
-      WHERE idempotency_key IS NOT NULL DO NOTHING \
-    RETURNING queue_seq";
 
 /// How long a daemon's queue count is used before it is counted again.
 const COUNT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
@@ -93,11 +110,11 @@ const COUNT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 const RECENT_COPIES: usize = 10_000;
 
 /// A row's `bigint`, as the relay's `u64` (never negative in this schema).
-fn u(row: &Row, index: usize) -> u64 {
+pub(super) fn u(row: &Row, index: usize) -> u64 {
     row.get::<_, i64>(index).max(0) as u64
 }
 
-fn i(value: u64) -> i64 {
+pub(super) fn i(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
@@ -209,11 +226,11 @@ fn key_from(row: &Row) -> Result<KeyRecord> {
 
 /// A failed statement, as the store's error: everything but a constraint the caller
 /// handles is "unavailable", so nothing of the call was acknowledged.
-fn pg(err: tokio_postgres::Error) -> StoreError {
+pub(super) fn pg(err: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {}", super::error_text(&err)))
 }
 
-fn pool_err(err: deadpool_postgres::PoolError) -> StoreError {
+pub(super) fn pool_err(err: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL: {err}"))
 }
 
@@ -221,15 +238,15 @@ impl PgStore {
     /// Connects, checks the server and migrates (see [`super::open`]).
     pub async fn open(settings: &PgSettings) -> std::result::Result<PgStore, PgError> {
         let pool = super::open(settings).await?;
+        let commits = Arc::new(Commits::default());
         Ok(PgStore {
+            inserter: Inserter::new(pool.clone(), commits.clone()),
             pool,
             shown: redacted(&settings.url),
             budget: Budget::default(),
             keys: RwLock::new(HashMap::new()),
             key_removals: AtomicU64::new(0),
-            commits: AtomicU64::new(0),
-            commit_micros: AtomicU64::new(0),
-            commit_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            commits,
             queued: Mutex::new(HashMap::new()),
         })
     }
@@ -245,11 +262,7 @@ impl PgStore {
 
     /// Counts a durable write that took from `started`.
     fn committed(&self, started: Instant) {
-        let elapsed = started.elapsed();
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.commit_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        self.commit_seconds.observe(elapsed.as_secs_f64());
+        self.commits.committed(started, 1);
     }
 
     async fn commit(&self, tx: Transaction<'_>, started: Instant) -> Result<()> {
@@ -259,17 +272,17 @@ impl PgStore {
     }
 
     pub fn commit_stats(&self) -> CommitStats {
-        let commits = self.commits.load(Ordering::Relaxed);
         CommitStats {
-            flushes: commits,
-            commits,
-            flush_micros: self.commit_micros.load(Ordering::Relaxed),
+            flushes: self.commits.commits.load(Ordering::Relaxed),
+            commits: self.commits.writes.load(Ordering::Relaxed),
+            flush_micros: self.commits.micros.load(Ordering::Relaxed),
         }
     }
 
     pub fn render_commit_histograms(&self, out: &mut String) {
         out.push_str("# TYPE syncrelay_store_flush_seconds histogram\n");
-        self.commit_seconds
+        self.commits
+            .seconds
             .render(out, "syncrelay_store_flush_seconds", "");
     }
 
@@ -494,62 +507,38 @@ impl PgStore {
 
     // ---- commands ------------------------------------------------------------------
 
-    /// One `INSERT`, committed on its own. An `Idempotency-Key` already taken (even by a
-    /// concurrent request) returns the command it names. The queue limit is checked
+    /// One row of a group `INSERT` ([`Inserter`]): concurrent requests share a statement
+    /// and its `COMMIT`. An `Idempotency-Key` already taken (even by a concurrent request)
+    /// returns the command it names. The queue limit is checked
     /// against the daemon's count as of at most [`COUNT_FOR`] ago plus what this relay
     /// queued since: concurrent writers (or other relays) may pass it by what they queued
     /// in that time.
     pub async fn enqueue(&self, new: NewCommand, now_ms: u64) -> Result<EnqueueOutcome> {
-        let client = self.client().await?;
-        if let Some(found) = find_idempotent(&client, &new).await? {
-            return Ok(EnqueueOutcome {
-                command: found,
-                created: false,
-            });
+        if new.idempotency.is_some() {
+            if let Some(found) = find_idempotent(&self.client().await?, &new).await? {
+                return Ok(EnqueueOutcome {
+                    command: found,
+                    created: false,
+                });
+            }
         }
-        let queued = self.queued_count(&client, &new.daemon_id).await?;
+        let queued = self.queued_count(&new.daemon_id).await?;
         let (probe, daemon_id) = (new.clone(), new.daemon_id.clone());
         let mut command = machine::new_command(new, queued, 0, now_ms)?;
         let bytes = command_bytes(&command);
         self.reserve(&daemon_id, bytes)?;
-        let started = Instant::now();
-        let (key_id, key) = command.idempotency.clone().unzip();
         // Into the daemon's queue if the daemon exists; with a key, unless the key is
         // taken (then nothing: the command it names is looked up below).
-        let insert = client
-            .prepare_cached(match key.is_some() {
-                false => ENQUEUE,
-                true => ENQUEUE_WITH_KEY,
-            })
-            .await
-            .map_err(pg)?;
-        let inserted = client
-            .query_opt(
-                &insert,
-                &[
-                    &command.id,
-                    &command.daemon_id,
-                    &command.method,
-                    &command.params_json,
-                    &command.stream,
-                    &i(command.created_at_ms),
-                    &i(command.expires_at_ms),
-                    &key_id,
-                    &key,
-                ],
-            )
-            .await;
-        let inserted = match inserted {
-            Ok(row) => row,
+        let inserted = match self.inserter.insert(command.clone()).await {
+            Ok(inserted) => inserted,
             Err(err) => {
                 self.budget.release(&daemon_id, bytes);
-                return Err(pg(err));
+                return Err(err);
             }
         };
-        self.committed(started);
         match inserted {
-            Some(row) => {
-                command.queue_seq = u(&row, 0);
+            Some(queue_seq) => {
+                command.queue_seq = queue_seq;
                 if let Some((count, _)) = self.queued_counts().get_mut(&daemon_id) {
                     *count += 1;
                 }
@@ -561,7 +550,7 @@ impl PgStore {
             // No such daemon, or a concurrent request with the same key won.
             None => {
                 self.budget.release(&daemon_id, bytes);
-                match find_idempotent(&client, &probe).await? {
+                match find_idempotent(&self.client().await?, &probe).await? {
                     Some(found) => Ok(EnqueueOutcome {
                         command: found,
                         created: false,
@@ -584,11 +573,7 @@ impl PgStore {
     }
 
     /// The daemon's unfinished commands (see [`PgStore::enqueue`]).
-    async fn queued_count(
-        &self,
-        client: &deadpool_postgres::Object,
-        daemon_id: &str,
-    ) -> Result<u64> {
+    async fn queued_count(&self, daemon_id: &str) -> Result<u64> {
         if let Some((count, at)) = self.queued_counts().get_mut(daemon_id) {
             if at.elapsed() < COUNT_FOR {
                 return Ok(*count);
@@ -596,6 +581,7 @@ impl PgStore {
             // This caller counts again; the others keep using the count meanwhile.
             *at = Instant::now();
         }
+        let client = self.client().await?;
         let count = client
             .prepare_cached(
                 "SELECT count(*) FROM commands WHERE daemon_id = $1 \

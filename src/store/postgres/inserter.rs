@@ -98,10 +98,14 @@ impl Shared {
     /// Inserts what is waiting, a batch per statement, until nothing is.
     async fn insert_waiting(self: Arc<Self>) {
         // Should the task end otherwise (a panic, the runtime shutting down), the commands
-        // left waiting are answered, and the next command starts a task again.
-        struct Inserting(Arc<Shared>);
+        // left waiting are answered, and the next command starts a task again. Not after
+        // the loop: by then a new task may be inserting, and what waits is its.
+        struct Inserting(Arc<Shared>, bool);
         impl Drop for Inserting {
             fn drop(&mut self) {
+                if self.1 {
+                    return;
+                }
                 let mut state = self.0.lock();
                 state.inserting = false;
                 for waiting in state.waiting.drain(..) {
@@ -109,7 +113,7 @@ impl Shared {
                 }
             }
         }
-        let inserting = Inserting(self);
+        let mut inserting = Inserting(self, false);
         loop {
             let batch: Vec<Waiting> = {
                 let mut state = inserting.0.lock();
@@ -123,6 +127,7 @@ impl Shared {
             };
             inserting.0.insert_batch(batch).await;
         }
+        inserting.1 = true;
     }
 
     /// One statement for `batch`; each command's request gets its own outcome.

@@ -273,6 +273,58 @@ async fn concurrent_writers_each_get_their_own_answer() {
     .await;
 }
 
+/// The operator's view (the console): one daemon's commands, unfinished first, then
+/// finished, newest first; its cached contexts; nothing of another daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_view_lists_a_daemons_commands_and_contexts() {
+    let test = "the_operators_view_lists_a_daemons_commands_and_contexts";
+    each_backend(test, |store, backend| async move {
+        store.ensure_daemon("d", 0).await.unwrap();
+        store.ensure_daemon("e", 0).await.unwrap();
+        let first = store.enqueue(command("d", None, 10), 0).await.unwrap();
+        let second = store.enqueue(command("d", None, 10), 1).await.unwrap();
+        let third = store.enqueue(command("d", None, 10), 2).await.unwrap();
+        store.enqueue(command("e", None, 10), 3).await.unwrap();
+        let leased = store.lease("d", None, 2, 1_000, 4).await.unwrap();
+        assert_eq!(leased.commands.len(), 2, "{backend}");
+        let finished = vec![
+            result(&first.command.id, "1"),
+            result(&second.command.id, "2"),
+        ];
+        store.post_results("d", finished, LIMITS, 5).await.unwrap();
+        let ids = |list: Vec<syncrelay::store::CommandRecord>| -> Vec<String> {
+            list.into_iter().map(|c| c.id).collect()
+        };
+        assert_eq!(
+            ids(store.recent_commands("d", 10).await.unwrap()),
+            [
+                third.command.id.clone(),
+                second.command.id.clone(),
+                first.command.id.clone()
+            ],
+            "{backend}: unfinished, then finished newest first"
+        );
+        assert_eq!(
+            ids(store.recent_commands("d", 2).await.unwrap()),
+            [third.command.id.clone(), second.command.id.clone()],
+            "{backend}: at most the limit"
+        );
+        assert!(store
+            .recent_commands("nobody", 10)
+            .await
+            .unwrap()
+            .is_empty());
+
+        assert!(store.daemon_contexts("d", 10).await.unwrap().is_empty());
+        store.open_context(context_request(false), 6).await.unwrap();
+        let contexts = store.daemon_contexts("d", 10).await.unwrap();
+        assert_eq!(contexts.len(), 1, "{backend}");
+        assert_eq!(contexts[0].key, "/api/v1/approvals/a1/context/stream");
+        assert!(store.daemon_contexts("e", 10).await.unwrap().is_empty());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_releases_leases_and_supersedes_the_old_connection() {
     let test = "a_reconnect_releases_leases_and_supersedes_the_old_connection";

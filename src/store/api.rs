@@ -565,6 +565,31 @@ impl Store {
         }
     }
 
+    /// The operator's view of a daemon's commands, newest first: unfinished ones, then
+    /// finished ones among the relay's most recent (`commands::RECENT_WINDOW`).
+    pub async fn recent_commands(
+        &self,
+        daemon_id: &str,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>> {
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.recent_commands(daemon_id, limit)).await,
+            Backend::Postgres(pg) => pg.recent_commands(daemon_id, limit).await,
+        }
+    }
+
+    /// The daemon's current cached contexts, newest first.
+    pub async fn daemon_contexts(
+        &self,
+        daemon_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextRecord>> {
+        match &self.backend {
+            Backend::Sled(sled) => visible(sled, sled.daemon_contexts(daemon_id, limit)).await,
+            Backend::Postgres(pg) => pg.daemon_contexts(daemon_id, limit).await,
+        }
+    }
+
     /// The current context of a stream path, if any.
     pub async fn current_context(
         &self,

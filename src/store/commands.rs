@@ -14,6 +14,10 @@ use super::machine::{self, CompleteStep, LeaseStep};
 use super::usage::{stored_size, Trim};
 use super::{layout, Result, SledStore, StoreError};
 
+/// How many of the relay's newest commands the operator's view of one daemon's finished
+/// commands looks through.
+pub const RECENT_WINDOW: usize = 10_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(rename_all = "lowercase")]
 pub enum CommandState {
@@ -380,6 +384,39 @@ impl SledStore {
 
     pub fn command(&self, command_id: &str) -> Result<Option<CommandRecord>> {
         self.get_decoded(&self.commands, command_id.as_bytes())
+    }
+
+    /// The operator's view of one daemon's commands, newest first: its unfinished ones
+    /// (the queue), then its finished ones among the relay's [`RECENT_WINDOW`] newest
+    /// commands (ids are time-ordered, so the newest are the end of the tree), up to
+    /// `limit` in all. A bounded read whatever the number of daemons: a daemon quiet while
+    /// others are busy shows only its queue.
+    pub fn recent_commands(&self, daemon_id: &str, limit: usize) -> Result<Vec<CommandRecord>> {
+        let mut listed: Vec<CommandRecord> = Vec::new();
+        for item in self
+            .queue
+            .scan_prefix(layout::daemon_prefix(daemon_id))
+            .rev()
+        {
+            let (_, id) = item?;
+            if listed.len() >= limit {
+                break;
+            }
+            if let Some(command) = self.get_decoded::<CommandRecord>(&self.commands, &id)? {
+                listed.push(command);
+            }
+        }
+        for item in self.commands.iter().rev().take(RECENT_WINDOW) {
+            if listed.len() >= limit {
+                break;
+            }
+            let (_, value) = item?;
+            let command: CommandRecord = self.decode(&value)?;
+            if command.daemon_id == daemon_id && command.state.is_final() {
+                listed.push(command);
+            }
+        }
+        Ok(listed)
     }
 
     /// The command as of `now_ms`: one whose TTL has passed is expired first, so readers

@@ -344,6 +344,23 @@ impl SledStore {
         }
     }
 
+    /// The daemon's current contexts (one per cached path), newest first, up to `limit`.
+    pub fn daemon_contexts(&self, daemon_id: &str, limit: usize) -> Result<Vec<ContextRecord>> {
+        let mut listed = Vec::new();
+        for item in self
+            .context_index
+            .scan_prefix(layout::daemon_prefix(daemon_id))
+        {
+            let (_, id) = item?;
+            if let Some(record) = self.get_decoded::<ContextRecord>(&self.contexts, &id)? {
+                listed.push(record);
+            }
+        }
+        listed.sort_by_key(|c: &ContextRecord| std::cmp::Reverse(c.created_at_ms));
+        listed.truncate(limit);
+        Ok(listed)
+    }
+
     /// Retention for contexts: drops complete or failed ones past `ttl_ms`, evicts the
     /// oldest while the total exceeds `max_total_bytes`, and deletes the chunks of contexts
     /// retired longer than `garbage_grace_ms` ago. Returns (contexts retired, chunks deleted).

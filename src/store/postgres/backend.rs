@@ -1037,6 +1037,60 @@ impl PgStore {
         Ok(u(&row, 0))
     }
 
+    /// See `SledStore::recent_commands`: the queue (the partial index), then finished
+    /// commands among the relay's newest (the primary key, backwards: ids are
+    /// time-ordered), each read bounded.
+    pub async fn recent_commands(
+        &self,
+        daemon_id: &str,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "(SELECT {COMMAND_COLUMNS}, 0 AS part FROM commands WHERE daemon_id = $1 \
+               AND state IN ('queued', 'delivered') ORDER BY queue_seq DESC LIMIT $2) \
+             UNION ALL \
+             (SELECT {COMMAND_COLUMNS}, 1 AS part FROM \
+               (SELECT * FROM commands ORDER BY command_id DESC LIMIT $3) AS newest \
+               WHERE daemon_id = $1 AND state NOT IN ('queued', 'delivered') \
+               ORDER BY command_id DESC LIMIT $2) \
+             ORDER BY part, queue_seq DESC LIMIT $2"
+        );
+        let limit = limit as i64;
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &daemon_id,
+                    &limit,
+                    &(super::super::commands::RECENT_WINDOW as i64),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(command_from).collect()
+    }
+
+    /// The daemon's current contexts, newest first.
+    pub async fn daemon_contexts(
+        &self,
+        daemon_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {CONTEXT_COLUMNS} FROM contexts WHERE daemon_id = $1 \
+                     AND retired_ms IS NULL ORDER BY created_ms DESC LIMIT $2"
+                ),
+                &[&daemon_id, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(context_from).collect()
+    }
+
     // ---- contexts ------------------------------------------------------------------
 
     pub async fn open_context(&self, request: ContextRequest, now_ms: u64) -> Result<Opened> {

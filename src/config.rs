@@ -26,6 +26,14 @@ pub struct Config {
     pub cors: CorsConfig,
     /// `[store]`: where the data lives.
     pub store: StoreBackend,
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the operator's page at `/console`.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// Serve it; off, `/console` is 404 (the admin routes stay).
+    pub enabled: bool,
 }
 
 /// `[store] backend`.
@@ -276,6 +284,8 @@ pub struct RawConfig {
     pub cors: RawCors,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub console: RawConsole,
     /// Read by `syncrelay agent`; accepted here so one file can serve both.
     #[serde(default)]
     pub agent: Option<toml::Table>,
@@ -361,6 +371,12 @@ pub struct RawRateLimit {
 pub struct RawCors {
     pub allowed_origins: Option<Vec<String>>,
     pub max_age: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    pub enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -822,6 +838,9 @@ impl Config {
         if check.problems.is_empty() {
             Ok(Config {
                 store,
+                console: ConsoleConfig {
+                    enabled: raw.console.enabled.unwrap_or(true),
+                },
                 tls,
                 rate_limit,
                 cors,

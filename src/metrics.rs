@@ -46,6 +46,26 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
+    /// The bucket bounds (seconds, or commits), without the last, `+Inf`.
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
+    /// Cumulative counts per bucket (the last is `+Inf`, the count of all), and the sum of
+    /// observations.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut cumulative = 0;
+        let counts = self
+            .buckets
+            .iter()
+            .map(|bucket| {
+                cumulative += bucket.load(Relaxed);
+                cumulative
+            })
+            .collect();
+        (counts, self.sum_micros.load(Relaxed) as f64 / 1e6)
+    }
+
     /// Appends the series `name{labels,le=…}`, `name_sum`, `name_count` (no `# TYPE`).
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };

@@ -393,6 +393,102 @@ pub struct DaemonList {
     pub daemons: Vec<DaemonView>,
 }
 
+/// `GET /admin/daemons/{daemon_id}/commands`: newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandList {
+    pub commands: Vec<CommandView>,
+}
+
+/// One cached context as the operator sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContextView {
+    pub context_id: u64,
+    /// The daemon-side path and query it caches.
+    pub key: String,
+    /// `fetching`, `complete` or `failed`.
+    pub state: &'static str,
+    /// The daemon's status, once its first chunk arrived.
+    #[schema(required = true)]
+    pub status: Option<u16>,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub created_at: String,
+    #[schema(required = true)]
+    pub finished_at: Option<String>,
+}
+
+/// `GET /admin/daemons/{daemon_id}/contexts`: newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContextList {
+    pub contexts: Vec<ContextView>,
+}
+
+/// A histogram as counters since start: a reader takes two and subtracts them for
+/// what happened between.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistogramView {
+    /// Upper bounds of the buckets; the last bucket, past them all, has none.
+    pub bounds: Vec<f64>,
+    /// Observations at or under each bound, and last all of them.
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// Requests served since start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestStats {
+    pub total: u64,
+    /// Seconds from request to response head, by route family (`sync`, `client`,
+    /// `admin`, `health`, `other`); `sync` includes long polls.
+    pub latency: std::collections::BTreeMap<&'static str, HistogramView>,
+}
+
+/// The store's durable writes since start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreStats {
+    /// `sled` or `postgres`.
+    pub backend: &'static str,
+    /// Flushes (sled's group commits, PostgreSQL's `COMMIT`s).
+    pub flushes: u64,
+    /// Writes they made durable.
+    pub commits: u64,
+    pub flush_micros: u64,
+    /// On disk now; `null` when the store cannot say.
+    #[schema(required = true)]
+    pub disk_bytes: Option<u64>,
+}
+
+/// Daemons known and online now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DaemonCounts {
+    pub total: u64,
+    pub online: u64,
+}
+
+/// Commands now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandCounts {
+    /// Queued or delivered, all daemons.
+    pub unfinished: u64,
+    /// By state, as of the last retention census (`null` before the first).
+    #[schema(required = true)]
+    pub by_state: Option<std::collections::BTreeMap<String, u64>>,
+    #[schema(required = true)]
+    pub census_at: Option<String>,
+}
+
+/// `GET /admin/stats`: the relay's own figures, for the console's live charts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RelayStats {
+    pub version: &'static str,
+    pub uptime_ms: u64,
+    pub requests: RequestStats,
+    pub store: StoreStats,
+    pub daemons: DaemonCounts,
+    pub commands: CommandCounts,
+}
+
 /// `GET /api/v1/daemons/{daemon_id}/changes`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChangesResponse<'a> {

@@ -17,6 +17,7 @@ mod api;
 pub mod auth;
 mod changes;
 mod client;
+mod console;
 mod deadline;
 mod framer;
 #[doc(hidden)]
@@ -84,6 +85,8 @@ pub struct Metrics {
     pub outlets: Arc<outlet::OutletMetrics>,
     /// Requests by matched route template.
     pub routes: router::RouteCounts,
+    /// When the relay started serving.
+    pub started: std::time::Instant,
 }
 
 impl Metrics {
@@ -101,6 +104,7 @@ impl Metrics {
             }),
             outlets: Default::default(),
             routes: router::RouteCounts::new(templates),
+            started: std::time::Instant::now(),
         }
     }
 }

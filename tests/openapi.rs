@@ -790,6 +790,62 @@ async fn real_traffic_matches_the_document() {
     spec.expect(admin(&relay, Method::POST, "/admin/daemons"), 405)
         .await;
     spec.expect(get("/admin/daemons", &client), 403).await;
+    // The operator's read routes (the console's data) and the console's own files.
+    let stats = spec
+        .expect(admin(&relay, Method::GET, "/admin/stats"), 200)
+        .await
+        .json();
+    assert_eq!(stats["daemons"]["total"], 3, "{stats}");
+    spec.expect(get("/admin/stats", &client), 403).await;
+    spec.expect(anonymous(&relay, Method::GET, "/admin/stats"), 401)
+        .await;
+    for tail in [
+        "",
+        "/changes?since=0",
+        "/commands?limit=5",
+        "/contexts",
+        "/events",
+    ] {
+        spec.expect(
+            admin(&relay, Method::GET, &format!("/admin/daemons/d1{tail}")),
+            200,
+        )
+        .await;
+        spec.expect(get(&format!("/admin/daemons/d1{tail}"), &client), 403)
+            .await;
+    }
+    spec.expect(
+        admin(&relay, Method::GET, "/admin/daemons/nobody/commands"),
+        404,
+    )
+    .await;
+    spec.expect(
+        admin(&relay, Method::GET, "/admin/daemons/d1/commands?limit=0"),
+        400,
+    )
+    .await;
+    spec.expect(admin(&relay, Method::POST, "/admin/stats"), 405)
+        .await;
+    let page = spec
+        .expect(anonymous(&relay, Method::GET, "/console"), 200)
+        .await;
+    let etag = page.header("etag").unwrap().to_owned();
+    spec.expect(
+        anonymous(&relay, Method::GET, "/console").header("if-none-match", etag),
+        304,
+    )
+    .await;
+    for asset in ["console.js", "console.css"] {
+        spec.expect(
+            anonymous(&relay, Method::GET, &format!("/console/{asset}")),
+            200,
+        )
+        .await;
+    }
+    spec.expect(anonymous(&relay, Method::GET, "/console/missing.js"), 404)
+        .await;
+    spec.expect(anonymous(&relay, Method::POST, "/console"), 405)
+        .await;
     let backups = tempfile::tempdir().unwrap();
     let into = backups.path().join("copy");
     let backup =

@@ -232,3 +232,172 @@ fn ndjson(value: &BackupLine) -> Bytes {
     line.push('\n');
     Bytes::from(line)
 }
+
+// ---- The operator's read routes (the console) -------------------------------------------
+
+/// `GET /admin/stats`.
+pub async fn stats(app: &App) -> Result<Response, ApiError> {
+    use crate::protocol::{
+        CommandCounts, DaemonCounts, HistogramView, RelayStats, RequestStats, StoreStats,
+    };
+    let m = &app.metrics;
+    let latency = super::RouteFamily::ALL
+        .iter()
+        .map(|family| {
+            let histogram = &m.request_seconds[*family as usize];
+            let (cumulative, sum_seconds) = histogram.snapshot();
+            let view = HistogramView {
+                bounds: histogram.bounds().to_vec(),
+                count: cumulative.last().copied().unwrap_or(0),
+                cumulative,
+                sum_seconds,
+            };
+            (family.label(), view)
+        })
+        .collect();
+    let commit = app.store.commit_stats();
+    let daemons = app.store.daemons().await?;
+    let census = app
+        .usage
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|(at_ms, usage)| {
+            let by_state = usage
+                .commands
+                .iter()
+                .map(|(state, count)| (state.to_string(), *count))
+                .collect();
+            (by_state, rfc3339(*at_ms))
+        });
+    let (by_state, census_at) = census.unzip();
+    let stats = RelayStats {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_ms: m.started.elapsed().as_millis() as u64,
+        requests: RequestStats {
+            total: m.routes.total(),
+            latency,
+        },
+        store: StoreStats {
+            backend: app.store.backend_name(),
+            flushes: commit.flushes,
+            commits: commit.commits,
+            flush_micros: commit.flush_micros,
+            disk_bytes: app.store.size_on_disk().await.ok(),
+        },
+        daemons: DaemonCounts {
+            total: daemons.len() as u64,
+            online: app.hub.daemons_online(app.config.sync.online_grace) as u64,
+        },
+        commands: CommandCounts {
+            unfinished: daemons.iter().map(|d| d.queued).sum(),
+            by_state,
+            census_at,
+        },
+    };
+    Ok(json(StatusCode::OK, &stats))
+}
+
+/// The daemon an `/admin/daemons/{daemon_id}/…` route names, if it exists.
+async fn known_daemon(app: &App, daemon_id: &str) -> Result<(), ApiError> {
+    if !valid_daemon_id(daemon_id) {
+        return Err(ApiError::bad_request(
+            "a daemon id is 1 to 64 of [A-Za-z0-9._-]",
+        ));
+    }
+    match app.store.daemon(daemon_id).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found(format!("no daemon {daemon_id}"))),
+    }
+}
+
+/// `limit` of the operator's lists: 1 to `max`, `default` when absent.
+fn list_limit(query: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match super::http::query_value(query, "limit") {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be an integer from 1 to {max}"))
+            }),
+    }
+}
+
+/// `GET /admin/daemons/{daemon_id}/commands`.
+pub async fn recent_commands(
+    app: &App,
+    daemon_id: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    known_daemon(app, daemon_id).await?;
+    let limit = list_limit(query, 50, 500)?;
+    let commands = app.store.recent_commands(daemon_id, limit).await?;
+    let commands = commands.iter().map(super::mirror::command_view).collect();
+    Ok(json(
+        StatusCode::OK,
+        &crate::protocol::CommandList { commands },
+    ))
+}
+
+/// `GET /admin/daemons/{daemon_id}/contexts`.
+pub async fn daemon_contexts(
+    app: &App,
+    daemon_id: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    use crate::store::ContextState;
+    known_daemon(app, daemon_id).await?;
+    let limit = list_limit(query, 100, 1000)?;
+    let contexts = app
+        .store
+        .daemon_contexts(daemon_id, limit)
+        .await?
+        .into_iter()
+        .map(|c| crate::protocol::ContextView {
+            context_id: c.context_id,
+            key: c.key,
+            state: match c.state {
+                ContextState::Fetching => "fetching",
+                ContextState::Complete => "complete",
+                ContextState::Failed => "failed",
+            },
+            status: c.status,
+            chunks: c.chunks,
+            bytes: c.bytes,
+            created_at: rfc3339(c.created_at_ms),
+            finished_at: (c.finished_at_ms > 0).then(|| rfc3339(c.finished_at_ms)),
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &crate::protocol::ContextList { contexts },
+    ))
+}
+
+/// `GET /admin/daemons/{daemon_id}`, `…/changes` and `…/events`: the client routes'
+/// answers, for the admin key.
+pub async fn daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
+    known_daemon(app, daemon_id).await?;
+    super::client::get_daemon(app, daemon_id).await
+}
+
+pub async fn changes(
+    app: &App,
+    daemon_id: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    known_daemon(app, daemon_id).await?;
+    super::changes::changes(app, daemon_id, query).await
+}
+
+pub async fn events(
+    app: &Arc<App>,
+    daemon_id: &str,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    known_daemon(app, daemon_id).await?;
+    super::changes::stream_events(app, daemon_id, headers, query).await
+}

@@ -25,13 +25,13 @@ use super::auth::Principal;
 use super::http::{json, parse_json, read_body, ApiError};
 use super::router::{has_backslash, is_dot_segment};
 use super::{
-    admin_api, changes, client, mirror, router, streams, sync, sync_stream, App, Response,
+    admin_api, changes, client, console, mirror, router, streams, sync, sync_stream, App, Response,
 };
 use crate::protocol::{
-    BackupLine, BackupRequest, ChangesResponse, CommandView, ConnectRequest, ConnectResponse,
-    CreateKeyRequest, CreatedKey, DaemonList, DaemonView, ErrorBody, Health, KeyList,
-    NamedCommandRequest, PollRequest, PollResponse, ResultsRequest, ResultsResponse, RevokedKey,
-    StreamDown, StreamUp,
+    BackupLine, BackupRequest, ChangesResponse, CommandList, CommandView, ConnectRequest,
+    ConnectResponse, ContextList, CreateKeyRequest, CreatedKey, DaemonList, DaemonView, ErrorBody,
+    Health, KeyList, NamedCommandRequest, PollRequest, PollResponse, RelayStats, ResultsRequest,
+    ResultsResponse, RevokedKey, StreamDown, StreamUp,
 };
 
 type AppState = State<Arc<App>>;
@@ -65,7 +65,15 @@ pub fn router() -> (axum::Router<Arc<App>>, Document) {
         .routes(g.add(CredentialsFirst(Admin), routes!(list_keys, create_key)))
         .routes(g.add(CredentialsFirst(Admin), routes!(revoke_key)))
         .routes(g.add(CredentialsFirst(Admin), routes!(admin_list_daemons)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_get_daemon)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_get_changes)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_stream_events)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_recent_commands)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_daemon_contexts)))
+        .routes(g.add(CredentialsFirst(Admin), routes!(admin_stats)))
         .routes(g.add(CredentialsFirst(Admin), routes!(backup)))
+        .routes(g.add(Open, routes!(console_page)))
+        .routes(g.add(Open, routes!(console_asset)))
         .split_for_parts();
     conventions(&mut document);
     let policies = Arc::new(guards.policies(&document));
@@ -743,6 +751,190 @@ async fn admin_list_daemons(
     client::list_daemons(&app, &principal).await
 }
 
+/// The segment after `/admin/daemons/`, as sent.
+struct AdminDaemonId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminDaemonId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<AdminDaemonId, ApiError> {
+        let rest = parts
+            .uri
+            .path()
+            .strip_prefix("/admin/daemons/")
+            .unwrap_or("");
+        Ok(AdminDaemonId(
+            rest.split('/').next().unwrap_or("").to_owned(),
+        ))
+    }
+}
+
+/// One daemon, as `GET /api/v1/daemons/{daemon_id}` shows it.
+#[utoipa::path(get, path = "/admin/daemons/{daemon_id}", tag = "admin",
+    operation_id = "adminGetDaemon",
+    security(("bearerAuth" = [])),
+    params(DaemonIdPath),
+    responses(
+        (status = 200, description = "The daemon.", body = DaemonView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_get_daemon(
+    State(app): AppState,
+    AdminDaemonId(daemon_id): AdminDaemonId,
+) -> Result<Response, ApiError> {
+    admin_api::daemon(&app, &daemon_id).await
+}
+
+/// A daemon's change log, as `GET /api/v1/daemons/{daemon_id}/changes` reads it.
+#[utoipa::path(get, path = "/admin/daemons/{daemon_id}/changes", tag = "admin",
+    operation_id = "adminGetChanges",
+    security(("bearerAuth" = [])),
+    params(
+        DaemonIdPath,
+        ("since" = Option<String>, Query, description = "A `seq`, or an RFC 3339 time."),
+        ("limit" = Option<u32>, Query, description = "At most this many changes."),
+        ("wait" = Option<String>, Query, description = "Seconds to wait for a change."),
+    ),
+    responses(
+        (status = 200, description = "Changes after `since`.", body = ChangesResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_get_changes(
+    State(app): AppState,
+    AdminDaemonId(daemon_id): AdminDaemonId,
+    request: Request,
+) -> Result<Response, ApiError> {
+    admin_api::changes(&app, &daemon_id, request.uri().query()).await
+}
+
+/// A daemon's change log live, as `GET /api/v1/daemons/{daemon_id}/stream/events` serves
+/// it: `Last-Event-ID` or `since` resumes, keep-alive comments while idle.
+#[utoipa::path(get, path = "/admin/daemons/{daemon_id}/events", tag = "admin",
+    operation_id = "adminStreamEvents",
+    security(("bearerAuth" = [])),
+    params(
+        DaemonIdPath,
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this `seq`."),
+        ("since" = Option<String>, Query, description = "A `seq`, or an RFC 3339 time."),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events; each `data:` is a StreamEvent.",
+            content_type = "text/event-stream", body = String),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_stream_events(
+    State(app): AppState,
+    AdminDaemonId(daemon_id): AdminDaemonId,
+    request: Request,
+) -> Result<Response, ApiError> {
+    admin_api::events(&app, &daemon_id, request.headers(), request.uri().query()).await
+}
+
+/// A daemon's commands, newest first: its unfinished ones, then finished ones among the
+/// relay's 10,000 newest commands.
+#[utoipa::path(get, path = "/admin/daemons/{daemon_id}/commands", tag = "admin",
+    operation_id = "adminRecentCommands",
+    security(("bearerAuth" = [])),
+    params(
+        DaemonIdPath,
+        ("limit" = Option<u32>, Query, description = "1 to 500; 50 when absent."),
+    ),
+    responses(
+        (status = 200, description = "The commands.", body = CommandList),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_recent_commands(
+    State(app): AppState,
+    AdminDaemonId(daemon_id): AdminDaemonId,
+    request: Request,
+) -> Result<Response, ApiError> {
+    admin_api::recent_commands(&app, &daemon_id, request.uri().query()).await
+}
+
+/// A daemon's cached contexts (cache-and-serve), newest first.
+#[utoipa::path(get, path = "/admin/daemons/{daemon_id}/contexts", tag = "admin",
+    operation_id = "adminDaemonContexts",
+    security(("bearerAuth" = [])),
+    params(
+        DaemonIdPath,
+        ("limit" = Option<u32>, Query, description = "1 to 1000; 100 when absent."),
+    ),
+    responses(
+        (status = 200, description = "The contexts.", body = ContextList),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_daemon_contexts(
+    State(app): AppState,
+    AdminDaemonId(daemon_id): AdminDaemonId,
+    request: Request,
+) -> Result<Response, ApiError> {
+    admin_api::daemon_contexts(&app, &daemon_id, request.uri().query()).await
+}
+
+/// The relay's own figures as counters since start (requests and their latency, durable
+/// writes and flushes, daemons, commands, disk): sample it twice for rates.
+#[utoipa::path(get, path = "/admin/stats", tag = "admin", operation_id = "adminStats",
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The figures.", body = RelayStats),
+        Authenticated,
+        Stored,
+    ))]
+async fn admin_stats(State(app): AppState) -> Result<Response, ApiError> {
+    admin_api::stats(&app).await
+}
+
+/// The operator console's page. It holds no data and needs no key; the page asks for an
+/// admin key and calls the `/admin/*` routes with it.
+#[utoipa::path(get, path = "/console", tag = "console", operation_id = "consolePage",
+    security(()),
+    responses(
+        (status = 200, description = "The page.", content_type = "text/html", body = String),
+        (status = 304, description = "Unchanged (`If-None-Match`)."),
+        (status = 404, response = NotFound),
+        Public,
+    ))]
+async fn console_page(
+    State(app): AppState,
+    headers: http::HeaderMap,
+) -> Result<Response, ApiError> {
+    console::asset(&app, "", &headers)
+}
+
+/// The console's script and stylesheet.
+#[utoipa::path(get, path = "/console/{asset}", tag = "console", operation_id = "consoleAsset",
+    security(()),
+    params(("asset" = String, Path, description = "`console.js` or `console.css`.")),
+    responses(
+        (status = 200, description = "The file.",
+            content((String = "text/javascript"), (String = "text/css"))),
+        (status = 304, description = "Unchanged (`If-None-Match`)."),
+        (status = 404, response = NotFound),
+        Public,
+    ))]
+async fn console_asset(
+    State(app): AppState,
+    LastSegment(asset): LastSegment,
+    headers: http::HeaderMap,
+) -> Result<Response, ApiError> {
+    console::asset(&app, &asset, &headers)
+}
+
 /// An online backup into a new directory on the relay's host, streamed as NDJSON: only the
 /// last line (`done`, or an error) says whether the backup exists.
 #[utoipa::path(post, path = "/admin/backup", tag = "admin", operation_id = "backup",
@@ -782,6 +974,8 @@ async fn backup(
         (name = "client", description = "Client API answered by the relay."),
         (name = "mirrored", description = "The daemon's own API, mirrored through the relay."),
         (name = "admin", description = "Key management and the operator's view."),
+        (name = "console", description = "The operator's page (HTML and its files; the \
+            data comes from `/admin/*`)."),
         (name = "operations", description = "Health, readiness, metrics and this document \
             (no credentials)."),
     ),

@@ -90,6 +90,21 @@ impl RouteCounts {
         }
     }
 
+    /// Requests counted, all routes.
+    pub fn total(&self) -> u64 {
+        let other: u64 = self
+            .other
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum();
+        self.documented
+            .values()
+            .map(|n| n.load(Relaxed))
+            .sum::<u64>()
+            + other
+    }
+
     fn render(&self, text: &mut String) {
         use std::fmt::Write;
         text.push_str("# TYPE syncrelay_requests_total counter\n");

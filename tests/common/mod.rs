@@ -4,6 +4,7 @@
 //! without fixed sleeps.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod certs;
 pub mod chaos;
 pub mod crash_loop;

@@ -1,0 +1,339 @@
+//! The operator console (`/console`): its files and headers over HTTP, the admin read
+//! routes it uses (401 without a key, 403 for client and daemon keys), and the console
+//! itself in headless Chromium against a real relay and agent on loopback: sign in (a
+//! wrong key and a client key refused with a clear message), a daemon online while its
+//! agent runs and offline once it stops, an event the daemon posts appearing on its page
+//! without a reload, a key created, used, revoked and then refused, a backup run to the
+//! end with its progress shown. Screenshots of each view, at 1280 and at 390 pixels wide,
+//! go to `target/console-screenshots/`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::browser::Browser;
+use common::daemon::TestDaemon;
+use common::{create_key, eventually, AgentProcess, RelayProcess};
+use serde_json::{json, Value};
+
+/// The routes the console reads, under the admin role only.
+const ADMIN_READS: &[&str] = &[
+    "/admin/stats",
+    "/admin/daemons/d",
+    "/admin/daemons/d/changes",
+    "/admin/daemons/d/events",
+    "/admin/daemons/d/commands",
+    "/admin/daemons/d/contexts",
+];
+
+/// A relay (daemons offline one second after their agent goes) with a daemon key for `d`.
+fn relay(dir: &tempfile::TempDir, extra: &str) -> RelayProcess {
+    let config = dir.path().join("config.toml");
+    RelayProcess::spawn_with(
+        &dir.path().join("data"),
+        &config,
+        &format!("[sync]\nonline_grace = \"1s\"\n{extra}"),
+    )
+}
+
+async fn get(url: &str, token: Option<&str>, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("relay reachable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_safely_and_its_data_needs_an_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(&dir, "");
+    let url = relay.url.clone();
+    let admin = relay.admin_token();
+
+    // The page and its two files, with the headers that make them safe to expose.
+    for (path, kind) in [
+        ("/console", "text/html"),
+        ("/console/console.js", "text/javascript"),
+        ("/console/console.css", "text/css"),
+    ] {
+        let response = get(&format!("{url}{path}"), None, &[]).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        let csp = header("content-security-policy");
+        for directive in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert_eq!(header("referrer-policy"), "no-referrer");
+        assert_eq!(header("x-frame-options"), "DENY");
+        // A browser keeps its copy until the binary changes.
+        let etag = header("etag");
+        let again = get(&format!("{url}{path}"), None, &[("if-none-match", &etag)]).await;
+        assert_eq!(again.status(), 304, "{path}");
+    }
+    let missing = get(&format!("{url}/console/nothing.js"), None, &[]).await;
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // The data behind it: 401 without a key, 403 for client and daemon keys.
+    let client = create_key(&url, &admin, json!({ "role": "client", "scope": ["*"] })).await;
+    let daemon = create_key(&url, &admin, json!({ "role": "daemon", "daemon": "d" })).await;
+    for route in ADMIN_READS {
+        let full = format!("{url}{route}");
+        assert_eq!(get(&full, None, &[]).await.status(), 401, "{route}");
+        assert_eq!(
+            get(&full, Some("srk_x_y"), &[]).await.status(),
+            401,
+            "{route}"
+        );
+        assert_eq!(
+            get(&full, Some(&client), &[]).await.status(),
+            403,
+            "{route}"
+        );
+        assert_eq!(
+            get(&full, Some(&daemon), &[]).await.status(),
+            403,
+            "{route}"
+        );
+        let allowed = get(&full, Some(&admin), &[]).await;
+        assert_eq!(allowed.status(), 200, "{route}");
+    }
+    let unknown = get(
+        &format!("{url}/admin/daemons/nobody/commands"),
+        Some(&admin),
+        &[],
+    )
+    .await;
+    assert_eq!(unknown.status(), 404);
+    let invalid = get(
+        &format!("{url}/admin/daemons/no%20body/commands"),
+        Some(&admin),
+        &[],
+    )
+    .await;
+    assert_eq!(invalid.status(), 400);
+    let stats: Value = get(&format!("{url}/admin/stats"), Some(&admin), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["store"]["backend"], "sled");
+    assert_eq!(stats["daemons"]["total"], 1, "{stats}");
+    assert!(stats["requests"]["total"].as_u64().unwrap() > 20, "{stats}");
+    drop(relay);
+
+    // Turned off, the page is gone; the admin routes stay.
+    let off = tempfile::tempdir().unwrap();
+    let relay = self::relay(&off, "[console]\nenabled = false\n");
+    let response = get(&format!("{}/console", relay.url), None, &[]).await;
+    assert_eq!(response.status(), 404);
+    let stats = get(
+        &format!("{}/admin/stats", relay.url),
+        Some(&relay.admin_token()),
+        &[],
+    )
+    .await;
+    assert_eq!(stats.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_real_browser() {
+    let test = "the_console_in_a_real_browser";
+    let Some(browser) = Browser::start(test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(&dir, "");
+    let url = relay.url.clone();
+    let admin = relay.admin_token();
+    let daemon_key = create_key(&url, &admin, json!({ "role": "daemon", "daemon": "d" })).await;
+    let client_key = create_key(&url, &admin, json!({ "role": "client", "scope": ["d"] })).await;
+    let daemon = TestDaemon::start().await;
+    let agent_state = dir.path().join("agent");
+    let agent = AgentProcess::spawn(&url, "d", &daemon_key, &daemon.target, &agent_state);
+
+    // Sign-in: a wrong key and a client key are refused, each with a clear message.
+    browser.goto(&url, "").await;
+    browser.shown("#sign-in-form").await;
+    browser.screenshot("sign-in-desktop").await;
+    browser.fill("#key", "srk_0000_wrong").await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .text_where("#sign-in-error", |t| t.contains("refused this key"))
+        .await;
+    browser.fill("#key", &client_key).await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .text_where("#sign-in-error", |t| t.contains("not an admin key"))
+        .await;
+    browser.screenshot("sign-in-refused-desktop").await;
+    browser.fill("#key", &admin).await;
+    browser.click("#sign-in-form button[type=submit]").await;
+
+    // Overview: live figures, sampled every 2 s.
+    browser
+        .text_where("#card-daemons .value", |t| t == "1 of 1")
+        .await;
+    browser.text_where("#card-rps .value", |t| t != "–").await;
+    // The key is in this tab's sessionStorage only: not in the URL, not in localStorage.
+    let storage = browser
+        .eval(
+            "return [location.href, localStorage.length, \
+             sessionStorage.getItem('syncrelay.adminKey')];",
+        )
+        .await;
+    assert!(!storage[0].as_str().unwrap().contains(&admin));
+    assert_eq!(storage[1], 0, "nothing in localStorage");
+    assert_eq!(storage[2], json!(admin));
+    // The charts draw once there are two intervals.
+    browser.shown("#card-rps svg polyline").await;
+    browser.screenshot("overview-desktop").await;
+
+    // Daemons: d is online while its agent runs.
+    browser.goto(&url, "#/daemons").await;
+    browser
+        .text_where("#daemons tr[data-daemon=d] .badge", |t| t == "online")
+        .await;
+    browser.screenshot("daemons-desktop").await;
+
+    // One daemon's page: its change log tails live; an event the daemon posts appears
+    // without a reload. A write through the relay shows among its commands.
+    browser.click("#daemons tr[data-daemon=d] a").await;
+    browser.shown("#changes").await;
+    let written = reqwest::Client::new()
+        .post(format!("{url}/api/v1/daemons/d/echo/console-test"))
+        .bearer_auth(&client_key)
+        .json(&json!({ "from": "the console test" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    let before = browser.eval("return location.href;").await;
+    daemon.emit(1);
+    browser
+        .text_where("#changes", |t| t.contains("tick") && t.contains("\"n\":1"))
+        .await;
+    assert_eq!(
+        browser.eval("return location.href;").await,
+        before,
+        "no reload, no navigation"
+    );
+    browser
+        .text_where("main", |t| t.contains("http") && t.contains("completed"))
+        .await;
+    browser.screenshot("daemon-desktop").await;
+
+    // Keys: create one (its token shown once), use it, revoke it, and it is refused.
+    browser.goto(&url, "#/keys").await;
+    browser.shown("#keys").await;
+    browser.fill("#new-target", "d").await;
+    browser.fill("#new-label", "phone").await;
+    browser.click("#create-key button[type=submit]").await;
+    let token = browser
+        .text_where("#new-token", |t| t.starts_with("srk_"))
+        .await;
+    let key_id = token
+        .trim_start_matches("srk_")
+        .split('_')
+        .next()
+        .unwrap()
+        .to_owned();
+    let used = get(&format!("{url}/api/v1/daemons"), Some(&token), &[]).await;
+    assert_eq!(used.status(), 200, "the new key works");
+    browser.screenshot("keys-desktop").await;
+    browser
+        .click(&format!("#keys tr[data-key='{key_id}'] button"))
+        .await;
+    eventually(Duration::from_secs(10), || async {
+        browser.client.get_alert_text().await.is_ok()
+    })
+    .await;
+    let question = browser.client.get_alert_text().await.unwrap();
+    assert!(question.contains(&key_id), "{question}");
+    browser.client.accept_alert().await.unwrap();
+    browser.text_where("#keys", |t| !t.contains(&key_id)).await;
+    let refused = get(&format!("{url}/api/v1/daemons"), Some(&token), &[]).await;
+    assert_eq!(refused.status(), 401, "a revoked key is refused");
+
+    // Backup: started from the page, its progress shown to the end.
+    let target = dir.path().join("backup-1");
+    browser.goto(&url, "#/backup").await;
+    browser.fill("#backup-to", target.to_str().unwrap()).await;
+    browser.click("#backup-form button[type=submit]").await;
+    browser
+        .text_where("#backup-status", |t| t.starts_with("Backup done"))
+        .await;
+    let progress = browser
+        .eval(
+            "const p = document.querySelector('#backup-progress'); \
+             return [p.value, p.max, p.hidden, \
+                     document.querySelector('#backup-status').dataset.reports];",
+        )
+        .await;
+    assert_eq!(progress[0], progress[1], "the bar ends full: {progress}");
+    assert_eq!(progress[2], false);
+    assert!(
+        progress[3].as_str().unwrap_or("0").parse::<u32>().unwrap() >= 1,
+        "progress was shown before the end: {progress}"
+    );
+    assert!(target.join("store.seal").exists() || target.read_dir().unwrap().count() > 0);
+    browser.screenshot("backup-desktop").await;
+
+    // The agent stops: d goes offline.
+    agent.kill();
+    browser.goto(&url, "#/daemons").await;
+    browser
+        .text_where("#daemons tr[data-daemon=d] .badge", |t| t == "offline")
+        .await;
+    browser.screenshot("daemons-offline-desktop").await;
+
+    // On a phone: every view fits 390 pixels, nothing wider than the screen.
+    browser.viewport(390, 844).await;
+    for (view, ready) in [
+        ("overview", "#card-daemons"),
+        ("daemons", "#daemons"),
+        ("daemons/d", "#changes"),
+        ("keys", "#keys"),
+        ("backup", "#backup-form"),
+    ] {
+        browser.goto(&url, &format!("#/{view}")).await;
+        browser.shown(ready).await;
+        let widths = browser
+            .eval("return [document.documentElement.scrollWidth, window.innerWidth];")
+            .await;
+        assert!(
+            widths[0].as_u64() <= widths[1].as_u64(),
+            "{view}: the page is wider than the phone: {widths}"
+        );
+        browser
+            .screenshot(&format!("{}-390", view.replace('/', "-")))
+            .await;
+    }
+    // Signing out forgets the key.
+    browser.click("#sign-out").await;
+    browser.shown("#sign-in-form").await;
+    let stored = browser
+        .eval("return sessionStorage.getItem('syncrelay.adminKey');")
+        .await;
+    assert_eq!(stored, Value::Null);
+    browser.screenshot("sign-in-390").await;
+}

@@ -186,8 +186,20 @@ async fn the_console_in_a_real_browser() {
         .text_where("#sign-in-error", |t| t.contains("not an admin key"))
         .await;
     browser.screenshot("sign-in-refused-desktop").await;
-    browser.fill("#key", &admin).await;
-    browser.click("#sign-in-form button[type=submit]").await;
+    // From the keyboard: the field has the focus when the page opens; Enter signs in.
+    browser.goto(&url, "").await;
+    browser.shown("#sign-in-form").await;
+    let focused = browser.eval("return document.activeElement.id;").await;
+    assert_eq!(focused, "key", "the key field has the focus");
+    let enter = char::from(fantoccini::key::Key::Enter);
+    browser
+        .client
+        .active_element()
+        .await
+        .unwrap()
+        .send_keys(&format!("{admin}{enter}"))
+        .await
+        .unwrap();
 
     // Overview: live figures, sampled every 2 s.
     browser
@@ -238,7 +250,25 @@ async fn the_console_in_a_real_browser() {
         "no reload, no navigation"
     );
     browser
-        .text_where("main", |t| t.contains("http") && t.contains("completed"))
+        .text_where("#commands", |t| {
+            t.contains("http") && t.contains("completed")
+        })
+        .await;
+    // A large context fetched through the relay shows among its cached contexts.
+    let context = reqwest::Client::new()
+        .get(format!(
+            "{url}/api/v1/daemons/d/approvals/a1/context/stream?events=3&size=10"
+        ))
+        .bearer_auth(&client_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(context.status(), 200);
+    assert!(context.text().await.unwrap().contains("event: context"));
+    browser
+        .text_where("#contexts", |t| {
+            t.contains("approvals/a1/context/stream") && t.contains("complete")
+        })
         .await;
     browser.screenshot("daemon-desktop").await;
 
@@ -320,6 +350,21 @@ async fn the_console_in_a_real_browser() {
         let widths = browser
             .eval("return [document.documentElement.scrollWidth, window.innerWidth];")
             .await;
+        // Every control is labelled, and reachable from the keyboard.
+        let unlabelled = browser
+            .eval(
+                "return [...document.querySelectorAll('input, select, button, a')] \
+                 .filter(e => e.offsetParent !== null) \
+                 .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') \
+                              && !e.textContent.trim() || e.tabIndex < 0) \
+                 .map(e => e.outerHTML);",
+            )
+            .await;
+        assert_eq!(
+            unlabelled,
+            json!([]),
+            "{view}: unlabelled or unreachable controls"
+        );
         assert!(
             widths[0].as_u64() <= widths[1].as_u64(),
             "{view}: the page is wider than the phone: {widths}"

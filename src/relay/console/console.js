@@ -318,8 +318,8 @@ function viewDaemon(root, daemonId) {
   const path = `/admin/daemons/${encodeURIComponent(daemonId)}`;
   const summary = el("p", { class: "muted" }, "…");
   const log = el("ol", { class: "log", id: "changes", "aria-label": "Change log, newest last" });
-  const commands = el("div", { class: "table-wrap" });
-  const contexts = el("div", { class: "table-wrap" });
+  const commands = el("div", { class: "table-wrap", id: "commands" });
+  const contexts = el("div", { class: "table-wrap", id: "contexts" });
   root.append(
     el("h2", {}, `Daemon ${daemonId}`), summary,
     el("h3", {}, "Change log (live)"), log,

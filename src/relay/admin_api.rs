@@ -298,13 +298,21 @@ pub async fn stats(app: &App) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, &stats))
 }
 
-/// The daemon an `/admin/daemons/{daemon_id}/…` route names, if it exists.
-async fn known_daemon(app: &App, daemon_id: &str) -> Result<(), ApiError> {
-    if !valid_daemon_id(daemon_id) {
-        return Err(ApiError::bad_request(
+/// The daemon id an `/admin/daemons/{daemon_id}/…` route names, checked before any read.
+fn valid_id(daemon_id: &str) -> Result<(), ApiError> {
+    if valid_daemon_id(daemon_id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
             "a daemon id is 1 to 64 of [A-Za-z0-9._-]",
-        ));
+        ))
     }
+}
+
+/// [`valid_id`], and the daemon exists (the list routes' store reads would answer an
+/// unknown daemon with an empty list).
+async fn known_daemon(app: &App, daemon_id: &str) -> Result<(), ApiError> {
+    valid_id(daemon_id)?;
     match app.store.daemon(daemon_id).await? {
         Some(_) => Ok(()),
         None => Err(ApiError::not_found(format!("no daemon {daemon_id}"))),
@@ -377,9 +385,9 @@ pub async fn daemon_contexts(
 }
 
 /// `GET /admin/daemons/{daemon_id}`, `…/changes` and `…/events`: the client routes'
-/// answers, for the admin key.
+/// answers, for the admin key (they answer an unknown daemon with 404 themselves).
 pub async fn daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
-    known_daemon(app, daemon_id).await?;
+    valid_id(daemon_id)?;
     super::client::get_daemon(app, daemon_id).await
 }
 
@@ -388,7 +396,7 @@ pub async fn changes(
     daemon_id: &str,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    known_daemon(app, daemon_id).await?;
+    valid_id(daemon_id)?;
     super::changes::changes(app, daemon_id, query).await
 }
 
@@ -398,6 +406,6 @@ pub async fn events(
     headers: &http::HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    known_daemon(app, daemon_id).await?;
+    valid_id(daemon_id)?;
     super::changes::stream_events(app, daemon_id, headers, query).await
 }

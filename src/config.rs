@@ -27,6 +27,30 @@ pub struct Config {
     /// `[store]`: where the data lives.
     pub store: StoreBackend,
     pub console: ConsoleConfig,
+    /// `[cluster]`: one node of several on one PostgreSQL database; `None`: a lone relay.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's name and the NATS cluster that carries hints between nodes
+/// (DESIGN.md, "Cluster"). Needs `store.backend = "postgres"`.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Unique among the nodes: letters, digits, `-` and `_`.
+    pub node: String,
+    /// `nats://host:port` (or `tls://`) of one or more NATS servers.
+    pub nats_urls: Vec<String>,
+    /// A NATS `.creds` file (JWT and NKey seed).
+    pub nats_credentials_file: Option<PathBuf>,
+    /// A file whose contents are the NATS token.
+    pub nats_token_file: Option<PathBuf>,
+    /// PEM root certificates that sign the NATS servers' certificates.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for NATS servers that verify clients.
+    pub nats_tls_client: Option<(PathBuf, PathBuf)>,
+    /// Refuse a NATS connection without TLS.
+    pub nats_tls_required: bool,
+    /// While NATS is unreachable, how often waiters re-read the database.
+    pub fallback_interval: Duration,
 }
 
 /// `[console]`: the operator's page at `/console`.
@@ -286,6 +310,8 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub console: RawConsole,
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
     /// Read by `syncrelay agent`; accepted here so one file can serve both.
     #[serde(default)]
     pub agent: Option<toml::Table>,
@@ -377,6 +403,20 @@ pub struct RawCors {
 #[serde(deny_unknown_fields)]
 pub struct RawConsole {
     pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub node: Option<String>,
+    pub nats_urls: Option<Vec<String>>,
+    pub nats_credentials_file: Option<PathBuf>,
+    pub nats_token_file: Option<PathBuf>,
+    pub nats_tls_ca: Option<PathBuf>,
+    pub nats_tls_cert: Option<PathBuf>,
+    pub nats_tls_key: Option<PathBuf>,
+    pub nats_tls_required: Option<bool>,
+    pub fallback_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -830,6 +870,9 @@ impl Config {
             ),
         };
         let store = store_backend(&mut check, raw.store);
+        let cluster = raw
+            .cluster
+            .map(|raw| cluster_config(&mut check, raw, &store));
         if streams.max_chunk_bytes > MAX_CHUNK_BYTES {
             check.problems.push(format!(
                 "streams.max_chunk_bytes must be at most {MAX_CHUNK_BYTES} (16 MiB)"
@@ -841,6 +884,7 @@ impl Config {
                 console: ConsoleConfig {
                     enabled: raw.console.enabled.unwrap_or(true),
                 },
+                cluster,
                 tls,
                 rate_limit,
                 cors,
@@ -921,6 +965,69 @@ fn store_backend(check: &mut Checker, raw: RawStore) -> StoreBackend {
             ));
             StoreBackend::Sled
         }
+    }
+}
+
+/// `[cluster]`, checked: a node name, at least one NATS URL, PostgreSQL as the store.
+fn cluster_config(check: &mut Checker, raw: RawCluster, store: &StoreBackend) -> ClusterConfig {
+    check.require(
+        matches!(store, StoreBackend::Postgres(_)),
+        "[cluster] needs store.backend = \"postgres\": the nodes share one PostgreSQL \
+         database, the system of record (a sled store belongs to one process)",
+    );
+    let node = raw.node.unwrap_or_default();
+    check.require(
+        (1..=64).contains(&node.len())
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        format!(
+            "cluster.node = {node:?}: name this node uniquely, 1 to 64 letters, digits, \
+             '-' or '_'"
+        ),
+    );
+    let nats_urls = raw.nats_urls.unwrap_or_default();
+    check.require(
+        !nats_urls.is_empty(),
+        "cluster.nats_urls: list at least one NATS server, e.g. [\"nats://127.0.0.1:4222\"]",
+    );
+    for url in &nats_urls {
+        if url.parse::<async_nats::ServerAddr>().is_err() {
+            check.problems.push(format!(
+                "cluster.nats_urls: {url:?} is not a NATS server address (nats://host:port)"
+            ));
+        }
+    }
+    check.require(
+        raw.nats_credentials_file.is_none() || raw.nats_token_file.is_none(),
+        "cluster: set at most one of nats_credentials_file and nats_token_file",
+    );
+    let nats_tls_client = match (raw.nats_tls_cert, raw.nats_tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            check
+                .problems
+                .push("cluster: nats_tls_cert and nats_tls_key go together".into());
+            None
+        }
+    };
+    let fallback_interval =
+        check.duration("cluster.fallback_interval", &raw.fallback_interval, "1s");
+    check.require(
+        fallback_interval >= Duration::from_millis(100)
+            && fallback_interval <= Duration::from_secs(60),
+        "cluster.fallback_interval must be between 100ms and 60s",
+    );
+    ClusterConfig {
+        node,
+        nats_urls,
+        nats_credentials_file: raw.nats_credentials_file,
+        nats_token_file: raw.nats_token_file,
+        nats_tls_ca: raw.nats_tls_ca,
+        nats_tls_client,
+        nats_tls_required: raw.nats_tls_required.unwrap_or(false),
+        fallback_interval,
     }
 }
 

@@ -17,6 +17,7 @@ mod api;
 pub mod auth;
 mod changes;
 mod client;
+pub mod cluster;
 mod console;
 mod deadline;
 mod framer;
@@ -68,6 +69,8 @@ pub struct App {
     pub usage: std::sync::Mutex<Option<(u64, crate::store::Usage)>>,
     /// `/openapi.json`, generated from the routes at start.
     pub openapi: bytes::Bytes,
+    /// This node's link to the others; `None`: a lone relay.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// Counters exposed at `/metrics` (Prometheus text format).
@@ -156,6 +159,13 @@ const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const LIMITS_HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl App {
+    /// Tells the other nodes, if any, what was just committed.
+    pub fn hint(&self, hint: cluster::Hint<'_>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.hint(hint);
+        }
+    }
+
     /// The signals of a daemon the store knows; 404 otherwise.
     async fn signals(&self, daemon_id: &str) -> Result<Arc<DaemonSignals>, ApiError> {
         self.hub
@@ -197,6 +207,7 @@ pub struct Relay {
     tls: Option<Arc<tls::TlsState>>,
     listener: TcpListener,
     hangups: Option<tokio::signal::unix::Signal>,
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl Relay {
@@ -221,6 +232,14 @@ impl Relay {
         if let Some(path) = auth::ensure_admin_key(&store, &data_dir).await? {
             tracing::info!(path = %path.display(), "first start: created an admin key");
         }
+        let cluster = match &config.cluster {
+            Some(settings) => {
+                let cluster = cluster::Cluster::connect(settings).await?;
+                tracing::info!(node = %settings.node, nats = ?settings.nats_urls, "cluster node");
+                Some(Arc::new(cluster))
+            }
+            None => None,
+        };
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)
             .await
@@ -240,6 +259,7 @@ impl Relay {
             tls,
             listener,
             hangups,
+            cluster,
         })
     }
 
@@ -272,6 +292,7 @@ impl Relay {
             self.store,
             self.tls,
             self.hangups,
+            self.cluster,
             shutdown,
         )
         .await
@@ -286,6 +307,7 @@ async fn run_with_tls(
     store: Arc<Store>,
     tls: Option<Arc<tls::TlsState>>,
     hangups: Option<tokio::signal::unix::Signal>,
+    cluster: Option<Arc<cluster::Cluster>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     store.set_daemon_budget(config.retention.daemon_max_bytes);
@@ -303,16 +325,21 @@ async fn run_with_tls(
         openapi: serde_json::to_vec(&document)
             .expect("the document serialises")
             .into(),
+        cluster,
     });
     let routes = routes.with_state(app.clone());
     let retention = tokio::spawn(retention_loop(app.clone()));
     let housekeeping = tokio::spawn(limits_housekeeping(app.clone()));
+    let cluster_tasks = cluster::Cluster::spawn(&app);
     let reloads = hangups
         .map(|hangups| tokio::spawn(reload_on_sighup(hangups, tls.clone(), app.shutdown.clone())));
     server::serve(listener, app.clone(), routes, tls, shutdown).await;
     // `serve` cancelled the token: the loops end (the sweep after the one in progress).
     let _ = retention.await;
     let _ = housekeeping.await;
+    for task in cluster_tasks {
+        let _ = task.await;
+    }
     if let Some(reloads) = reloads {
         let _ = reloads.await;
     }
@@ -397,7 +424,8 @@ async fn retention_loop(app: Arc<App>) {
         };
         let now = now_ms();
         match app.store.maintain(work, now).await {
-            Ok((stats, usage)) => {
+            Ok(None) => tracing::debug!("retention sweep: another node is running it"),
+            Ok(Some((stats, usage))) => {
                 tracing::debug!(
                     ?stats,
                     trimmed_bytes = usage.trimmed_bytes,

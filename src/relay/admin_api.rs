@@ -107,6 +107,7 @@ pub async fn revoke_key(app: &App, key_id: &str) -> Result<Response, ApiError> {
     // Signal even if the removal's commit failed: open requests of the key look it up
     // again, and the removal may already be visible to lookups.
     app.hub.revocations.revoked();
+    app.hint(super::cluster::Hint::KeyRevoked(key_id));
     if !removed? {
         return Err(ApiError::not_found(format!("no key {key_id}")));
     }

@@ -348,6 +348,24 @@ impl Hub {
         Ok(Some(signals.clone()))
     }
 
+    /// The daemon's signals if this process has them (someone here used the daemon).
+    pub fn existing(&self, daemon_id: &str) -> Option<Arc<DaemonSignals>> {
+        self.lock_daemons().get(daemon_id).cloned()
+    }
+
+    /// Daemons that something here waits on (a poll, a stream, a change-log reader).
+    pub fn watched_daemons(&self) -> Vec<(String, Arc<DaemonSignals>)> {
+        self.lock_daemons()
+            .iter()
+            .filter(|(_, signals)| {
+                signals.queue.receiver_count() > 0
+                    || signals.changes.receiver_count() > 0
+                    || signals.connection.receiver_count() > 0
+            })
+            .map(|(id, signals)| (id.clone(), signals.clone()))
+            .collect()
+    }
+
     /// Whether the daemon is online, without creating signals for it.
     pub fn online(&self, daemon_id: &str, grace: Duration) -> bool {
         self.lock_daemons()
@@ -473,6 +491,13 @@ impl Signals {
     /// Wakes everyone watching `key`.
     pub fn notify(&self, key: &str) {
         if let Some(tx) = self.lock().get(key) {
+            tx.send_replace(());
+        }
+    }
+
+    /// Wakes everyone watching any key.
+    pub fn notify_all(&self) {
+        for tx in self.lock().values() {
             tx.send_replace(());
         }
     }

@@ -120,12 +120,21 @@ async fn dispatch(
     let prefs = Preferences::from_headers(headers, app);
     let online = signals.online(app.config.sync.online_grace);
     if !online && !spec.write {
+        if let Some(cluster) = &app.cluster {
+            return remote_read(app, cluster, daemon_id, spec, prefs.wait).await;
+        }
         return offline_copy(app, daemon_id, &spec)
             .await
             .ok_or_else(|| ApiError::daemon_offline(daemon_id));
     }
     if !online && header_is(headers, IF_OFFLINE, "fail") {
-        return Err(ApiError::daemon_offline(daemon_id));
+        let elsewhere = match &app.cluster {
+            Some(cluster) => cluster.held_elsewhere(daemon_id).await,
+            None => false,
+        };
+        if !elsewhere {
+            return Err(ApiError::daemon_offline(daemon_id));
+        }
     }
     if !spec.write {
         return read(app, daemon_id, &signals, spec, prefs.wait).await;
@@ -150,6 +159,7 @@ async fn dispatch(
         .await?;
     if outcome.created {
         signals.bump_stored();
+        app.hint(super::cluster::Hint::Stored(daemon_id));
     }
     let command_id = outcome.command.id.clone();
     if prefs.respond_async {
@@ -175,13 +185,66 @@ async fn read(
     spec: CommandSpec,
     wait: Duration,
 ) -> Result<Response, ApiError> {
+    let outcome = answer_here(
+        app,
+        daemon_id,
+        signals,
+        &spec.method,
+        &spec.params_json,
+        wait,
+    )
+    .await?;
+    render_read(app, daemon_id, &spec, outcome, wait).await
+}
+
+/// A read of a daemon held by another relay node, sent there over NATS; no node holding
+/// it: the cached copy, or 503 `daemon_offline`.
+async fn remote_read(
+    app: &App,
+    cluster: &super::cluster::Cluster,
+    daemon_id: &str,
+    spec: CommandSpec,
+    wait: Duration,
+) -> Result<Response, ApiError> {
+    use super::cluster::Remote;
+    // A GET's answer too large for a NATS message travels through the database instead.
+    let cache_key = spec.cache_key.as_deref().filter(|_| !spec.head);
+    let remote = cluster
+        .remote_read(daemon_id, &spec.method, &spec.params_json, cache_key, wait)
+        .await;
+    match remote {
+        Remote::Answered(outcome) => render_read(app, daemon_id, &spec, Some(outcome), wait).await,
+        Remote::TimedOut => render_read(app, daemon_id, &spec, None, wait).await,
+        Remote::QueueFull(limit) => Err(crate::store::StoreError::QueueFull {
+            daemon_id: daemon_id.to_owned(),
+            limit,
+        }
+        .into()),
+        // Too large for a NATS message, the answer went through the database as the
+        // daemon's cached copy.
+        Remote::Stored | Remote::NoHolder => offline_copy(app, daemon_id, &spec)
+            .await
+            .ok_or_else(|| ApiError::daemon_offline(daemon_id)),
+    }
+}
+
+/// Queues a read for this node's poll or stream of the daemon and awaits its answer;
+/// `None`: none within `wait` (or the relay is shutting down).
+pub(super) async fn answer_here(
+    app: &App,
+    daemon_id: &str,
+    signals: &super::hub::DaemonSignals,
+    method: &str,
+    params_json: &str,
+    wait: Duration,
+) -> Result<Option<super::hub::ReadOutcome>, ApiError> {
     let id = crate::store::new_command_id();
     let mut pending = app.hub.pending_read(daemon_id, &id);
     let until = tokio::time::Instant::now() + wait;
     let read = super::hub::Read {
         id,
-        method: spec.method.clone(),
-        params_json: spec.params_json.clone(),
+        method: method.to_owned(),
+        params_json: params_json.to_owned(),
         until,
     };
     let limit = app.config.commands.queue_limit as usize;
@@ -201,11 +264,37 @@ async fn read(
         }
     }
     let _queued = Queued(signals, pending.id().to_owned());
-    let outcome = tokio::select! {
+    Ok(tokio::select! {
         answer = &mut pending.answer => answer.ok(),
         _ = tokio::time::sleep_until(until) => None,
         _ = app.shutdown.cancelled() => None,
-    };
+    })
+}
+
+/// Keeps a GET's 2xx answer as the daemon's cached copy; whether it was kept.
+pub(super) async fn keep_answer(
+    app: &App,
+    daemon_id: &str,
+    cache_key: &str,
+    result_json: &str,
+) -> bool {
+    match http_rendered(result_json) {
+        Ok(rendered) => {
+            super::sync::keep_copy(app, daemon_id, cache_key, &rendered).await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The client's answer to a read: the daemon's, or (none in time) the cached copy or 504.
+async fn render_read(
+    app: &App,
+    daemon_id: &str,
+    spec: &CommandSpec,
+    outcome: Option<super::hub::ReadOutcome>,
+    wait: Duration,
+) -> Result<Response, ApiError> {
     match outcome {
         Some(outcome) if outcome.error_json.is_none() => {
             // Rendered once: for the client, and (a GET's 2xx) as the offline copy.
@@ -217,11 +306,11 @@ async fn read(
                     }
                     Ok(build(rendered, Source::Daemon, spec.head))
                 }
-                _ => Ok(completed_response(outcome.result_json.as_deref(), &spec)),
+                _ => Ok(completed_response(outcome.result_json.as_deref(), spec)),
             }
         }
         Some(outcome) => Err(daemon_error(outcome.error_json.as_deref())),
-        None => offline_copy(app, daemon_id, &spec).await.ok_or_else(|| {
+        None => offline_copy(app, daemon_id, spec).await.ok_or_else(|| {
             ApiError::timeout(format!(
                 "daemon {daemon_id} did not answer within {} s",
                 wait.as_secs()

@@ -441,6 +441,49 @@ fn rate_limited(app: &App, limited: Limited) -> ApiError {
     ApiError::rate_limited(limited.retry_after_secs())
 }
 
+/// The cluster's series: this node's name, NATS connectivity, hints and their latency.
+fn render_cluster(text: &mut String, cluster: &super::cluster::Cluster) {
+    use std::fmt::Write;
+    let m = &cluster.metrics;
+    let _ = writeln!(
+        text,
+        "# TYPE syncrelay_cluster_node_info gauge\nsyncrelay_cluster_node_info{{node=\"{}\"}} 1",
+        cluster.node
+    );
+    for (name, kind, value) in [
+        (
+            "syncrelay_cluster_nats_connected",
+            "gauge",
+            cluster.nats_connected() as u64,
+        ),
+        (
+            "syncrelay_cluster_hints_sent_total",
+            "counter",
+            m.hints_sent.load(Relaxed),
+        ),
+        (
+            "syncrelay_cluster_hints_received_total",
+            "counter",
+            m.hints_received.load(Relaxed),
+        ),
+        (
+            "syncrelay_cluster_hints_dropped_total",
+            "counter",
+            m.hints_dropped.load(Relaxed),
+        ),
+        (
+            "syncrelay_cluster_fallback_rereads_total",
+            "counter",
+            m.fallback_rereads.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
+    }
+    text.push_str("# TYPE syncrelay_cluster_hint_seconds histogram\n");
+    m.hint_seconds
+        .render(text, "syncrelay_cluster_hint_seconds", "");
+}
+
 /// `/metrics`: counters only, no ids or keys, so it needs no credentials.
 pub async fn metrics(app: &App) -> Response {
     use std::fmt::Write;
@@ -553,6 +596,9 @@ pub async fn metrics(app: &App) -> Response {
         );
     }
     app.store.render_commit_histograms(&mut text);
+    if let Some(cluster) = &app.cluster {
+        render_cluster(&mut text, cluster);
+    }
     app.metrics.routes.render(&mut text);
     // The last census of the retention sweep (totals, by state and by tree; no daemon ids).
     if let Some((at_ms, usage)) = app.usage.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {

@@ -84,6 +84,7 @@ pub async fn serve(
         match opened {
             Opened::Started(record) => {
                 signals.bump_stored();
+                app.hint(super::cluster::Hint::Stored(daemon_id));
                 (record, Source::Daemon)
             }
             Opened::Existing(record) if record.state == ContextState::Complete => {

@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::auth::{authorize, Access, Principal};
+use super::cluster::Hint;
 use super::http::{json, ApiError};
 use super::hub::{DaemonSignals, Read, ReadOutcome};
 use super::{App, Response};
@@ -57,6 +58,7 @@ pub async fn connect(
         signals.bump_stored();
         record
     };
+    app.hint(Hint::Connected(&request.daemon_id));
     signals.seen();
     signals.publish_update_seq(record.last_update_seq);
     tracing::info!(daemon_id = %request.daemon_id, %connection_id, "daemon connected");
@@ -75,6 +77,20 @@ pub async fn connect(
     ))
 }
 
+/// In a cluster, a connection id this node has not seen may have been made on another
+/// node a moment ago (its hint still on the way): the stored id decides before a request
+/// of it is refused `superseded`. A lone relay's memory is exact and needs no read.
+pub(super) async fn confirm_connection(
+    app: &App,
+    daemon_id: &str,
+    signals: &DaemonSignals,
+    claimed: &str,
+) {
+    if app.cluster.is_some() && signals.connection.borrow().as_deref() != Some(claimed) {
+        super::cluster::reread_connection(app, daemon_id).await;
+    }
+}
+
 /// Answers `POST /sync/poll`: stores updates, then hands out commands, waiting for one
 /// when asked to.
 pub async fn poll(
@@ -89,6 +105,12 @@ pub async fn poll(
     let updates = validate_updates(&request.updates)?;
     let signals = app.signals(daemon_id).await?;
     signals.seen();
+    if let Some(cluster) = &app.cluster {
+        cluster.hold(daemon_id, &signals);
+    }
+    if let Some(id) = &request.connection_id {
+        confirm_connection(app, daemon_id, &signals, id).await;
+    }
     let mut connection_rx = signals.connection.subscribe();
     let my_connection = match &request.connection_id {
         Some(id) if connection_rx.borrow_and_update().as_deref() != Some(id.as_str()) => {
@@ -208,6 +230,7 @@ pub(super) async fn append_updates(
         Ok(outcome) => {
             signals.publish_changes(outcome.last_change_seq);
             signals.publish_update_seq(outcome.last_update_seq);
+            app.hint(Hint::Changes(daemon_id, outcome.last_change_seq));
             Ok(outcome.last_update_seq)
         }
         Err(err) => {
@@ -419,6 +442,7 @@ pub(super) async fn store_results(
         let accepted = match outcome {
             PostedOutcome::Result(CompleteOutcome::Completed(command)) => {
                 app.hub.commands.notify(&command.id);
+                app.hint(Hint::Done(&command.id));
                 if let (true, Some(result_json)) = (command.method == "http", &command.result_json)
                 {
                     remember_get(app, daemon_id, &command.params_json, result_json).await;
@@ -427,21 +451,27 @@ pub(super) async fn store_results(
             }
             PostedOutcome::Result(CompleteOutcome::Duplicate) => {
                 app.hub.commands.notify(&command_id);
+                app.hint(Hint::Done(&command_id));
                 true
             }
             PostedOutcome::Result(CompleteOutcome::Unknown) => false,
             PostedOutcome::Chunk(
                 ChunkOutcome::Stored(record) | ChunkOutcome::Duplicate(record),
             ) => {
-                app.hub.contexts.notify(&record.context_id.to_string());
+                let context_id = record.context_id.to_string();
+                app.hub.contexts.notify(&context_id);
+                app.hint(Hint::Context(&context_id));
                 if record.state != ContextState::Fetching {
                     app.hub.commands.notify(&command_id);
+                    app.hint(Hint::Done(&command_id));
                 }
                 true
             }
             // Too large: the fetch is over; `unknown` tells the daemon to stop sending.
             PostedOutcome::Chunk(ChunkOutcome::TooLarge(record)) => {
-                app.hub.contexts.notify(&record.context_id.to_string());
+                let context_id = record.context_id.to_string();
+                app.hub.contexts.notify(&context_id);
+                app.hint(Hint::Context(&context_id));
                 false
             }
             PostedOutcome::Chunk(ChunkOutcome::Unknown) => false,

@@ -72,10 +72,14 @@ pub async fn open(
         ApiError::bad_request("connection_id (from /sync/connect) is required in the query")
     })?;
     let signals = app.signals(&daemon_id).await?;
+    super::sync::confirm_connection(app, &daemon_id, &signals, &connection_id).await;
     if signals.connection.borrow().as_deref() != Some(connection_id.as_str()) {
         return Err(ApiError::superseded());
     }
     signals.seen();
+    if let Some(cluster) = &app.cluster {
+        cluster.hold(&daemon_id, &signals);
+    }
     let (out, lines) = mpsc::channel::<Bytes>(OUT_LINES);
     let session = Session {
         app: app.clone(),

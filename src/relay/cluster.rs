@@ -1,0 +1,689 @@
+//! One relay node of several (DESIGN.md, "Cluster"). The nodes share one PostgreSQL
+//! database, the only system of record; core NATS carries *hints* between them, never data
+//! of record. A node that commits something other nodes may be waiting for publishes a
+//! hint after its commit; every node turns the hints it receives into the same in-memory
+//! wake-ups ([`super::hub`]) its own commits fire, and the woken waiters re-read the
+//! database. So a lost hint costs latency, never data:
+//!
+//! - hints are published from a bounded queue by one task: a handler never waits for NATS,
+//!   and while NATS is unreachable hints are dropped (counted), not buffered;
+//! - while NATS is unreachable, every waiter on this node is woken every
+//!   `cluster.fallback_interval` (1 s by default) to re-read the database, and once more
+//!   when NATS returns (hints sent meanwhile are gone);
+//! - while it is reachable, the same re-read runs every [`SAFETY_INTERVAL`], for hints that
+//!   core NATS dropped on the way (a slow consumer, a route between servers going down).
+//!
+//! | subject | payload arg | what the receiving node does |
+//! | --- | --- | --- |
+//! | `sr.wake.<daemon>` | | wakes the daemon's polls and streams: they lease again |
+//! | `sr.chg.<daemon>` | seq | publishes change-log entries up to seq as committed |
+//! | `sr.done.<command>` | | wakes `commands/{id}?wait=` waiters |
+//! | `sr.ctx.<context>` | | wakes the context's stream readers |
+//! | `sr.conn.<daemon>` | | re-reads the stored connection id: older polls end `superseded` |
+//! | `sr.keys` | key id | drops the key from this node's key cache; every open request looks its key up again |
+//!
+//! Each payload is `<node> <sent µs since the epoch> [<arg>]`: a node ignores its own
+//! hints (it woke its waiters already) and measures the others' delivery latency (across
+//! machines this includes their clock difference).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use serde::{Deserialize, Serialize};
+
+use super::hub::{DaemonSignals, ReadOutcome};
+use super::App;
+use crate::config::ClusterConfig;
+use crate::metrics::{Histogram, HINT_BUCKETS};
+
+/// While NATS is connected, how often waiters re-read the database anyway.
+pub const SAFETY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Hints waiting for the publisher; past this they are dropped (and counted).
+const HINT_QUEUE: usize = 16_384;
+
+/// The subjects a node listens on.
+const SUBJECTS: [&str; 6] = [
+    "sr.wake.*",
+    "sr.chg.*",
+    "sr.done.*",
+    "sr.ctx.*",
+    "sr.conn.*",
+    "sr.keys",
+];
+
+/// Something committed that waiters on other nodes may be waiting for.
+#[derive(Debug, Clone, Copy)]
+pub enum Hint<'a> {
+    /// Commands of this daemon were stored or released.
+    Stored(&'a str),
+    /// The daemon's change log is committed up to this seq.
+    Changes(&'a str, u64),
+    /// This command's result was stored.
+    Done(&'a str),
+    /// This context got a chunk or ended.
+    Context(&'a str),
+    /// The daemon connected here: its older connection is superseded.
+    Connected(&'a str),
+    /// This key was revoked.
+    KeyRevoked(&'a str),
+}
+
+impl Hint<'_> {
+    fn subject(&self) -> String {
+        match self {
+            Hint::Stored(daemon) => format!("sr.wake.{daemon}"),
+            Hint::Changes(daemon, _) => format!("sr.chg.{daemon}"),
+            Hint::Done(command) => format!("sr.done.{command}"),
+            Hint::Context(context) => format!("sr.ctx.{context}"),
+            Hint::Connected(daemon) => format!("sr.conn.{daemon}"),
+            Hint::KeyRevoked(_) => "sr.keys".into(),
+        }
+    }
+}
+
+/// Counters for `/metrics` and `syncrelay status`.
+pub struct ClusterMetrics {
+    pub hints_sent: AtomicU64,
+    pub hints_received: AtomicU64,
+    /// Not sent: the queue was full or NATS unreachable.
+    pub hints_dropped: AtomicU64,
+    /// Wake-ups of every waiter on this node to re-read the database.
+    pub fallback_rereads: AtomicU64,
+    /// Seconds from a hint's publication on another node to its arrival here.
+    pub hint_seconds: Histogram,
+}
+
+/// This node's link to the others.
+pub struct Cluster {
+    pub node: String,
+    client: async_nats::Client,
+    hints: mpsc::Sender<(String, Bytes)>,
+    /// Changes with each connect and disconnect event (the client's own state decides).
+    connected: watch::Receiver<bool>,
+    pub metrics: ClusterMetrics,
+    publisher: std::sync::Mutex<Option<mpsc::Receiver<(String, Bytes)>>>,
+    fallback_interval: Duration,
+    /// The daemons this node answers `sr.read.<daemon>` for (it holds their connection).
+    held: std::sync::Mutex<HashSet<String>>,
+    /// The app, for the tasks that answer other nodes' reads (set by [`Cluster::spawn`]).
+    app: OnceLock<Weak<App>>,
+}
+
+/// A mirrored read that a node sends to the node holding the daemon (`sr.read.<daemon>`).
+#[derive(Serialize, Deserialize)]
+struct ReadRequest {
+    method: String,
+    params_json: String,
+    wait_ms: u64,
+    /// A GET's copy key: an answer too large for NATS is kept under it instead.
+    #[serde(default)]
+    cache_key: Option<String>,
+    /// Only asks whether the daemon is online there.
+    #[serde(default)]
+    probe: bool,
+}
+
+/// The holding node's answer.
+#[derive(Serialize, Deserialize, Default)]
+struct ReadReply {
+    #[serde(default)]
+    result_json: Option<String>,
+    #[serde(default)]
+    error_json: Option<String>,
+    /// The daemon did not answer in time.
+    #[serde(default)]
+    timed_out: bool,
+    /// The daemon's queue is full (its limit).
+    #[serde(default)]
+    queue_full: Option<u64>,
+    /// Too large for NATS: kept as the daemon's cached copy.
+    #[serde(default)]
+    stored: bool,
+}
+
+/// What a read sent to another node came to.
+pub enum Remote {
+    Answered(ReadOutcome),
+    TimedOut,
+    QueueFull(u64),
+    /// The answer is in the database, as the cached copy.
+    Stored,
+    /// No node holds the daemon (or NATS is unreachable).
+    NoHolder,
+}
+
+impl Cluster {
+    /// Connects to NATS. An unreachable NATS does not stop the node: the client keeps
+    /// trying, and the node runs in the fallback mode until it connects.
+    pub async fn connect(config: &ClusterConfig) -> anyhow::Result<Cluster> {
+        let (connected_tx, connected) = watch::channel(false);
+        let node = config.node.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("syncrelay {}", config.node))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(5))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 100).min(2_000))
+            })
+            .event_callback(move |event| {
+                let connected_tx = connected_tx.clone();
+                let node = node.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(node, "cluster: NATS connected");
+                            connected_tx.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(
+                                node,
+                                "cluster: NATS disconnected; waiters re-read the database \
+                                 on a timer until it returns"
+                            );
+                            connected_tx.send_replace(false);
+                        }
+                        other => tracing::info!(node, event = %other, "cluster: NATS event"),
+                    }
+                }
+            });
+        if let Some(path) = &config.nats_credentials_file {
+            options = options.credentials_file(path).await.with_context(|| {
+                format!("reading cluster.nats_credentials_file {}", path.display())
+            })?;
+        }
+        if let Some(path) = &config.nats_token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading cluster.nats_token_file {}", path.display()))?;
+            options = options.token(token.trim().to_owned());
+        }
+        if let Some(path) = &config.nats_tls_ca {
+            options = options.add_root_certificates(path.clone());
+        }
+        if let Some((cert, key)) = &config.nats_tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options = options.require_tls(config.nats_tls_required);
+        let client = options
+            .connect(config.nats_urls.as_slice())
+            .await
+            .context("cluster: setting up the NATS client")?;
+        let (hints, publisher) = mpsc::channel(HINT_QUEUE);
+        Ok(Cluster {
+            node: config.node.clone(),
+            client,
+            hints,
+            connected,
+            metrics: ClusterMetrics {
+                hints_sent: AtomicU64::new(0),
+                hints_received: AtomicU64::new(0),
+                hints_dropped: AtomicU64::new(0),
+                fallback_rereads: AtomicU64::new(0),
+                hint_seconds: Histogram::new(HINT_BUCKETS),
+            },
+            publisher: std::sync::Mutex::new(Some(publisher)),
+            fallback_interval: config.fallback_interval,
+            held: Default::default(),
+            app: OnceLock::new(),
+        })
+    }
+
+    /// Whether NATS is connected now: the client's own state (its events only say when
+    /// to look again).
+    pub fn nats_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Queues a hint for the other nodes; never waits. Call it after the commit.
+    pub fn hint(&self, hint: Hint<'_>) {
+        if !self.nats_connected() {
+            self.metrics.hints_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let arg = match hint {
+            Hint::Changes(_, seq) => format!(" {seq}"),
+            Hint::KeyRevoked(key_id) => format!(" {key_id}"),
+            _ => String::new(),
+        };
+        let payload = format!("{} {}{arg}", self.node, now_micros());
+        if self
+            .hints
+            .try_send((hint.subject(), payload.into()))
+            .is_err()
+        {
+            self.metrics.hints_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Starts the publisher, the listener and the fallback re-reads; they end with the
+    /// app's shutdown token.
+    pub fn spawn(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
+        let Some(cluster) = app.cluster.clone() else {
+            return Vec::new();
+        };
+        let _ = cluster.app.set(Arc::downgrade(app));
+        let publisher = cluster
+            .publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("spawned once");
+        vec![
+            tokio::spawn(publish(cluster.clone(), publisher, app.shutdown.clone())),
+            tokio::spawn(listen(app.clone(), cluster.clone())),
+            tokio::spawn(fallback(app.clone(), cluster)),
+        ]
+    }
+}
+
+impl Cluster {
+    /// The daemon polls or streams here: answer other nodes' reads of it while it stays
+    /// online here. Cheap when already held.
+    pub fn hold(self: &Arc<Self>, daemon: &str, signals: &Arc<DaemonSignals>) {
+        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if !self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(daemon.to_owned())
+        {
+            return;
+        }
+        tokio::spawn(serve_reads(
+            app,
+            self.clone(),
+            daemon.to_owned(),
+            signals.clone(),
+        ));
+    }
+
+    /// Sends a read to the node holding the daemon and awaits its answer.
+    pub async fn remote_read(
+        &self,
+        daemon: &str,
+        method: &str,
+        params_json: &str,
+        cache_key: Option<&str>,
+        wait: Duration,
+    ) -> Remote {
+        let request = ReadRequest {
+            method: method.to_owned(),
+            params_json: params_json.to_owned(),
+            wait_ms: wait.as_millis() as u64,
+            cache_key: cache_key.map(str::to_owned),
+            probe: false,
+        };
+        // The holder answers `timed_out` at `wait`; a little longer here covers the trip.
+        match self
+            .request(daemon, &request, wait + Duration::from_secs(2))
+            .await
+        {
+            Some(reply) if reply.stored => Remote::Stored,
+            Some(ReadReply {
+                queue_full: Some(limit),
+                ..
+            }) => Remote::QueueFull(limit),
+            Some(reply) if reply.timed_out => Remote::TimedOut,
+            Some(reply) => Remote::Answered(ReadOutcome {
+                result_json: reply.result_json,
+                error_json: reply.error_json,
+            }),
+            None => Remote::NoHolder,
+        }
+    }
+
+    /// Whether another node holds the daemon online now.
+    pub async fn held_elsewhere(&self, daemon: &str) -> bool {
+        let probe = ReadRequest {
+            method: String::new(),
+            params_json: String::new(),
+            wait_ms: 0,
+            cache_key: None,
+            probe: true,
+        };
+        self.request(daemon, &probe, Duration::from_secs(2))
+            .await
+            .is_some()
+    }
+
+    /// One request-reply on `sr.read.<daemon>`; `None`: no responder, NATS unreachable, or
+    /// no answer within `limit`.
+    async fn request(
+        &self,
+        daemon: &str,
+        request: &ReadRequest,
+        limit: Duration,
+    ) -> Option<ReadReply> {
+        if !self.nats_connected() {
+            return None;
+        }
+        let payload = serde_json::to_vec(request).expect("a read request serialises");
+        let request = async_nats::client::Request::new()
+            .payload(payload.into())
+            .timeout(Some(limit));
+        match self
+            .client
+            .send_request(format!("sr.read.{daemon}"), request)
+            .await
+        {
+            Ok(message) => serde_json::from_slice(&message.payload).ok(),
+            Err(err) => {
+                tracing::debug!(daemon, error = %err, "cluster: read not routed");
+                None
+            }
+        }
+    }
+}
+
+/// Answers `sr.read.<daemon>` for as long as the daemon stays online here.
+async fn serve_reads(
+    app: Arc<App>,
+    cluster: Arc<Cluster>,
+    daemon: String,
+    signals: Arc<DaemonSignals>,
+) {
+    let grace = app.config.sync.online_grace;
+    let subscriber = cluster.client.subscribe(format!("sr.read.{daemon}")).await;
+    if let Ok(mut subscriber) = subscriber {
+        let mut ticks = tokio::time::interval(grace);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                message = subscriber.next() => match message {
+                    Some(message) => {
+                        tokio::spawn(answer_read(
+                            app.clone(),
+                            cluster.clone(),
+                            daemon.clone(),
+                            signals.clone(),
+                            message,
+                        ));
+                    }
+                    None => break,
+                },
+                _ = ticks.tick() => {
+                    if !signals.online(grace) {
+                        break;
+                    }
+                }
+                _ = app.shutdown.cancelled() => break,
+            }
+        }
+        let _ = subscriber.unsubscribe().await;
+    }
+    cluster
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&daemon);
+}
+
+/// Answers one read another node sent here.
+async fn answer_read(
+    app: Arc<App>,
+    cluster: Arc<Cluster>,
+    daemon: String,
+    signals: Arc<DaemonSignals>,
+    message: async_nats::Message,
+) {
+    let Some(reply_to) = message.reply else {
+        return;
+    };
+    let Ok(request) = serde_json::from_slice::<ReadRequest>(&message.payload) else {
+        return;
+    };
+    let grace = app.config.sync.online_grace;
+    if request.probe {
+        if signals.online(grace) {
+            let _ = cluster.client.publish(reply_to, "{}".into()).await;
+        }
+        return;
+    }
+    let wait = Duration::from_millis(request.wait_ms);
+    let outcome = super::mirror::answer_here(
+        &app,
+        &daemon,
+        &signals,
+        &request.method,
+        &request.params_json,
+        wait,
+    )
+    .await;
+    let mut reply = match outcome {
+        Ok(Some(outcome)) => ReadReply {
+            result_json: outcome.result_json,
+            error_json: outcome.error_json,
+            ..Default::default()
+        },
+        Ok(None) => ReadReply {
+            timed_out: true,
+            ..Default::default()
+        },
+        Err(_) => ReadReply {
+            queue_full: Some(app.config.commands.queue_limit),
+            ..Default::default()
+        },
+    };
+    let mut payload = serde_json::to_vec(&reply).expect("a read reply serialises");
+    // Room for the headers NATS adds.
+    let max = cluster
+        .client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096);
+    if payload.len() > max {
+        let kept = match (&request.cache_key, &reply.result_json) {
+            (Some(key), Some(result)) if reply.error_json.is_none() => {
+                super::mirror::keep_answer(&app, &daemon, key, result).await
+            }
+            _ => false,
+        };
+        reply = ReadReply {
+            stored: kept,
+            timed_out: !kept,
+            ..Default::default()
+        };
+        tracing::warn!(
+            daemon,
+            bytes = payload.len(),
+            kept,
+            "cluster: a read's answer is larger than NATS's max_payload"
+        );
+        payload = serde_json::to_vec(&reply).expect("a read reply serialises");
+    }
+    let _ = cluster.client.publish(reply_to, payload.into()).await;
+}
+
+/// Sends queued hints in order.
+async fn publish(
+    cluster: Arc<Cluster>,
+    mut hints: mpsc::Receiver<(String, Bytes)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (subject, payload) = tokio::select! {
+            Some(hint) = hints.recv() => hint,
+            _ = shutdown.cancelled() => break,
+        };
+        match cluster.client.publish(subject, payload).await {
+            Ok(()) => cluster.metrics.hints_sent.fetch_add(1, Relaxed),
+            Err(err) => {
+                tracing::debug!(error = %err, "cluster: a hint was not sent");
+                cluster.metrics.hints_dropped.fetch_add(1, Relaxed)
+            }
+        };
+    }
+    // What was queued before shutdown still goes out, briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), cluster.client.flush()).await;
+}
+
+/// Turns other nodes' hints into this node's wake-ups.
+async fn listen(app: Arc<App>, cluster: Arc<Cluster>) {
+    let mut subscribers = Vec::new();
+    for subject in SUBJECTS {
+        // Subscribing only queues a command to the client: it works before the first
+        // connection too, and the client subscribes again after each reconnect.
+        match cluster.client.subscribe(subject).await {
+            Ok(subscriber) => subscribers.push(subscriber),
+            Err(err) => {
+                tracing::error!(subject, error = %err, "cluster: cannot subscribe; hints \
+                    are not received and waiters rely on the database re-reads");
+                return;
+            }
+        }
+    }
+    let mut messages = futures_util::stream::select_all(subscribers);
+    loop {
+        let message = tokio::select! {
+            Some(message) = messages.next() => message,
+            _ = app.shutdown.cancelled() => return,
+        };
+        apply(&app, &cluster, &message.subject, &message.payload).await;
+    }
+}
+
+/// One hint from another node.
+async fn apply(app: &Arc<App>, cluster: &Cluster, subject: &str, payload: &[u8]) {
+    let Ok(payload) = std::str::from_utf8(payload) else {
+        return;
+    };
+    let mut words = payload.split(' ');
+    let (Some(node), Some(sent)) = (words.next(), words.next()) else {
+        return;
+    };
+    if node == cluster.node {
+        return;
+    }
+    cluster.metrics.hints_received.fetch_add(1, Relaxed);
+    if let Ok(sent) = sent.parse::<u64>() {
+        let seconds = now_micros().saturating_sub(sent) as f64 / 1e6;
+        cluster.metrics.hint_seconds.observe(seconds);
+    }
+    let arg = words.next();
+    let mut parts = subject.splitn(3, '.');
+    let (Some("sr"), Some(kind)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    let key = parts.next().unwrap_or_default();
+    match kind {
+        "wake" => {
+            if let Some(signals) = app.hub.existing(key) {
+                signals.bump_stored();
+            }
+        }
+        "chg" => {
+            if let (Some(signals), Some(seq)) =
+                (app.hub.existing(key), arg.and_then(|a| a.parse().ok()))
+            {
+                signals.publish_changes(seq);
+            }
+        }
+        "done" => app.hub.commands.notify(key),
+        "ctx" => app.hub.contexts.notify(key),
+        // The stored id decides, whatever order hints arrive in.
+        "conn" if app.hub.existing(key).is_some() => {
+            let app = app.clone();
+            let daemon = key.to_owned();
+            tokio::spawn(async move { reread_connection(&app, &daemon).await });
+        }
+        "keys" => {
+            // Out of this node's key cache first: the open requests of the key then look
+            // it up in the database and end.
+            app.store.forget_cached_keys(Some(arg.unwrap_or_default()));
+            app.hub.revocations.revoked();
+        }
+        _ => {}
+    }
+}
+
+/// Publishes the daemon's stored connection id here, so older polls and streams on this
+/// node end `superseded`.
+pub async fn reread_connection(app: &App, daemon: &str) {
+    let Some(signals) = app.hub.existing(daemon) else {
+        return;
+    };
+    let _serial = signals.connect_lock.lock().await;
+    match app.store.daemon(daemon).await {
+        Ok(Some(record)) => {
+            signals.connection.send_if_modified(|current| {
+                let changed = *current != record.connection_id;
+                if changed {
+                    current.clone_from(&record.connection_id);
+                }
+                changed
+            });
+        }
+        Ok(None) => {}
+        Err(err) => tracing::debug!(daemon, error = %err, "cluster: connection re-read failed"),
+    }
+}
+
+/// Wakes every waiter on this node to re-read the database: every
+/// `fallback_interval` while NATS is unreachable, once when it returns, and every
+/// [`SAFETY_INTERVAL`] while it is connected.
+async fn fallback(app: Arc<App>, cluster: Arc<Cluster>) {
+    let mut events = cluster.connected.clone();
+    let mut was_connected = cluster.nats_connected();
+    let mut last = tokio::time::Instant::now();
+    loop {
+        // The client's state is looked at every interval, not only on its events.
+        tokio::select! {
+            _ = tokio::time::sleep(cluster.fallback_interval) => {}
+            Ok(()) = events.changed() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let connected = cluster.nats_connected();
+        // Unreachable; just back (hints sent meanwhile are lost); or the safety re-read.
+        let due = !connected || !was_connected || last.elapsed() >= SAFETY_INTERVAL;
+        was_connected = connected;
+        if due {
+            cluster.metrics.fallback_rereads.fetch_add(1, Relaxed);
+            reread_all(&app).await;
+            last = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Every waiter on this node looks at the database again.
+async fn reread_all(app: &App) {
+    for (daemon, signals) in app.hub.watched_daemons() {
+        match app.store.daemon(&daemon).await {
+            Ok(Some(record)) => {
+                signals.publish_changes(record.last_change_seq);
+                if *signals.connection.borrow() != record.connection_id {
+                    reread_connection(app, &daemon).await;
+                }
+                signals.bump_stored();
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::debug!(error = %err, "cluster: re-read failed");
+                // Still wake them: each waiter's own read reports the failure.
+                signals.bump_stored();
+            }
+        }
+    }
+    app.hub.commands.notify_all();
+    app.hub.contexts.notify_all();
+    // A revocation's hint may be among those lost.
+    app.store.forget_cached_keys(None);
+    app.hub.revocations.revoked();
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

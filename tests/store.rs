@@ -750,7 +750,11 @@ async fn retention_trims_the_change_log_and_purges_old_results() {
             context_garbage_grace_ms: 1_000,
             census_interval: Duration::from_secs(60),
         };
-        let (stats, usage) = store.maintain(work, 1_000).await.unwrap();
+        let (stats, usage) = store
+            .maintain(work, 1_000)
+            .await
+            .unwrap()
+            .expect("not locked");
         assert_eq!(stats.changes_removed, 6, "{backend}");
         assert_eq!(stats.commands_purged, 1, "{backend}");
         assert_eq!(

@@ -343,6 +343,14 @@ impl Store {
         }
     }
 
+    /// Another relay node removed a key (`None`: maybe some): forget what this process
+    /// cached, so the removal holds here too. sled belongs to one process and caches none.
+    pub fn forget_cached_keys(&self, key_id: Option<&str>) {
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.forget_cached_keys(key_id);
+        }
+    }
+
     pub async fn keys(&self) -> Result<Vec<KeyRecord>> {
         match &self.backend {
             Backend::Sled(sled) => sled.keys(),
@@ -704,7 +712,13 @@ impl Store {
     // ---- maintenance ---------------------------------------------------------------
 
     /// Retention, the contexts' TTL and size cap, then the census; durable when it returns.
-    pub async fn maintain(&self, work: Maintenance, now_ms: u64) -> Result<(SweepStats, Usage)> {
+    /// `None`: another relay node sharing the database is running it now (PostgreSQL: one
+    /// sweep at a time, under an advisory lock).
+    pub async fn maintain(
+        &self,
+        work: Maintenance,
+        now_ms: u64,
+    ) -> Result<Option<(SweepStats, Usage)>> {
         match &self.backend {
             Backend::Sled(sled) => {
                 let sled = sled.clone();
@@ -723,7 +737,7 @@ impl Store {
                     })
                     .await?;
                     sled.commit().await?;
-                    Ok(done)
+                    Ok(Some(done))
                 })
                 .await
             }

@@ -30,6 +30,8 @@ pub const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_schema.sql")];
 
 /// The advisory lock migrations take (any fixed number; "syncrelay" in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x7379_6e63_7265_6c61;
+/// The advisory lock the retention sweep and census hold: one relay node at a time.
+pub(crate) const MAINTENANCE_LOCK: i64 = 0x7379_6e63_7377_6570;
 
 /// Oldest server accepted, as `server_version_num`.
 const MIN_SERVER_VERSION: i32 = 150_000;

@@ -35,7 +35,7 @@ use super::super::{
     Result, Role, StoreError, SweepStats,
 };
 use super::inserter::Inserter;
-use super::{redacted, PgError, PgSettings};
+use super::{redacted, PgError, PgSettings, MAINTENANCE_LOCK};
 
 const COMMAND_COLUMNS: &str = "command_id, daemon_id, method, params, stream, state, \
     created_ms, expires_ms, queue_seq, lease_until_ms, deliveries, finished_ms, result, error, \
@@ -439,6 +439,20 @@ impl PgStore {
 
     fn keys_cache(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, KeyRecord>> {
         self.keys.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops cached keys (one, or all for `None`) that another relay node may have
+    /// removed: lookups from now on ask the database, and none already under way caches
+    /// what it read.
+    pub fn forget_cached_keys(&self, key_id: Option<&str>) {
+        self.key_removals.fetch_add(1, Ordering::SeqCst);
+        let mut cache = self.keys_cache();
+        match key_id {
+            Some(key_id) => {
+                cache.remove(key_id);
+            }
+            None => cache.clear(),
+        }
     }
 
     pub async fn remove_key(&self, key_id: &str) -> Result<bool> {
@@ -1335,8 +1349,39 @@ impl PgStore {
     // ---- maintenance ---------------------------------------------------------------
 
     /// Retention, the contexts' TTL and size cap, and the census, in SQL.
-    pub async fn maintain(&self, work: Maintenance, now_ms: u64) -> Result<(SweepStats, Usage)> {
+    pub async fn maintain(
+        &self,
+        work: Maintenance,
+        now_ms: u64,
+    ) -> Result<Option<(SweepStats, Usage)>> {
         let mut client = self.client().await?;
+        // One node at a time: a session lock on this connection, released below, or with
+        // the connection when that fails (it is then closed, not pooled).
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MAINTENANCE_LOCK])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let outcome = self.maintain_locked(&mut client, work, now_ms).await;
+        if client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MAINTENANCE_LOCK])
+            .await
+            .is_err()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+        outcome.map(Some)
+    }
+
+    async fn maintain_locked(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        work: Maintenance,
+        now_ms: u64,
+    ) -> Result<(SweepStats, Usage)> {
         let started = Instant::now();
         let mut stats = SweepStats::default();
         let policy = &work.retention;
@@ -1392,8 +1437,8 @@ impl PgStore {
             )
             .await
             .map_err(pg)?;
-        self.sweep_contexts(&mut client, &work, now_ms).await?;
-        let usage = self.census(&mut client, now_ms).await?;
+        self.sweep_contexts(client, &work, now_ms).await?;
+        let usage = self.census(client, now_ms).await?;
         self.committed(started);
         Ok((stats, usage))
     }

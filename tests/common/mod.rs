@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod crash_loop;
 pub mod daemon;
 pub mod lazyfs;
+pub mod nats;
 pub mod postgres;
 pub mod proxy;
 

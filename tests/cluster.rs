@@ -1,0 +1,467 @@
+//! Several relay nodes on one PostgreSQL database with a 3-server NATS cluster, all on
+//! loopback and started by the test helpers (DESIGN.md, "Cluster"). What one node commits
+//! wakes the waiters of another through a NATS hint: a queued command wakes a poll, a
+//! result wakes `commands/{id}?wait=`, an update wakes `changes?wait=`, a connect
+//! supersedes a poll, a revocation cuts a poll. With NATS down the same wake-ups come from
+//! the fallback re-reads of the database, and hints resume when NATS returns.
+//!
+//! Every wait-for-wake is bounded by [`WAKE`] (5 s) while the request itself waits far
+//! longer and the fallback re-read runs only every 30 s while NATS is up: only a hint
+//! answers in time. Engines missing: one `SKIPPED:` line, or a failure under
+//! `SYNCRELAY_REQUIRE_ENGINES=1`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::nats::NatsCluster;
+use common::{create_key, eventually, metric_at, postgres, Client, Daemon, TestRelay};
+use serde_json::{json, Value};
+use tokio::time::timeout;
+
+/// How long a hint may take to wake a waiter on another node (a generous bound for a
+/// loaded CI machine; they take under a millisecond on loopback).
+const WAKE: Duration = Duration::from_secs(5);
+
+/// Three relay nodes ("a", "b", "c"), node i on NATS server i, one database.
+struct Nodes {
+    nats: NatsCluster,
+    relays: Vec<TestRelay>,
+    admin: String,
+}
+
+impl Nodes {
+    async fn start(test: &str) -> Option<Nodes> {
+        let pg = postgres::shared(test)?;
+        let nats = NatsCluster::start(test, 3).await?;
+        let database = postgres::create_database(pg).await;
+        let store = common::postgres_store(&pg.url(&database));
+        let mut relays: Vec<TestRelay> = Vec::new();
+        for (index, node) in ["a", "b", "c"].into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            // The first node makes the admin key; the others find keys in the database.
+            if let Some(first) = relays.first() {
+                std::fs::write(dir.path().join("admin.key"), &first.admin_token).unwrap();
+            }
+            let config = format!(
+                "{store}[cluster]\nnode = \"{node}\"\nnats_urls = [\"{}\"]\n\
+                 fallback_interval = \"500ms\"\n",
+                nats.url(index)
+            );
+            relays.push(TestRelay::start_in(dir, &config).await);
+        }
+        let admin = relays[0].admin_token.clone();
+        let nodes = Nodes {
+            nats,
+            relays,
+            admin,
+        };
+        nodes.await_nats(1.0).await;
+        nodes.await_hints().await;
+        Some(nodes)
+    }
+
+    /// Awaits a hint from each node reaching both others: every node's subscriptions
+    /// have spread through the NATS cluster. The probe is a revocation of a key that does
+    /// not exist (404; the hint still goes out), sent again until it arrives.
+    async fn await_hints(&self) {
+        let http = reqwest::Client::new();
+        for from in 0..self.relays.len() {
+            let others: Vec<usize> = (0..self.relays.len()).filter(|&i| i != from).collect();
+            let mut before = Vec::new();
+            for &other in &others {
+                before.push(
+                    self.metric(other, "syncrelay_cluster_hints_received_total")
+                        .await,
+                );
+            }
+            eventually(Duration::from_secs(13), || {
+                let (http, others, before) = (http.clone(), others.clone(), before.clone());
+                async move {
+                    let probe = http
+                        .delete(format!("{}/admin/keys/0000000000000000", self.url(from)))
+                        .bearer_auth(&self.admin)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(probe.status(), 404);
+                    for (other, before) in others.into_iter().zip(before) {
+                        let now = self.metric(other, "syncrelay_cluster_hints_received_total");
+                        if now.await <= before {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Awaits `syncrelay_cluster_nats_connected` = `value` on every node.
+    async fn await_nats(&self, value: f64) {
+        for relay in &self.relays {
+            eventually(Duration::from_secs(14), || async move {
+                let now = relay.metric("syncrelay_cluster_nats_connected").await;
+                now == Some(value)
+            })
+            .await;
+        }
+    }
+
+    fn url(&self, node: usize) -> &str {
+        &self.relays[node].url
+    }
+
+    /// A key made through node 0: its token and id.
+    async fn key(&self, body: Value) -> (String, String) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/admin/keys", self.url(0)))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let created: Value = response.json().await.unwrap();
+        (
+            created["token"].as_str().unwrap().to_owned(),
+            created["key_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A client of `daemon` talking to `node`.
+    async fn client(&self, node: usize, daemon: &str) -> Client {
+        let key = create_key(
+            self.url(0),
+            &self.admin,
+            json!({ "role": "client", "scope": [daemon] }),
+        )
+        .await;
+        Client {
+            url: self.url(node).to_owned(),
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn metric(&self, node: usize, series: &str) -> f64 {
+        metric_at(&self.relays[node].http, self.url(node), series)
+            .await
+            .unwrap_or(0.0)
+    }
+}
+
+/// Queues `POST /api/v1/daemons/{daemon}/sessions` asynchronously; the command id.
+async fn queue(client: &Client, daemon: &str) -> String {
+    let response = client
+        .post(&format!("/api/v1/daemons/{daemon}/sessions"))
+        .header("prefer", "respond-async")
+        .json(&json!({ "query": "hello" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// A mirrored GET of `path` on `daemon`: status, `X-Syncrelay-Source` and body.
+async fn get(client: &Client, daemon: &str, path: &str) -> (u16, String, Value) {
+    let response = client
+        .get(&format!("/api/v1/daemons/{daemon}{path}"))
+        .header("prefer", "wait=10")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let source = response
+        .headers()
+        .get("x-syncrelay-source")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, source, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A daemon on `node` that answers every mirrored call with its path, until aborted.
+async fn serving_daemon(
+    nodes: &Nodes,
+    node: usize,
+    daemon_id: &str,
+) -> tokio::task::JoinHandle<()> {
+    let (key, _) = nodes
+        .key(json!({ "role": "daemon", "daemon": daemon_id }))
+        .await;
+    let mut daemon = Daemon::new(nodes.url(node), daemon_id, &key);
+    daemon.connect().await;
+    let id = daemon_id.to_owned();
+    common::serve_daemon(daemon, move |command| {
+        json!({
+            "status": 200,
+            "headers": { "content-type": "application/json" },
+            "body": { "daemon": id, "path": command["params"]["path"] },
+        })
+    })
+}
+
+/// A poll of `daemon` waiting up to 25 s, started now: status and body.
+fn waiting_poll(daemon: &Daemon) -> tokio::task::JoinHandle<(u16, Value)> {
+    let daemon = Daemon {
+        url: daemon.url.clone(),
+        daemon_id: daemon.daemon_id.clone(),
+        key: daemon.key.clone(),
+        connection_id: daemon.connection_id.clone(),
+        last_update_seq: daemon.last_update_seq,
+        http: daemon.http.clone(),
+    };
+    tokio::spawn(async move { daemon.poll_raw(json!([]), true, 25.0).await })
+}
+
+/// A GET of `path` started now, waiting for its answer: status and body.
+fn long_get(client: &Client, path: String) -> tokio::task::JoinHandle<(u16, Value)> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let response = client.get(&path).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    })
+}
+
+/// Awaits `node` having received a request for `route` (a template).
+async fn await_requests(nodes: &Nodes, node: usize, route: &str) {
+    let series = format!("syncrelay_requests_total{{route=\"{route}\"}}");
+    eventually(Duration::from_secs(10), || async {
+        nodes.metric(node, &series).await >= 1.0
+    })
+    .await;
+}
+
+/// Awaits `node` holding at least `count` waiting polls.
+async fn await_polls(nodes: &Nodes, node: usize, count: f64) {
+    eventually(Duration::from_secs(10), || async move {
+        nodes.metric(node, "syncrelay_polls_waiting").await >= count
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_node_commits_wakes_the_waiters_of_another() {
+    let Some(nodes) = Nodes::start("what_one_node_commits_wakes_the_waiters_of_another").await
+    else {
+        return;
+    };
+    let (daemon_key, daemon_key_id) = nodes.key(json!({ "role": "daemon", "daemon": "d1" })).await;
+
+    // A command queued on node a wakes the daemon's poll on node b.
+    let mut daemon = Daemon::new(nodes.url(1), "d1", &daemon_key);
+    daemon.connect().await;
+    let poll = waiting_poll(&daemon);
+    await_polls(&nodes, 1, 1.0).await;
+    let on_a = nodes.client(0, "d1").await;
+    let command_id = queue(&on_a, "d1").await;
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .expect("the poll on node b woke for a command queued on node a")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
+
+    // Its result, posted on node b, wakes `commands/{id}?wait=` on node c.
+    let on_c = nodes.client(2, "d1").await;
+    let waiter = long_get(&on_c, format!("/api/v1/commands/{command_id}?wait=25"));
+    // The waiter's request is in before the answer is posted (a hint that came first
+    // would be missed by no one: a waiter reads the database after it subscribes).
+    await_requests(&nodes, 2, "/api/v1/commands/{command_id}").await;
+    daemon
+        .answer(&command_id, 201, json!({ "session_id": "s1" }))
+        .await;
+    let (status, body) = timeout(WAKE, waiter)
+        .await
+        .expect("the wait on node c woke for a result posted on node b")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "completed", "{body}");
+
+    // An update posted on node b wakes `changes?wait=` on node a.
+    let changes = long_get(&on_a, "/api/v1/daemons/d1/changes?since=0&wait=25".into());
+    await_requests(&nodes, 0, "/api/v1/daemons/{daemon_id}/changes").await;
+    let update = json!({
+        "type": "new_approval",
+        "data": { "session_id": "s1", "run_id": "r1" },
+        "timestamp": "2026-01-01T00:00:00Z",
+        "seq": 1,
+    });
+    let (status, body) = daemon.poll_raw(json!([update]), false, 0.0).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = timeout(WAKE, changes)
+        .await
+        .expect("changes?wait on node a woke for an update posted on node b")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"][0]["type"], "new_approval", "{body}");
+
+    // A connect on node c supersedes the poll waiting on node b, and the new connection's
+    // poll is served at once on node a (which may not have had the hint yet).
+    let poll = waiting_poll(&daemon);
+    await_polls(&nodes, 1, 1.0).await;
+    let mut moved = Daemon::new(nodes.url(2), "d1", &daemon_key);
+    moved.connect().await;
+    moved.url = nodes.url(0).to_owned();
+    let (status, body) = moved.poll_raw(json!([]), false, 0.0).await;
+    assert_eq!(
+        status, 200,
+        "the new connection polls on another node: {body}"
+    );
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .expect("the poll on node b ended when the daemon connected on node c")
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "superseded", "{body}");
+
+    // Revoking the daemon's key through node a cuts its poll waiting on node b.
+    moved.url = nodes.url(1).to_owned();
+    let poll = waiting_poll(&moved);
+    await_polls(&nodes, 1, 1.0).await;
+    let response = reqwest::Client::new()
+        .delete(format!("{}/admin/keys/{daemon_key_id}", nodes.url(0)))
+        .bearer_auth(&nodes.admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .expect("the poll on node b ended when its key was revoked on node a")
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+
+    // A mirrored read on node a reaches the daemon through node b, the node it polls.
+    let server = serving_daemon(&nodes, 1, "d3").await;
+    await_polls(&nodes, 1, 1.0).await;
+    let reader = nodes.client(0, "d3").await;
+    let (status, source, body) = get(&reader, "d3", "/sessions?limit=2").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(source, "daemon");
+    assert_eq!(body["daemon"], "d3", "{body}");
+    assert_eq!(body["path"], "/api/v1/sessions", "{body}");
+    server.abort();
+
+    // Status: each node names itself and counts the hints it got from the others.
+    for (index, node) in ["a", "b", "c"].into_iter().enumerate() {
+        let series = format!("syncrelay_cluster_node_info{{node=\"{node}\"}}");
+        assert_eq!(nodes.metric(index, &series).await, 1.0);
+    }
+    assert!(
+        nodes
+            .metric(1, "syncrelay_cluster_hints_received_total")
+            .await
+            >= 3.0
+    );
+    assert!(
+        nodes
+            .metric(1, "syncrelay_cluster_hint_seconds_count")
+            .await
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_waiters_reread_the_database_and_hints_resume_when_it_returns() {
+    let test = "without_nats_waiters_reread_the_database_and_hints_resume_when_it_returns";
+    let Some(mut nodes) = Nodes::start(test).await else {
+        return;
+    };
+    let (daemon_key, _) = nodes.key(json!({ "role": "daemon", "daemon": "d2" })).await;
+    let mut daemon = Daemon::new(nodes.url(1), "d2", &daemon_key);
+    daemon.connect().await;
+    let on_a = nodes.client(0, "d2").await;
+    // A read through node a while NATS is up: its answer is kept as the cached copy.
+    let server = serving_daemon(&nodes, 1, "d4").await;
+    let reader = nodes.client(0, "d4").await;
+    let (status, source, body) = get(&reader, "d4", "/sessions").await;
+    assert_eq!((status, source.as_str()), (200, "daemon"), "{body}");
+    server.abort();
+
+    for index in 0..3 {
+        nodes.nats.kill(index);
+    }
+    nodes.await_nats(0.0).await;
+    // The queued command is acknowledged (it is in PostgreSQL) and reaches the poll on
+    // node b through its node's re-read of the database (every 500 ms here).
+    let poll = waiting_poll(&daemon);
+    await_polls(&nodes, 1, 1.0).await;
+    let command_id = queue(&on_a, "d2").await;
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .expect("without NATS, the poll on node b found the command by re-reading")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
+    assert!(
+        nodes
+            .metric(0, "syncrelay_cluster_hints_dropped_total")
+            .await
+            >= 1.0
+    );
+    assert!(
+        nodes
+            .metric(1, "syncrelay_cluster_fallback_rereads_total")
+            .await
+            >= 1.0
+    );
+    // Reads cannot reach node b: node a answers from the cached copy, or 503.
+    let (status, source, body) = get(&reader, "d4", "/sessions").await;
+    assert_eq!((status, source.as_str()), (200, "cache"), "{body}");
+    assert_eq!(body["daemon"], "d4", "{body}");
+    let (status, _, body) = get(&reader, "d4", "/never-read").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "daemon_offline", "{body}");
+
+    // NATS back: hints wake waiters again (the re-read is every 30 s now).
+    for index in 0..3 {
+        nodes.nats.restart(index).await;
+    }
+    nodes.await_nats(1.0).await;
+    nodes.await_hints().await;
+    let received = nodes
+        .metric(1, "syncrelay_cluster_hints_received_total")
+        .await;
+    let poll = waiting_poll(&daemon);
+    await_polls(&nodes, 1, 1.0).await;
+    let command_id = queue(&on_a, "d2").await;
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .expect("with NATS back, a hint woke the poll on node b")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
+    assert!(
+        nodes
+            .metric(1, "syncrelay_cluster_hints_received_total")
+            .await
+            > received
+    );
+}
+
+#[test]
+fn a_cluster_needs_the_postgres_backend_and_a_node_name() {
+    let toml = "[cluster]\nnats_urls = [\"nats://127.0.0.1:4222\"]\n";
+    let err = syncrelay::config::Config::from_toml(toml, Path::new("c.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[cluster] needs store.backend = \"postgres\""),
+        "{err}"
+    );
+    assert!(err.contains("cluster.node"), "{err}");
+
+    let toml = "[store]\nbackend = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\n\
+                [cluster]\nnode = \"a\"\nnats_urls = [\"nats://127.0.0.1:4222\"]\n";
+    let config =
+        syncrelay::config::Config::from_toml(toml, Path::new("c.toml")).expect("a valid node");
+    let cluster = config.cluster.expect("[cluster] read");
+    assert_eq!(cluster.node, "a");
+    assert_eq!(cluster.fallback_interval, Duration::from_secs(1));
+}

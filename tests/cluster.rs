@@ -251,15 +251,18 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     else {
         return;
     };
-    let (daemon_key, daemon_key_id) = nodes.key(json!({ "role": "daemon", "daemon": "d1" })).await;
+    let (daemon_key, daemon_key_id) = nodes
+        .key(json!({ "role": "daemon", "daemon": "home.d1" }))
+        .await;
 
-    // A command queued on node a wakes the daemon's poll on node b.
-    let mut daemon = Daemon::new(nodes.url(1), "d1", &daemon_key);
+    // A command queued on node a wakes the daemon's poll on node b. The daemon id holds a
+    // dot, which NATS would read as a subject separator: hints and reads still reach it.
+    let mut daemon = Daemon::new(nodes.url(1), "home.d1", &daemon_key);
     daemon.connect().await;
     let poll = waiting_poll(&daemon);
     await_polls(&nodes, 1, 1.0).await;
-    let on_a = nodes.client(0, "d1").await;
-    let command_id = queue(&on_a, "d1").await;
+    let on_a = nodes.client(0, "home.d1").await;
+    let command_id = queue(&on_a, "home.d1").await;
     let (status, body) = timeout(WAKE, poll)
         .await
         .expect("the poll on node b woke for a command queued on node a")
@@ -268,7 +271,7 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
 
     // Its result, posted on node b, wakes `commands/{id}?wait=` on node c.
-    let on_c = nodes.client(2, "d1").await;
+    let on_c = nodes.client(2, "home.d1").await;
     let waiter = long_get(&on_c, format!("/api/v1/commands/{command_id}?wait=25"));
     // The waiter's request is in before the answer is posted (a hint that came first
     // would be missed by no one: a waiter reads the database after it subscribes).
@@ -284,7 +287,10 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     assert_eq!(body["state"], "completed", "{body}");
 
     // An update posted on node b wakes `changes?wait=` on node a.
-    let changes = long_get(&on_a, "/api/v1/daemons/d1/changes?since=0&wait=25".into());
+    let changes = long_get(
+        &on_a,
+        "/api/v1/daemons/home.d1/changes?since=0&wait=25".into(),
+    );
     await_requests(&nodes, 0, "/api/v1/daemons/{daemon_id}/changes").await;
     let update = json!({
         "type": "new_approval",
@@ -305,7 +311,7 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     // poll is served at once on node a (which may not have had the hint yet).
     let poll = waiting_poll(&daemon);
     await_polls(&nodes, 1, 1.0).await;
-    let mut moved = Daemon::new(nodes.url(2), "d1", &daemon_key);
+    let mut moved = Daemon::new(nodes.url(2), "home.d1", &daemon_key);
     moved.connect().await;
     moved.url = nodes.url(0).to_owned();
     let (status, body) = moved.poll_raw(json!([]), false, 0.0).await;
@@ -338,13 +344,13 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     assert_eq!(status, 401, "{body}");
 
     // A mirrored read on node a reaches the daemon through node b, the node it polls.
-    let server = serving_daemon(&nodes, 1, "d3").await;
+    let server = serving_daemon(&nodes, 1, "home.d3").await;
     await_polls(&nodes, 1, 1.0).await;
-    let reader = nodes.client(0, "d3").await;
-    let (status, source, body) = get(&reader, "d3", "/sessions?limit=2").await;
+    let reader = nodes.client(0, "home.d3").await;
+    let (status, source, body) = get(&reader, "home.d3", "/sessions?limit=2").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(source, "daemon");
-    assert_eq!(body["daemon"], "d3", "{body}");
+    assert_eq!(body["daemon"], "home.d3", "{body}");
     assert_eq!(body["path"], "/api/v1/sessions", "{body}");
     server.abort();
 

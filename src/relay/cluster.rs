@@ -79,14 +79,26 @@ pub enum Hint<'a> {
 impl Hint<'_> {
     fn subject(&self) -> String {
         match self {
-            Hint::Stored(daemon) => format!("sr.wake.{daemon}"),
-            Hint::Changes(daemon, _) => format!("sr.chg.{daemon}"),
-            Hint::Done(command) => format!("sr.done.{command}"),
-            Hint::Context(context) => format!("sr.ctx.{context}"),
-            Hint::Connected(daemon) => format!("sr.conn.{daemon}"),
+            Hint::Stored(daemon) => format!("sr.wake.{}", token(daemon)),
+            Hint::Changes(daemon, _) => format!("sr.chg.{}", token(daemon)),
+            Hint::Done(command) => format!("sr.done.{}", token(command)),
+            Hint::Context(context) => format!("sr.ctx.{}", token(context)),
+            Hint::Connected(daemon) => format!("sr.conn.{}", token(daemon)),
             Hint::KeyRevoked(_) => "sr.keys".into(),
         }
     }
+}
+
+/// An id as one subject token. Daemon ids may hold `.`, which NATS reads as a token
+/// separator; ids never hold `~` (letters, digits, `.`, `_`, `-` only), so `.` ↔ `~` is
+/// reversible and the token never holds `.`, `*`, `>` or a space.
+fn token(id: &str) -> String {
+    id.replace('.', "~")
+}
+
+/// The id of a subject token made by [`token`].
+fn untoken(token: &str) -> String {
+    token.replace('~', ".")
 }
 
 /// Counters for `/metrics` and `syncrelay status`.
@@ -292,12 +304,7 @@ impl Cluster {
         let Some(app) = self.app.get().and_then(Weak::upgrade) else {
             return;
         };
-        if !self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(daemon.to_owned())
-        {
+        if !self.lock_held().insert(daemon.to_owned()) {
             return;
         }
         tokio::spawn(serve_reads(
@@ -306,6 +313,10 @@ impl Cluster {
             daemon.to_owned(),
             signals.clone(),
         ));
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends a read to the node holding the daemon and awaits its answer.
@@ -354,7 +365,7 @@ impl Cluster {
         };
         self.request(daemon, &probe, Duration::from_secs(2))
             .await
-            .is_some()
+            .is_some_and(|reply| !reply.timed_out)
     }
 
     /// One request-reply on `sr.read.<daemon>`; `None`: no responder, NATS unreachable, or
@@ -374,10 +385,17 @@ impl Cluster {
             .timeout(Some(limit));
         match self
             .client
-            .send_request(format!("sr.read.{daemon}"), request)
+            .send_request(format!("sr.read.{}", token(daemon)), request)
             .await
         {
             Ok(message) => serde_json::from_slice(&message.payload).ok(),
+            // A holder that did not answer in time: as when the daemon does not.
+            Err(err) if err.kind() == async_nats::client::RequestErrorKind::TimedOut => {
+                Some(ReadReply {
+                    timed_out: true,
+                    ..Default::default()
+                })
+            }
             Err(err) => {
                 tracing::debug!(daemon, error = %err, "cluster: read not routed");
                 None
@@ -393,40 +411,55 @@ async fn serve_reads(
     daemon: String,
     signals: Arc<DaemonSignals>,
 ) {
-    let grace = app.config.sync.online_grace;
-    let subscriber = cluster.client.subscribe(format!("sr.read.{daemon}")).await;
-    if let Ok(mut subscriber) = subscriber {
-        let mut ticks = tokio::time::interval(grace);
-        ticks.tick().await;
-        loop {
-            tokio::select! {
-                message = subscriber.next() => match message {
-                    Some(message) => {
-                        tokio::spawn(answer_read(
-                            app.clone(),
-                            cluster.clone(),
-                            daemon.clone(),
-                            signals.clone(),
-                            message,
-                        ));
-                    }
-                    None => break,
-                },
-                _ = ticks.tick() => {
-                    if !signals.online(grace) {
-                        break;
-                    }
-                }
-                _ = app.shutdown.cancelled() => break,
+    /// Leaves `held` however the task ends, so a later poll or stream holds it again
+    /// (unless disarmed: the exit already left it, and a newer task may hold it now).
+    struct Held<'a>(&'a Cluster, &'a str, bool);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                self.0.lock_held().remove(self.1);
             }
         }
-        let _ = subscriber.unsubscribe().await;
     }
-    cluster
-        .held
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&daemon);
+    let grace = app.config.sync.online_grace;
+    let subject = format!("sr.read.{}", token(&daemon));
+    let subscriber = cluster.client.subscribe(subject).await;
+    let mut held = Held(&cluster, &daemon, true);
+    let Ok(mut subscriber) = subscriber else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(grace.max(Duration::from_millis(100)));
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            message = subscriber.next() => match message {
+                Some(message) => {
+                    tokio::spawn(answer_read(
+                        app.clone(),
+                        cluster.clone(),
+                        daemon.clone(),
+                        signals.clone(),
+                        message,
+                    ));
+                }
+                None => break,
+            },
+            _ = ticks.tick() => {
+                // Decided under the lock: a `hold` racing with this exit either finds
+                // the daemon still held (online again: this task carries on) or gone
+                // (it starts a new task).
+                let mut holding = cluster.lock_held();
+                if !signals.online(grace) {
+                    holding.remove(&daemon);
+                    held.2 = false;
+                    break;
+                }
+            }
+            _ = app.shutdown.cancelled() => break,
+        }
+    }
+    drop(held);
+    let _ = subscriber.unsubscribe().await;
 }
 
 /// Answers one read another node sent here.
@@ -443,6 +476,20 @@ async fn answer_read(
     let Ok(request) = serde_json::from_slice::<ReadRequest>(&message.payload) else {
         return;
     };
+    // Only what `remote_read` sends: a mirrored GET, HEAD or OPTIONS. A write never
+    // travels this way (it is stored, then hinted).
+    let read_method = serde_json::from_str::<serde_json::Value>(&request.params_json)
+        .ok()
+        .and_then(|params| params["method"].as_str().map(str::to_owned));
+    let is_read = request.method == "http"
+        && matches!(read_method.as_deref(), Some("GET" | "HEAD" | "OPTIONS"));
+    if !request.probe && !is_read {
+        tracing::warn!(
+            daemon,
+            "cluster: refused a routed request that is not a read"
+        );
+        return;
+    }
     let grace = app.config.sync.online_grace;
     if request.probe {
         if signals.online(grace) {
@@ -450,7 +497,7 @@ async fn answer_read(
         }
         return;
     }
-    let wait = Duration::from_millis(request.wait_ms);
+    let wait = Duration::from_millis(request.wait_ms).min(app.config.commands.wait_max);
     let outcome = super::mirror::answer_here(
         &app,
         &daemon,
@@ -575,7 +622,8 @@ async fn apply(app: &Arc<App>, cluster: &Cluster, subject: &str, payload: &[u8])
     let (Some("sr"), Some(kind)) = (parts.next(), parts.next()) else {
         return;
     };
-    let key = parts.next().unwrap_or_default();
+    let key = untoken(parts.next().unwrap_or_default());
+    let key = key.as_str();
     match kind {
         "wake" => {
             if let Some(signals) = app.hub.existing(key) {

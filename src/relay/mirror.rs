@@ -279,10 +279,7 @@ pub(super) async fn keep_answer(
     result_json: &str,
 ) -> bool {
     match http_rendered(result_json) {
-        Ok(rendered) => {
-            super::sync::keep_copy(app, daemon_id, cache_key, &rendered).await;
-            true
-        }
+        Ok(rendered) => super::sync::keep_copy(app, daemon_id, cache_key, &rendered).await,
         Err(_) => false,
     }
 }

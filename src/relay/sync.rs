@@ -105,9 +105,6 @@ pub async fn poll(
     let updates = validate_updates(&request.updates)?;
     let signals = app.signals(daemon_id).await?;
     signals.seen();
-    if let Some(cluster) = &app.cluster {
-        cluster.hold(daemon_id, &signals);
-    }
     if let Some(id) = &request.connection_id {
         confirm_connection(app, daemon_id, &signals, id).await;
     }
@@ -119,6 +116,10 @@ pub async fn poll(
         Some(id) => Some(id.clone()),
         None => connection_rx.borrow_and_update().clone(),
     };
+    // This node answers other nodes' reads of the daemon while it polls here.
+    if let Some(cluster) = &app.cluster {
+        cluster.hold(daemon_id, &signals);
+    }
 
     touch(app, &signals, daemon_id).await;
     // Only durable values are reported: a daemon trims its outbox by this number.
@@ -578,10 +579,10 @@ pub(super) async fn keep_copy(
     daemon_id: &str,
     cache_key: &str,
     rendered: &super::mirror::Rendered,
-) {
+) -> bool {
     if !rendered.status.is_success() || rendered.body.len() > app.config.commands.get_cache_max_body
     {
-        return;
+        return false;
     }
     let cached = CachedResponse {
         status: rendered.status.as_u16(),
@@ -589,8 +590,12 @@ pub(super) async fn keep_copy(
         body: rendered.body.clone(),
         stored_at_ms: now_ms(),
     };
-    if let Err(err) = app.store.cache_response(daemon_id, cache_key, cached).await {
-        tracing::warn!(error = %err, "could not keep the offline copy of a GET");
+    match app.store.cache_response(daemon_id, cache_key, cached).await {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not keep the offline copy of a GET");
+            false
+        }
     }
 }
 

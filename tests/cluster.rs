@@ -207,14 +207,7 @@ async fn serving_daemon(
 
 /// A poll of `daemon` waiting up to 25 s, started now: status and body.
 fn waiting_poll(daemon: &Daemon) -> tokio::task::JoinHandle<(u16, Value)> {
-    let daemon = Daemon {
-        url: daemon.url.clone(),
-        daemon_id: daemon.daemon_id.clone(),
-        key: daemon.key.clone(),
-        connection_id: daemon.connection_id.clone(),
-        last_update_seq: daemon.last_update_seq,
-        http: daemon.http.clone(),
-    };
+    let daemon = daemon.clone();
     tokio::spawn(async move { daemon.poll_raw(json!([]), true, 25.0).await })
 }
 

@@ -272,6 +272,7 @@ impl Client {
 }
 
 /// A daemon speaking the sync protocol over real HTTP.
+#[derive(Clone)]
 pub struct Daemon {
     pub url: String,
     pub daemon_id: String,

@@ -1020,3 +1020,76 @@ async fn a_read_handed_to_a_replaced_connection_is_handed_out_again() {
         json!({ "sessions": [] })
     );
 }
+
+/// Updates that the relay committed for an upload cut short (the daemon's connection lost
+/// while the store committed them) are in the change log for readers as soon as the
+/// relay tells the reconnecting daemon it holds them: the daemon drops them from its
+/// outbox then, and never sends them again. Uploads over HTTP/2 are cut at random points
+/// of their commit until several were cut after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_committed_for_an_upload_cut_short_are_visible_once_acknowledged() {
+    let relay = TestRelay::start().await;
+    let mut daemon = relay.daemon("cut").await;
+    let client = relay.client(&["cut"]).await;
+    // HTTP/2: the relay sees a cut request as its stream reset, at once.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let pad = "x".repeat(1000);
+    let upload = |daemon: &Daemon, from: u64| {
+        let updates: Vec<Value> = (from..from + 200)
+            .map(|seq| json!({ "type": "tick", "data": { "n": seq, "pad": pad }, "seq": seq }))
+            .collect();
+        h2.post(format!("{}/sync/poll", relay.url))
+            .bearer_auth(&daemon.key)
+            .json(&json!({
+                "daemon_id": daemon.daemon_id,
+                "connection_id": daemon.connection_id,
+                "updates": updates,
+                "wait_for_commands": false,
+            }))
+            .send()
+    };
+    // How long one upload takes, answered.
+    let started = std::time::Instant::now();
+    let answered = upload(&daemon, 1).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    let commit = started.elapsed();
+    let mut next = 201;
+    let mut cut_after_commit = 0;
+    for round in 0..300 {
+        if cut_after_commit >= 5 {
+            break;
+        }
+        let cut = commit.mul_f64(f64::from(round % 30) / 20.0);
+        let outcome = tokio::time::timeout(cut, upload(&daemon, next)).await;
+        let acknowledged = daemon.connect().await["last_update_seq"].as_u64().unwrap();
+        if matches!(outcome, Err(_) | Ok(Err(_))) && acknowledged >= next {
+            cut_after_commit += 1;
+        }
+        if acknowledged == 0 {
+            continue;
+        }
+        // Told `acknowledged`, a daemon never sends those updates again: a reader must see
+        // them now, not only once the daemon appends something else.
+        let response = client
+            .get(&format!(
+                "/api/v1/daemons/cut/changes?since={}&limit=1",
+                acknowledged - 1
+            ))
+            .send()
+            .await
+            .unwrap();
+        let page: Value = response.json().await.unwrap();
+        assert_eq!(
+            page["changes"][0]["data"]["n"], acknowledged,
+            "round {round}: update {acknowledged} acknowledged but not in the change log: {page}"
+        );
+        next = acknowledged + 1;
+    }
+    assert!(
+        cut_after_commit > 0,
+        "no upload was cut after its commit in 300 tries (commit takes {commit:?})"
+    );
+}

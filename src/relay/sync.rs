@@ -2,6 +2,7 @@
 //! `/sync/results`, and the steps [`super::sync_stream`] shares with them. Updates and results are committed to disk before the 200 that
 //! acknowledges them; a waiting poll wakes the moment a command is queued.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -60,7 +61,11 @@ pub async fn connect(
     };
     app.hint(Hint::Connected(&request.daemon_id));
     signals.seen();
+    // What the store holds is durable, and the daemon, told `last_update_seq`, will not
+    // send it again: publish it all (an append cut short may not have; see
+    // `append_updates`).
     signals.publish_update_seq(record.last_update_seq);
+    signals.publish_changes(record.last_change_seq);
     tracing::info!(daemon_id = %request.daemon_id, %connection_id, "daemon connected");
     Ok(json(
         StatusCode::OK,
@@ -94,7 +99,7 @@ pub(super) async fn confirm_connection(
 /// Answers `POST /sync/poll`: stores updates, then hands out commands, waiting for one
 /// when asked to.
 pub async fn poll(
-    app: &App,
+    app: &Arc<App>,
     principal: &Principal,
     request: PollRequest,
 ) -> Result<Response, ApiError> {
@@ -218,31 +223,49 @@ pub(super) async fn touch(app: &App, signals: &DaemonSignals, daemon_id: &str) {
 
 /// Appends checked updates to the daemon's change log; the `last_update_seq` now durable
 /// (unchanged when there were none).
+///
+/// The append and the publishing of what it made durable run as one task of their own:
+/// a request cut short while the store commits (a daemon's connection lost) must still
+/// make the entries visible to readers. Were the publish skipped, readers would not see
+/// them until the daemon's next append, while the daemon, told on reconnect that they are
+/// stored, never sends them again.
 pub(super) async fn append_updates(
-    app: &App,
-    signals: &DaemonSignals,
+    app: &Arc<App>,
+    signals: &Arc<DaemonSignals>,
     daemon_id: &str,
     updates: Vec<NewChange>,
 ) -> Result<u64, StoreError> {
     if updates.is_empty() {
         return Ok(signals.durable_update_seq());
     }
-    match app.store.append_changes(daemon_id, updates, now_ms()).await {
-        Ok(outcome) => {
-            signals.publish_changes(outcome.last_change_seq);
-            signals.publish_update_seq(outcome.last_update_seq);
-            app.hint(Hint::Changes(daemon_id, outcome.last_change_seq));
-            Ok(outcome.last_update_seq)
-        }
-        Err(err) => {
-            if matches!(err, StoreError::OverBudget(_)) {
-                tracing::warn!(
-                    daemon_id,
-                    "updates refused: the daemon's disk budget is full"
-                );
+    let (app, signals, daemon_id) = (app.clone(), signals.clone(), daemon_id.to_owned());
+    let task = tokio::spawn(async move {
+        match app
+            .store
+            .append_changes(&daemon_id, updates, now_ms())
+            .await
+        {
+            Ok(outcome) => {
+                signals.publish_changes(outcome.last_change_seq);
+                signals.publish_update_seq(outcome.last_update_seq);
+                app.hint(Hint::Changes(&daemon_id, outcome.last_change_seq));
+                Ok(outcome.last_update_seq)
             }
-            Err(err)
+            Err(err) => {
+                if matches!(err, StoreError::OverBudget(_)) {
+                    tracing::warn!(
+                        %daemon_id,
+                        "updates refused: the daemon's disk budget is full"
+                    );
+                }
+                Err(err)
+            }
         }
+    });
+    match task.await {
+        Ok(outcome) => outcome,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Err(StoreError::Unavailable("the relay is shutting down".into())),
     }
 }
 

@@ -277,14 +277,23 @@ impl Shared {
     async fn session(self: Arc<Self>, backoff: &mut Backoff) -> LinkError {
         let hello = match self.link.connect().await {
             Ok(hello) => hello,
-            Err(err) => return err,
+            Err(err) => {
+                // This node is gone, or cannot serve (its database away): the next connect
+                // goes to the next one. Its leases are released by that connect.
+                if matches!(err, LinkError::Transient(_)) && self.link.has_alternatives() {
+                    let failed = self.link.base().clone();
+                    let next = self.link.rotate();
+                    tracing::info!(%failed, %next, error = %err, "cannot connect; trying the next relay URL");
+                }
+                return err;
+            }
         };
         backoff.reset();
         if let Err(err) = self.store.acknowledge(hello.last_update_seq) {
             return LinkError::Transient(format!("agent state: {err}"));
         }
         self.status
-            .set("relay", &format!("connected to {}", self.config.relay));
+            .set("relay", &format!("connected to {}", self.link.base()));
         let poll_timeout = self
             .config
             .poll_timeout
@@ -325,7 +334,7 @@ impl Shared {
         *self.lock_stream() = Some(link.clone());
         self.status.set(
             "relay",
-            &format!("connected to {} (one HTTP/2 stream)", self.config.relay),
+            &format!("connected to {} (one HTTP/2 stream)", self.link.base()),
         );
         let err = tokio::select! {
             err = stream::read_lines(response, &link, |commands| self.dispatch(commands)) => err,

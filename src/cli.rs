@@ -43,9 +43,10 @@ pub enum Command {
         /// Config file with an [agent] section.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Relay URL (http:// or https://).
+        /// Relay URL (http:// or https://); a cluster's nodes: repeat the flag, or separate
+        /// them with commas. The agent moves to the next when it cannot connect.
         #[arg(long)]
-        relay: Option<String>,
+        relay: Vec<String>,
         #[arg(long)]
         daemon_id: Option<String>,
         /// The daemon key (prefer --key-file or SYNCRELAY_AGENT_KEY: flags show in `ps`).
@@ -191,7 +192,9 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             };
             let origin =
                 config.map_or_else(|| "command line".to_owned(), |p| p.display().to_string());
-            raw.relay = relay.or(raw.relay);
+            if !relay.is_empty() {
+                raw.relay = Some(relay);
+            }
             raw.daemon_id = daemon_id.or(raw.daemon_id);
             if key.is_some() || key_file.is_some() {
                 raw.key = key;
@@ -203,7 +206,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             raw.sync = sync.or(raw.sync);
             let config = raw.validate(&origin)?;
             init_tracing(LogFormat::Text);
-            tracing::info!(relay = %config.relay, daemon_id = %config.daemon_id, target = %config.target, "agent starting");
+            tracing::info!(relays = ?config.relays.iter().map(reqwest::Url::as_str).collect::<Vec<_>>(), daemon_id = %config.daemon_id, target = %config.target, "agent starting");
             crate::store::exit_on_storage_failure();
             Agent::for_http_target(config)?
                 .run(shutdown_signal())

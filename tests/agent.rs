@@ -801,7 +801,7 @@ async fn a_rust_daemon_embeds_the_agent_with_its_own_handler() {
     let client = relay.client(&["embedded"]).await;
     let state = tempfile::tempdir().unwrap();
     let config = RawAgent {
-        relay: Some(relay.url.clone()),
+        relay: Some(vec![relay.url.clone()]),
         daemon_id: Some("embedded".into()),
         key: Some(key),
         events: Some(String::new()),

@@ -15,9 +15,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::daemon::TestDaemon;
 use common::nats::NatsCluster;
-use common::{create_key, eventually, metric_at, postgres, Client, Daemon, TestRelay};
+use common::{create_key, eventually, metric_at, postgres, Client, Daemon, TestAgent, TestRelay};
 use serde_json::{json, Value};
+use syncrelay::agent::RawAgent;
 use tokio::time::timeout;
 
 /// How long a hint may take to wake a waiter on another node (a generous bound for a
@@ -442,6 +444,140 @@ async fn without_nats_waiters_reread_the_database_and_hints_resume_when_it_retur
             .await
             > received
     );
+}
+
+/// A node SIGKILLed under its daemons: the agent, given both nodes' URLs, connects to the
+/// other one, where the command it was running when the node died completes, run once at
+/// the daemon; commands queued afterwards run too, and the surviving node reports the
+/// daemon online. A daemon that had leased a command through the dead node gets it again
+/// on the other node as soon as it connects there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_handed_out_again() {
+    let test = "when_a_node_dies_its_daemons_move_to_another";
+    let Some(pg) = postgres::shared(test) else {
+        return;
+    };
+    let Some(nats) = NatsCluster::start(test, 1).await else {
+        return;
+    };
+    let database = postgres::create_database(pg).await;
+    let store = common::postgres_store(&pg.url(&database));
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let spawn = |index: usize| {
+        let node = ["a", "b"][index];
+        let extra = format!(
+            "{store}[cluster]\nnode = \"{node}\"\nnats_urls = [\"{}\"]\n",
+            nats.url(0)
+        );
+        let dir = dirs[index].path();
+        common::RelayProcess::spawn_with(dir, &dir.join("config.toml"), &extra)
+    };
+    let a = spawn(0);
+    // Node b finds the keys node a made in the database; its admin key is a's.
+    std::fs::write(dirs[1].path().join("admin.key"), a.admin_token()).unwrap();
+    let b = spawn(1);
+    let daemon_id = "home.d1";
+    let daemon_key = a
+        .create_key(json!({ "role": "daemon", "daemon": daemon_id }))
+        .await;
+    let client_key = a
+        .create_key(json!({ "role": "client", "scope": [daemon_id, "home.d2"] }))
+        .await;
+    let client = |url: &str| Client {
+        url: url.to_owned(),
+        key: client_key.clone(),
+        http: reqwest::Client::new(),
+    };
+    let (on_a, on_b) = (client(&a.url), client(&b.url));
+    let local = TestDaemon::start().await;
+    let _agent = TestAgent::start(
+        &format!("{},{}", a.url, b.url),
+        daemon_id,
+        &daemon_key,
+        &local.target,
+        RawAgent::default(),
+    );
+    // The agent takes the first URL.
+    on_a.await_online(daemon_id).await;
+
+    // A command the daemon takes 3 s over, queued through node b, runs through node a.
+    let response = on_b
+        .post(&format!("/api/v1/daemons/{daemon_id}/slow?ms=3000"))
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let slow: Value = response.json().await.unwrap();
+    let slow = slow["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), || async {
+        local.hits("/api/v1/slow") == 1
+    })
+    .await;
+    // A daemon speaking the protocol by hand leases a command through node a too.
+    let other_key = a
+        .create_key(json!({ "role": "daemon", "daemon": "home.d2" }))
+        .await;
+    let mut other = Daemon::new(&a.url, "home.d2", &other_key);
+    other.connect().await;
+    let leased = queue(&on_b, "home.d2").await;
+    let commands = other.next_commands().await;
+    assert_eq!(commands[0]["id"], leased.as_str());
+    // Node a dies with both commands leased to connections through it.
+    a.kill();
+
+    // The hand-made daemon connects to node b: the command comes again at once (the
+    // connect released the lease; it would otherwise wait out lease_duration).
+    other.url = b.url.clone();
+    other.connect().await;
+    let commands = other.poll(0.0).await;
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(commands[0]["id"], leased.as_str());
+
+    // The agent reaches node b, which hands the command out again: its result arrives
+    // there, from the one run at the daemon.
+    let state = command_state(&on_b, &slow).await;
+    assert_eq!(state["state"], "completed", "{state}");
+    assert_eq!(state["result"]["status"], 200, "{state}");
+    assert_eq!(local.hits("/api/v1/slow"), 1);
+    assert_eq!(local.command_ids("/api/v1/slow"), std::slice::from_ref(&slow));
+    on_b.await_online(daemon_id).await;
+    // What is queued now runs through node b.
+    let response = on_b
+        .post(&format!("/api/v1/daemons/{daemon_id}/echo/after"))
+        .header("prefer", "respond-async")
+        .json(&json!({ "after": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let after: Value = response.json().await.unwrap();
+    let state = command_state(&on_b, after["id"].as_str().unwrap()).await;
+    assert_eq!(state["state"], "completed", "{state}");
+    assert_eq!(state["result"]["body"]["path"], "/api/v1/echo/after");
+    drop(b);
+}
+
+/// `GET /api/v1/commands/{id}`, waiting (in rounds of up to 20 s, 60 s in all) until the
+/// command is finished.
+async fn command_state(client: &Client, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = client
+            .get(&format!("/api/v1/commands/{id}?wait=20"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let state: Value = response.json().await.unwrap();
+        if matches!(
+            state["state"].as_str(),
+            Some("completed" | "failed" | "expired")
+        ) || tokio::time::Instant::now() >= deadline
+        {
+            return state;
+        }
+    }
 }
 
 #[test]

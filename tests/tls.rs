@@ -803,7 +803,7 @@ async fn an_agent_reaches_the_relay_over_tls_with_only_its_client_certificate() 
     let dir = pki.dir.path();
     let (cert, key) = pki.client_ca.client("d").write(dir, "agent");
     let raw = syncrelay::agent::RawAgent {
-        relay: Some(format!("https://127.0.0.1:{}", relay.addr.port())),
+        relay: Some(vec![format!("https://127.0.0.1:{}", relay.addr.port())]),
         daemon_id: Some("d".into()),
         target: Some(daemon.target.clone()),
         events: Some(String::new()),

@@ -30,8 +30,10 @@ pub struct MethodRoute {
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Base URL of the relay (`http://` uses h2c prior knowledge, `https://` ALPN).
-    pub relay: reqwest::Url,
+    /// Base URLs of the relay's nodes, at least one, all `http://` (h2c prior knowledge)
+    /// or all `https://` (ALPN). The agent uses one at a time and moves to the next when
+    /// it cannot connect (a cluster's node gone: DESIGN.md, "Cluster").
+    pub relays: Vec<reqwest::Url>,
     pub daemon_id: String,
     /// The daemon key; `None` when a client certificate authenticates instead.
     pub key: Option<Secret>,
@@ -71,7 +73,9 @@ pub enum SyncMode {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
-    pub relay: Option<String>,
+    /// One URL, or several (a TOML list, or separated by commas): a cluster's nodes.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub relay: Option<Vec<String>>,
     pub daemon_id: Option<String>,
     pub key: Option<String>,
     pub key_file: Option<PathBuf>,
@@ -90,6 +94,22 @@ pub struct RawAgent {
     pub sync: Option<String>,
     #[serde(default)]
     pub methods: BTreeMap<String, String>,
+}
+
+/// `relay = "http://a"` or `relay = ["http://a", "http://b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => vec![url],
+        OneOrMany::Many(urls) => urls,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,26 +146,46 @@ impl RawAgent {
     /// Validates into an [`AgentConfig`]; `origin` names the file (or "command line").
     pub fn validate(self, origin: &str) -> Result<AgentConfig, AgentConfigError> {
         let mut problems = Vec::new();
-        let mut url =
-            |key: &str, value: Option<&str>, default: Option<&str>| -> Option<reqwest::Url> {
-                let Some(text) = value.or(default) else {
-                    problems.push(format!("agent.{key} is required"));
-                    return None;
-                };
-                match reqwest::Url::parse(text) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
-                    _ => {
-                        problems.push(format!("agent.{key} = {text:?} is not an http(s) URL"));
-                        None
-                    }
+        let url = |key: &str, text: &str| -> Result<reqwest::Url, String> {
+            match reqwest::Url::parse(text) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+                _ => Err(format!("agent.{key} = {text:?} is not an http(s) URL")),
+            }
+        };
+        // Each entry may itself list several, separated by commas (one CLI flag or env).
+        let relay_texts: Vec<String> = self
+            .relay
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|entry| entry.split(','))
+            .map(str::trim)
+            .filter(|text| !text.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if relay_texts.is_empty() {
+            problems.push("agent.relay is required".to_owned());
+        }
+        let mut relays: Vec<reqwest::Url> = Vec::new();
+        for text in &relay_texts {
+            match url("relay", text) {
+                Ok(relay) if relays.contains(&relay) => {
+                    problems.push(format!("agent.relay lists {text:?} twice"))
                 }
-            };
-        let relay = url("relay", self.relay.as_deref(), None);
+                Ok(relay) => relays.push(relay),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        if relays.iter().any(|r| r.scheme() != relays[0].scheme()) {
+            problems.push("agent.relay URLs must be all http:// or all https://".into());
+        }
         let target = url(
             "target",
-            self.target.as_deref(),
-            Some("http://127.0.0.1:7777/api/v1"),
-        );
+            self.target
+                .as_deref()
+                .unwrap_or("http://127.0.0.1:7777/api/v1"),
+        )
+        .map_err(|problem| problems.push(problem))
+        .ok();
         let daemon_id = self.daemon_id.unwrap_or_default();
         if !valid_daemon_id(&daemon_id) {
             problems.push("agent.daemon_id must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into());
@@ -158,7 +198,7 @@ impl RawAgent {
                 None
             }
         };
-        if client_cert.is_some() && relay.as_ref().is_some_and(|r| r.scheme() != "https") {
+        if client_cert.is_some() && relays.iter().any(|r| r.scheme() != "https") {
             problems.push("agent.client_cert needs an https:// relay".into());
         }
         let key = match (self.key, self.key_file) {
@@ -233,9 +273,9 @@ impl RawAgent {
             Some(path) if path.trim().is_empty() => None,
             Some(path) => Some(path.trim_start_matches('/').to_owned()),
         };
-        match (relay, target, key) {
-            (Some(relay), Some(target), Some(key)) if problems.is_empty() => Ok(AgentConfig {
-                relay,
+        match (target, key) {
+            (Some(target), Some(key)) if problems.is_empty() => Ok(AgentConfig {
+                relays,
                 daemon_id,
                 key: key.map(Secret),
                 target,
@@ -268,7 +308,7 @@ mod tests {
     #[test]
     fn defaults_and_problems() {
         let raw = RawAgent {
-            relay: Some("http://127.0.0.1:8080".into()),
+            relay: Some(vec!["http://127.0.0.1:8080".into()]),
             daemon_id: Some("laptop".into()),
             key: Some("srk_x_y".into()),
             ..RawAgent::default()
@@ -279,7 +319,7 @@ mod tests {
         assert_eq!(format!("{:?}", config.key), "Some(MASKED)");
 
         let raw = RawAgent {
-            relay: Some("ftp://x".into()),
+            relay: Some(vec!["ftp://x".into()]),
             daemon_id: Some("a/b".into()),
             methods: [("getApproval".to_owned(), "nonsense".to_owned())].into(),
             ..RawAgent::default()
@@ -293,6 +333,46 @@ mod tests {
             "agent.toml",
         ] {
             assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+
+    /// A cluster's nodes: a TOML list, or commas (one CLI flag); each URL once, one scheme.
+    #[test]
+    fn several_relay_urls() {
+        let from_toml = |text: &str| -> Result<AgentConfig, AgentConfigError> {
+            let file: RawFile = toml::from_str(text).unwrap();
+            let raw: RawAgent = file.agent.unwrap().try_into().unwrap();
+            RawAgent {
+                daemon_id: Some("laptop".into()),
+                key: Some("srk_x_y".into()),
+                ..raw
+            }
+            .validate("t.toml")
+        };
+        let one = from_toml("[agent]\nrelay = \"http://a:8080\"").unwrap();
+        assert_eq!(one.relays.len(), 1);
+        let list = from_toml("[agent]\nrelay = [\"http://a:8080\", \"http://b:8080\"]").unwrap();
+        let commas = from_toml("[agent]\nrelay = \"http://a:8080, http://b:8080\"").unwrap();
+        for config in [list, commas] {
+            let urls: Vec<&str> = config.relays.iter().map(reqwest::Url::as_str).collect();
+            assert_eq!(urls, ["http://a:8080/", "http://b:8080/"]);
+        }
+        for (text, problem) in [
+            ("relay = []", "agent.relay is required"),
+            ("relay = [\"http://a\", \"http://a/\"]", "twice"),
+            (
+                "relay = [\"http://a\", \"https://b\"]",
+                "all http:// or all https://",
+            ),
+            (
+                "relay = \"http://a,ftp://b\"",
+                "\"ftp://b\" is not an http(s) URL",
+            ),
+        ] {
+            let err = from_toml(&format!("[agent]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(problem), "{text}: {err}");
         }
     }
 }

@@ -2,7 +2,10 @@
 //! for `http://`, ALPN for `https://`) that carries the long poll, update uploads and
 //! result posts concurrently over one connection. Failures are classified so the agent
 //! knows whether to retry (`Transient`), reconnect (`Superseded`) or stop (`Rejected`).
+//! Given several relay URLs (a cluster's nodes), the link talks to one at a time and
+//! [`RelayLink::rotate`]s to the next when a connect to it fails.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,7 +59,9 @@ pub enum LinkError {
 
 pub struct RelayLink {
     http: reqwest::Client,
-    base: reqwest::Url,
+    /// The relay's nodes; requests go to `bases[current]`.
+    bases: Vec<reqwest::Url>,
+    current: AtomicUsize,
     daemon_id: String,
     /// `None` when the client certificate authenticates.
     key: Option<String>,
@@ -70,7 +75,7 @@ impl RelayLink {
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .http2_keep_alive_while_idle(true)
             .pool_max_idle_per_host(1);
-        if config.relay.scheme() == "http" {
+        if config.relays[0].scheme() == "http" {
             builder = builder.http2_prior_knowledge();
         }
         if let Some(path) = &config.relay_ca {
@@ -93,10 +98,27 @@ impl RelayLink {
         }
         Ok(RelayLink {
             http: builder.build().map_err(|err| err.to_string())?,
-            base: config.relay.clone(),
+            bases: config.relays.clone(),
+            current: AtomicUsize::new(0),
             daemon_id: config.daemon_id.clone(),
             key: config.key.as_ref().map(|key| key.0.clone()),
         })
+    }
+
+    /// The relay URL requests go to now.
+    pub fn base(&self) -> &reqwest::Url {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// Moves on to the next relay URL (a no-op with one); returns it.
+    pub fn rotate(&self) -> &reqwest::Url {
+        self.current.fetch_add(1, Ordering::Relaxed);
+        self.base()
+    }
+
+    /// Whether there is another URL to move to.
+    pub fn has_alternatives(&self) -> bool {
+        self.bases.len() > 1
     }
 
     async fn post<T: DeserializeOwned>(
@@ -106,7 +128,7 @@ impl RelayLink {
         timeout: Duration,
     ) -> Result<T, LinkError> {
         let url = self
-            .base
+            .base()
             .join(route)
             .map_err(|err| LinkError::Transient(err.to_string()))?;
         let mut throttled = 0;
@@ -156,7 +178,7 @@ impl RelayLink {
         connection_id: &str,
     ) -> Result<Option<(reqwest::Response, mpsc::Sender<Bytes>)>, LinkError> {
         let url = self
-            .base
+            .base()
             .join("sync/stream")
             .map_err(|err| LinkError::Transient(err.to_string()))?;
         let (lines, body) = mpsc::channel::<Bytes>(STREAM_LINES);

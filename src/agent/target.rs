@@ -382,7 +382,7 @@ mod tests {
 
     fn target(url: &str) -> HttpTarget {
         let raw = RawAgent {
-            relay: Some("http://127.0.0.1:1".into()),
+            relay: Some(vec!["http://127.0.0.1:1".into()]),
             daemon_id: Some("d".into()),
             key: Some("k".into()),
             target: Some(url.into()),

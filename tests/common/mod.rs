@@ -25,6 +25,17 @@ use syncrelay::config::Config;
 use syncrelay::relay::{Process, Relay};
 use tokio::sync::oneshot;
 
+/// With `SYNCRELAY_TEST_LOG=<filter>` (e.g. `syncrelay=debug`), the in-process relays and
+/// agents of a test log to stderr: how to see what led up to a failure. Off by default.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("SYNCRELAY_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// Config overrides every test relay gets: quick retention so tests never wait on it.
 const BASE_CONFIG: &str = "[retention]\ninterval = \"1h\"\n";
 
@@ -53,6 +64,7 @@ impl TestRelay {
     /// Starts a relay through the entry point `syncrelay serve` uses, on a free port. In
     /// a `pg_*` suite ([`on_postgres`]) its store is a PostgreSQL database of its own.
     pub async fn start_in(data_dir: tempfile::TempDir, extra_toml: &str) -> TestRelay {
+        test_log();
         let base = format!("{BASE_CONFIG}{}", store_toml(data_dir.path()).await);
         let toml = merge_toml(&base, extra_toml, data_dir.path());
         let config = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
@@ -603,8 +615,9 @@ impl TestAgent {
         target: &str,
         extra: syncrelay::agent::RawAgent,
     ) -> TestAgent {
+        test_log();
         let raw = syncrelay::agent::RawAgent {
-            relay: Some(relay_url.to_owned()),
+            relay: Some(vec![relay_url.to_owned()]),
             daemon_id: Some(daemon_id.to_owned()),
             key: Some(key.to_owned()),
             target: Some(target.to_owned()),

@@ -1022,12 +1022,14 @@ async fn a_read_handed_to_a_replaced_connection_is_handed_out_again() {
 }
 
 /// Updates that the relay committed for an upload cut short (the daemon's connection lost
-/// while the store committed them) are in the change log for readers as soon as the
-/// relay tells the reconnecting daemon it holds them: the daemon drops them from its
-/// outbox then, and never sends them again. Uploads over HTTP/2 are cut at random points
-/// of their commit until several were cut after it.
+/// while the store committed them) reach the change log's readers all the same: without a
+/// reconnect once the commit is done, and at the latest when the relay tells the
+/// reconnecting daemon it holds them (the daemon drops them from its outbox then, and
+/// never sends them again). Uploads over HTTP/2 are cut at random points around their
+/// commit time until several were cut after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_committed_for_an_upload_cut_short_are_visible_once_acknowledged() {
+    use rand::Rng;
     let relay = TestRelay::start().await;
     let mut daemon = relay.daemon("cut").await;
     let client = relay.client(&["cut"]).await;
@@ -1051,45 +1053,53 @@ async fn updates_committed_for_an_upload_cut_short_are_visible_once_acknowledged
             }))
             .send()
     };
-    // How long one upload takes, answered.
+    // The update `n` as readers see it, waiting up to `wait` s for it.
+    let read = |n: u64, wait: u64| {
+        let request = client.get(&format!(
+            "/api/v1/daemons/cut/changes?since={}&limit=1&wait={wait}",
+            n - 1
+        ));
+        async move {
+            let page: Value = request.send().await.unwrap().json().await.unwrap();
+            page["changes"][0]["data"]["n"] == n
+        }
+    };
+    // How long an answered upload takes on a warm connection.
+    assert_eq!(upload(&daemon, 1).await.unwrap().status(), 200);
     let started = std::time::Instant::now();
-    let answered = upload(&daemon, 1).await.unwrap();
-    assert_eq!(answered.status(), 200);
+    assert_eq!(upload(&daemon, 201).await.unwrap().status(), 200);
     let commit = started.elapsed();
-    let mut next = 201;
+    let mut next = 401;
     let mut cut_after_commit = 0;
-    for round in 0..300 {
+    for round in 0..100 {
         if cut_after_commit >= 5 {
             break;
         }
-        let cut = commit.mul_f64(f64::from(round % 30) / 20.0);
-        let outcome = tokio::time::timeout(cut, upload(&daemon, next)).await;
+        let cut = commit.mul_f64(rand::thread_rng().gen_range(0.2..1.5));
+        let answered = matches!(
+            tokio::time::timeout(cut, upload(&daemon, next)).await,
+            Ok(Ok(_))
+        );
+        let last = next + 199;
+        let seen = read(last, 1).await;
         let acknowledged = daemon.connect().await["last_update_seq"].as_u64().unwrap();
-        if matches!(outcome, Err(_) | Ok(Err(_))) && acknowledged >= next {
-            cut_after_commit += 1;
-        }
-        if acknowledged == 0 {
-            continue;
+        if acknowledged >= last {
+            assert!(
+                seen,
+                "round {round}: update {last} committed, but readers saw it only after a reconnect"
+            );
+            cut_after_commit += usize::from(!answered);
         }
         // Told `acknowledged`, a daemon never sends those updates again: a reader must see
         // them now, not only once the daemon appends something else.
-        let response = client
-            .get(&format!(
-                "/api/v1/daemons/cut/changes?since={}&limit=1",
-                acknowledged - 1
-            ))
-            .send()
-            .await
-            .unwrap();
-        let page: Value = response.json().await.unwrap();
-        assert_eq!(
-            page["changes"][0]["data"]["n"], acknowledged,
-            "round {round}: update {acknowledged} acknowledged but not in the change log: {page}"
+        assert!(
+            read(acknowledged, 0).await,
+            "round {round}: update {acknowledged} acknowledged but not in the change log"
         );
         next = acknowledged + 1;
     }
     assert!(
         cut_after_commit > 0,
-        "no upload was cut after its commit in 300 tries (commit takes {commit:?})"
+        "no upload was cut after its commit in 100 tries (commit takes {commit:?})"
     );
 }

@@ -238,8 +238,10 @@ pub(super) async fn append_updates(
     if updates.is_empty() {
         return Ok(signals.durable_update_seq());
     }
+    let tracker = app.sessions.clone();
     let (app, signals, daemon_id) = (app.clone(), signals.clone(), daemon_id.to_owned());
-    let task = tokio::spawn(async move {
+    // Tracked with the sessions: shutdown waits for it before it closes the store.
+    let task = tracker.spawn(tracing::Instrument::in_current_span(async move {
         match app
             .store
             .append_changes(&daemon_id, updates, now_ms())
@@ -261,11 +263,11 @@ pub(super) async fn append_updates(
                 Err(err)
             }
         }
-    });
+    }));
     match task.await {
         Ok(outcome) => outcome,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-        Err(_) => Err(StoreError::Unavailable("the relay is shutting down".into())),
+        Err(_) => Err(StoreError::Closed),
     }
 }
 

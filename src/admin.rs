@@ -155,6 +155,12 @@ impl AdminClient {
         bail!("the relay ended the backup without saying it finished; do not use the copy")
     }
 
+    /// `GET /admin/stats`.
+    pub async fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(self.http.get(format!("{}/admin/stats", self.base_url)))
+            .await
+    }
+
     pub async fn daemons(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let body: serde_json::Value = self
             .call(self.http.get(format!("{}/admin/daemons", self.base_url)))
@@ -181,6 +187,77 @@ pub fn format_keys(keys: &[KeyView]) -> String {
         );
     }
     out
+}
+
+/// The head of `syncrelay status` for a cluster node (`stats` from `/admin/stats`): its
+/// name, NATS, the daemons it holds, hints and their latency. Empty on a single relay.
+pub fn format_cluster(stats: &serde_json::Value) -> String {
+    let cluster = &stats["cluster"];
+    if !cluster.is_object() {
+        return String::new();
+    }
+    let count = |key: &str| cluster[key].as_u64().unwrap_or(0);
+    let latency = &cluster["hint_latency"];
+    let quantiles = match (
+        histogram_quantile(latency, 0.5),
+        histogram_quantile(latency, 0.99),
+    ) {
+        (Some(p50), Some(p99)) => format!(
+            "hint latency p50 ≤ {}, p99 ≤ {}",
+            seconds_text(p50),
+            seconds_text(p99)
+        ),
+        _ => "no hints received yet".to_owned(),
+    };
+    format!(
+        "node {}: NATS {}; holds {} daemon connection(s); hints sent {}, received {}, dropped {}; \
+         database re-reads {}; {quantiles}\n\n",
+        cluster["node"].as_str().unwrap_or("?"),
+        if cluster["nats_connected"] == true {
+            "connected"
+        } else {
+            "UNREACHABLE (waiters re-read the database)"
+        },
+        count("daemons_held"),
+        count("hints_sent"),
+        count("hints_received"),
+        count("hints_dropped"),
+        count("fallback_rereads"),
+    )
+}
+
+/// The bound of the bucket holding quantile `q` of a `HistogramView`; `None` when empty,
+/// infinite past the last bound.
+fn histogram_quantile(view: &serde_json::Value, q: f64) -> Option<f64> {
+    let cumulative: Vec<u64> = view["cumulative"]
+        .as_array()?
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let total = *cumulative.last()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let bucket = cumulative.iter().position(|&n| n >= rank)?;
+    Some(
+        view["bounds"]
+            .get(bucket)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::INFINITY),
+    )
+}
+
+fn seconds_text(seconds: f64) -> String {
+    if seconds.is_infinite() {
+        "∞".to_owned()
+    } else if seconds < 1.0 {
+        // Trimmed: 0.00025 s is "0.25 ms", not "0.25000000000000006 ms".
+        let text = format!("{:.3}", seconds * 1000.0);
+        format!("{} ms", text.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        format!("{seconds} s")
+    }
 }
 
 /// `syncrelay status` as a table.
@@ -270,6 +347,30 @@ pub fn human_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cluster_node_heads_the_status() {
+        assert_eq!(format_cluster(&serde_json::json!({ "version": "x" })), "");
+        let stats = serde_json::json!({ "cluster": {
+            "node": "b", "nats_connected": true, "daemons_held": 2, "hints_sent": 7,
+            "hints_received": 9, "hints_dropped": 0, "fallback_rereads": 1,
+            "hint_latency": {
+                "bounds": [0.0001, 0.00025, 0.0005, 0.001],
+                "cumulative": [0, 6, 9, 9, 10], "count": 10, "sum_seconds": 0.01
+            }
+        }});
+        assert_eq!(
+            format_cluster(&stats),
+            "node b: NATS connected; holds 2 daemon connection(s); hints sent 7, received 9, \
+             dropped 0; database re-reads 1; hint latency p50 ≤ 0.25 ms, p99 ≤ ∞\n\n"
+        );
+        let mut quiet = stats.clone();
+        quiet["cluster"]["nats_connected"] = false.into();
+        quiet["cluster"]["hint_latency"]["cumulative"] = serde_json::json!([0, 0, 0, 0, 0]);
+        let text = format_cluster(&quiet);
+        assert!(text.contains("NATS UNREACHABLE"), "{text}");
+        assert!(text.contains("no hints received yet"), "{text}");
+    }
+
     use super::*;
 
     #[test]

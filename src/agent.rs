@@ -42,7 +42,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{AgentConfig, RawAgent, SyncMode};
+pub use config::{split_urls, AgentConfig, RawAgent, SyncMode};
 pub use handler::{Command, CommandHandler, Outcome, StreamReply};
 pub use target::HttpTarget;
 
@@ -54,6 +54,9 @@ use stream::StreamLink;
 use crate::protocol::{ResultEntry, ResultsResponse, StreamUp, Update};
 use crate::store::{now_ms, AgentStore, OutboxEvent, StoreError, StoredResult};
 
+/// A session that ends sooner than this after its connect, with several relay URLs, moves
+/// the agent on to the next URL.
+const SHORT_SESSION: Duration = Duration::from_secs(10);
 /// Updates uploaded per poll (the relay accepts up to 1000 by default).
 const UPLOAD_BATCH: usize = 100;
 /// Bytes of results or updates sent in one request (the relay accepts 16 MiB bodies by
@@ -255,7 +258,22 @@ impl Shared {
     async fn sessions(self: Arc<Self>) -> AgentError {
         let mut backoff = Backoff::new();
         loop {
+            let url = self.link.base().clone();
+            let started = tokio::time::Instant::now();
             let err = self.clone().session(&mut backoff).await;
+            // A node that cannot be connected to, or whose session fails at once (its
+            // stream refused, its database away), is left for the next URL; the connect
+            // there releases the leases held through this one. A long session that ends
+            // comes back to the same node first.
+            if !matches!(err, LinkError::Rejected(_) | LinkError::Superseded)
+                && self.link.has_alternatives()
+                && started.elapsed() < SHORT_SESSION
+            {
+                let next = self.link.rotate();
+                // Whether a node serves /sync/stream is its own: ask the next one afresh.
+                self.stream_refused.store(false, Ordering::Relaxed);
+                tracing::info!(failed = %url, %next, error = %err, "trying the next relay URL");
+            }
             match err {
                 LinkError::Rejected(message) => {
                     self.status
@@ -268,7 +286,7 @@ impl Shared {
                 ),
                 LinkError::Transient(message) | LinkError::Refused(message) => self
                     .status
-                    .set("relay", &format!("disconnected: {message}")),
+                    .set("relay", &format!("disconnected from {url}: {message}")),
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
@@ -277,16 +295,7 @@ impl Shared {
     async fn session(self: Arc<Self>, backoff: &mut Backoff) -> LinkError {
         let hello = match self.link.connect().await {
             Ok(hello) => hello,
-            Err(err) => {
-                // This node is gone, or cannot serve (its database away): the next connect
-                // goes to the next one. Its leases are released by that connect.
-                if matches!(err, LinkError::Transient(_)) && self.link.has_alternatives() {
-                    let failed = self.link.base().clone();
-                    let next = self.link.rotate();
-                    tracing::info!(%failed, %next, error = %err, "cannot connect; trying the next relay URL");
-                }
-                return err;
-            }
+            Err(err) => return err,
         };
         backoff.reset();
         if let Err(err) = self.store.acknowledge(hello.last_update_seq) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::agent::{Agent, RawAgent};
+use crate::agent::{split_urls, Agent, RawAgent};
 use crate::config::{Config, LogFormat, RawConfig};
 use crate::{admin, relay};
 
@@ -193,7 +193,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             let origin =
                 config.map_or_else(|| "command line".to_owned(), |p| p.display().to_string());
             if !relay.is_empty() {
-                raw.relay = Some(relay);
+                let urls = relay.iter().flat_map(|text| split_urls(text)).collect();
+                raw.relay = Some(urls);
             }
             raw.daemon_id = daemon_id.or(raw.daemon_id);
             if key.is_some() || key_file.is_some() {
@@ -240,6 +241,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Status { target } => {
             let client = admin_client(&target)?;
+            print!("{}", admin::format_cluster(&client.stats().await?));
             print!("{}", admin::format_daemons(&client.daemons().await?));
             Ok(())
         }

@@ -487,6 +487,27 @@ pub struct RelayStats {
     pub store: StoreStats,
     pub daemons: DaemonCounts,
     pub commands: CommandCounts,
+    /// This node of a cluster; absent on a single relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStats>,
+}
+
+/// A cluster node's view of the cluster (DESIGN.md, "Cluster"), since start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterStats {
+    /// This node's `cluster.node`.
+    pub node: String,
+    pub nats_connected: bool,
+    /// Daemons whose connection this node holds: it answers other nodes' reads of them.
+    pub daemons_held: u64,
+    pub hints_sent: u64,
+    pub hints_received: u64,
+    /// Not sent: NATS unreachable, or the hint queue full.
+    pub hints_dropped: u64,
+    /// Times this node's waiters re-read the database (NATS away, or the safety re-read).
+    pub fallback_rereads: u64,
+    /// Seconds from a hint's publication on another node to its arrival here.
+    pub hint_latency: HistogramView,
 }
 
 /// `GET /api/v1/daemons/{daemon_id}/changes`.

@@ -476,6 +476,13 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     // Node b finds the keys node a made in the database; its admin key is a's.
     std::fs::write(dirs[1].path().join("admin.key"), a.admin_token()).unwrap();
     let b = spawn(1);
+    let http = reqwest::Client::new();
+    for node in [&a.url, &b.url] {
+        eventually(Duration::from_secs(14), || async {
+            metric_at(&http, node, "syncrelay_cluster_nats_connected").await == Some(1.0)
+        })
+        .await;
+    }
     let daemon_id = "home.d1";
     let daemon_key = a
         .create_key(json!({ "role": "daemon", "daemon": daemon_id }))
@@ -497,9 +504,33 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         &local.target,
         RawAgent::default(),
     );
-    // The agent takes the first URL.
+    // The agent takes the first URL. Node b, which it is not connected to, reports it
+    // online too (by the last-seen time node a stores), and `syncrelay status` on node a
+    // names the node and counts the daemon it holds.
     on_a.await_online(daemon_id).await;
+    on_b.await_online(daemon_id).await;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .args(["status", "--url", &a.url, "--data-dir"])
+        .arg(dirs[0].path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        text.starts_with("node a: NATS connected; holds 1 daemon connection(s)"),
+        "{text}"
+    );
+    assert!(text.contains("home.d1"), "{text}");
 
+    // A daemon speaking the protocol by hand leases a command through node a too.
+    let other_key = a
+        .create_key(json!({ "role": "daemon", "daemon": "home.d2" }))
+        .await;
+    let mut other = Daemon::new(&a.url, "home.d2", &other_key);
+    other.connect().await;
+    let leased = queue(&on_b, "home.d2").await;
+    let commands = other.next_commands().await;
+    assert_eq!(commands[0]["id"], leased.as_str());
     // A command the daemon takes 3 s over, queued through node b, runs through node a.
     let response = on_b
         .post(&format!("/api/v1/daemons/{daemon_id}/slow?ms=3000"))
@@ -514,16 +545,15 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         local.hits("/api/v1/slow") == 1
     })
     .await;
-    // A daemon speaking the protocol by hand leases a command through node a too.
-    let other_key = a
-        .create_key(json!({ "role": "daemon", "daemon": "home.d2" }))
-        .await;
-    let mut other = Daemon::new(&a.url, "home.d2", &other_key);
-    other.connect().await;
-    let leased = queue(&on_b, "home.d2").await;
-    let commands = other.next_commands().await;
-    assert_eq!(commands[0]["id"], leased.as_str());
-    // Node a dies with both commands leased to connections through it.
+    // Node a dies with both commands leased to connections through it, the slow one
+    // still running at the daemon.
+    let running = on_b
+        .get(&format!("/api/v1/commands/{slow}"))
+        .send()
+        .await
+        .unwrap();
+    let running: Value = running.json().await.unwrap();
+    assert_eq!(running["state"], "delivered", "{running}");
     a.kill();
 
     // The hand-made daemon connects to node b: the command comes again at once (the
@@ -540,7 +570,10 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     assert_eq!(state["state"], "completed", "{state}");
     assert_eq!(state["result"]["status"], 200, "{state}");
     assert_eq!(local.hits("/api/v1/slow"), 1);
-    assert_eq!(local.command_ids("/api/v1/slow"), std::slice::from_ref(&slow));
+    assert_eq!(
+        local.command_ids("/api/v1/slow"),
+        std::slice::from_ref(&slow)
+    );
     on_b.await_online(daemon_id).await;
     // What is queued now runs through node b.
     let response = on_b

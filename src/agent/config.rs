@@ -96,20 +96,40 @@ pub struct RawAgent {
     pub methods: BTreeMap<String, String>,
 }
 
-/// `relay = "http://a"` or `relay = ["http://a", "http://b"]`.
+/// `relay = "http://a"`, `relay = "http://a,http://b"` or `relay = ["http://a", "http://b"]`.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<Vec<String>>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    struct Urls;
+    impl<'de> serde::de::Visitor<'de> for Urls {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a URL, URLs separated by commas, or a list of URLs")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<String>, E> {
+            Ok(split_urls(text))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                urls.push(url);
+            }
+            Ok(urls)
+        }
     }
-    Ok(Some(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(url) => vec![url],
-        OneOrMany::Many(urls) => urls,
-    }))
+    deserializer.deserialize_any(Urls).map(Some)
+}
+
+/// The URLs of one `--relay` value or TOML string: separated by commas.
+pub fn split_urls(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,16 +172,7 @@ impl RawAgent {
                 _ => Err(format!("agent.{key} = {text:?} is not an http(s) URL")),
             }
         };
-        // Each entry may itself list several, separated by commas (one CLI flag or env).
-        let relay_texts: Vec<String> = self
-            .relay
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|entry| entry.split(','))
-            .map(str::trim)
-            .filter(|text| !text.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let relay_texts: Vec<String> = self.relay.unwrap_or_default();
         if relay_texts.is_empty() {
             problems.push("agent.relay is required".to_owned());
         }
@@ -374,5 +385,9 @@ mod tests {
                 .to_string();
             assert!(err.contains(problem), "{text}: {err}");
         }
+        let file: RawFile = toml::from_str("[agent]\nrelay = 5").unwrap();
+        let err = file.agent.unwrap().try_into::<RawAgent>().unwrap_err();
+        let expected = "a URL, URLs separated by commas, or a list of URLs";
+        assert!(err.message().contains(expected), "{err}");
     }
 }

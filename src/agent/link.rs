@@ -69,13 +69,19 @@ pub struct RelayLink {
 
 impl RelayLink {
     pub fn new(config: &AgentConfig) -> Result<RelayLink, String> {
+        let Some(first) = config.relays.first() else {
+            return Err("no relay URL".into());
+        };
+        if config.relays.iter().any(|r| r.scheme() != first.scheme()) {
+            return Err("relay URLs must be all http:// or all https://".into());
+        }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .http2_keep_alive_while_idle(true)
             .pool_max_idle_per_host(1);
-        if config.relays[0].scheme() == "http" {
+        if first.scheme() == "http" {
             builder = builder.http2_prior_knowledge();
         }
         if let Some(path) = &config.relay_ca {

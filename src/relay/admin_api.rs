@@ -295,6 +295,7 @@ pub async fn stats(app: &App) -> Result<Response, ApiError> {
             by_state,
             census_at,
         },
+        cluster: app.cluster.as_ref().map(|cluster| cluster.stats()),
     };
     Ok(json(StatusCode::OK, &stats))
 }

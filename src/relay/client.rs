@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::auth::Principal;
 use super::http::{json, query_value, ApiError};
 use super::mirror::command_view;
+use super::sync_stream::KEEPALIVE;
 use super::{App, Response};
 use crate::protocol::{rfc3339, DaemonList, DaemonView};
 use crate::store::{now_ms, CommandRecord, DaemonRecord};
@@ -16,7 +17,7 @@ use crate::store::{now_ms, CommandRecord, DaemonRecord};
 pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
     let grace = app.config.sync.online_grace;
     DaemonView {
-        online: app.hub.online(&record.daemon_id, grace),
+        online: app.hub.online(&record.daemon_id, grace) || online_elsewhere(app, &record),
         last_seen: record
             .last_seen_ms
             .max(app.hub.last_seen_ms(&record.daemon_id))
@@ -31,6 +32,19 @@ pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
         capabilities: record.capabilities,
         queued: record.queued,
     }
+}
+
+/// In a cluster, whether the daemon is online on another node: the node holding it stores
+/// its last-seen time at least every [`KEEPALIVE`] (a stream's keep-alive, or the holder's
+/// own tick while a poll waits), so a time within `online_grace` plus that is a daemon
+/// still held. A daemon gone from another node is seen offline here up to `KEEPALIVE`
+/// later than there.
+fn online_elsewhere(app: &App, record: &DaemonRecord) -> bool {
+    let limit = app.config.sync.online_grace + KEEPALIVE;
+    app.cluster.is_some()
+        && record
+            .last_seen_ms
+            .is_some_and(|seen| now_ms().saturating_sub(seen) <= limit.as_millis() as u64)
 }
 
 /// `GET /api/v1/daemons` (client keys: their scope) and `GET /admin/daemons` (all).

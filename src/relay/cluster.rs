@@ -315,6 +315,27 @@ impl Cluster {
         ));
     }
 
+    /// This node's figures for `GET /admin/stats`.
+    pub fn stats(&self) -> crate::protocol::ClusterStats {
+        let m = &self.metrics;
+        let (cumulative, sum_seconds) = m.hint_seconds.snapshot();
+        crate::protocol::ClusterStats {
+            node: self.node.clone(),
+            nats_connected: self.nats_connected(),
+            daemons_held: self.lock_held().len() as u64,
+            hints_sent: m.hints_sent.load(Relaxed),
+            hints_received: m.hints_received.load(Relaxed),
+            hints_dropped: m.hints_dropped.load(Relaxed),
+            fallback_rereads: m.fallback_rereads.load(Relaxed),
+            hint_latency: crate::protocol::HistogramView {
+                bounds: m.hint_seconds.bounds().to_vec(),
+                count: cumulative.last().copied().unwrap_or(0),
+                cumulative,
+                sum_seconds,
+            },
+        }
+    }
+
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -448,12 +469,17 @@ async fn serve_reads(
                 // Decided under the lock: a `hold` racing with this exit either finds
                 // the daemon still held (online again: this task carries on) or gone
                 // (it starts a new task).
-                let mut holding = cluster.lock_held();
-                if !signals.online(grace) {
-                    holding.remove(&daemon);
-                    held.2 = false;
-                    break;
+                {
+                    let mut holding = cluster.lock_held();
+                    if !signals.online(grace) {
+                        holding.remove(&daemon);
+                        held.2 = false;
+                        break;
+                    }
                 }
+                // Other nodes tell the daemon online by its stored last-seen time: keep
+                // it fresh while a long poll waits here without a word.
+                super::sync::touch(&app, &signals, &daemon).await;
             }
             _ = app.shutdown.cancelled() => break,
         }
@@ -671,6 +697,10 @@ pub async fn reread_connection(app: &App, daemon: &str) {
                 }
                 changed
             });
+            // The connect made what the database holds this node's to show too: the node
+            // that committed the daemon's last append may have died before its hint.
+            signals.publish_changes(record.last_change_seq);
+            signals.publish_update_seq(record.last_update_seq);
         }
         Ok(None) => {}
         Err(err) => tracing::debug!(daemon, error = %err, "cluster: connection re-read failed"),

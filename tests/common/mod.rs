@@ -617,7 +617,8 @@ impl TestAgent {
     ) -> TestAgent {
         test_log();
         let raw = syncrelay::agent::RawAgent {
-            relay: Some(vec![relay_url.to_owned()]),
+            // Several nodes' URLs separated by commas, as `--relay` takes them.
+            relay: Some(syncrelay::agent::split_urls(relay_url)),
             daemon_id: Some(daemon_id.to_owned()),
             key: Some(key.to_owned()),
             target: Some(target.to_owned()),

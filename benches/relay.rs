@@ -20,7 +20,12 @@
 //!   data-dir bytes per stored byte;
 //! - fsync cost: durable writes at c=64 and change-log appends with sled's flush alone
 //!   (a hidden switch only this bench sets) against the shipped flush + `fdatasync`,
-//!   alternated in one run.
+//!   alternated in one run;
+//! - cluster: three nodes on one throwaway PostgreSQL and one `nats-server` (when both are
+//!   installed): the mirrored GET through the daemon's node against another node's (read
+//!   routed over NATS), the wake latency of a write queued on the poll's node against
+//!   another node's beside one NATS round trip, durable writes to one node against the
+//!   same load spread over three.
 //!
 //! `SYNCRELAY_BENCH_QUICK=1` shrinks every section (a smoke run). Results also go to
 //! `target/bench-relay.json`; BENCHMARKS.md explains the method and the limits.
@@ -29,6 +34,8 @@
 #[allow(dead_code)]
 mod certs;
 mod common;
+#[path = "../tests/common/nats.rs"]
+mod nats;
 #[path = "../tests/common/postgres.rs"]
 mod postgres;
 
@@ -51,8 +58,8 @@ fn quick() -> bool {
 
 /// Whether `section` runs: `SYNCRELAY_BENCH_ONLY` names a comma-separated subset of
 /// `get`, `writes`, `postgres` (the relay on PostgreSQL, with `get` and `writes` for its
-/// rows, and the INSERT anchor), `fsync`, `changes` and `idle` (all when unset), for
-/// profiling one section.
+/// rows, and the INSERT anchor), `fsync`, `changes`, `cluster` and `idle` (all when unset),
+/// for profiling one section.
 fn runs(section: &str) -> bool {
     std::env::var("SYNCRELAY_BENCH_ONLY")
         .map(|only| only.split(',').any(|name| name.trim() == section))
@@ -458,6 +465,11 @@ async fn main() {
     } else {
         Value::Null
     };
+    let cluster = if runs("cluster") {
+        cluster_rows(dir.path(), target).await
+    } else {
+        Value::Null
+    };
     let mut idle = Vec::new();
     if runs("idle") {
         raise_open_files();
@@ -481,6 +493,7 @@ async fn main() {
         "durable_writes": writes,
         "postgres": on_postgres,
         "fsync_cost": fsync,
+        "cluster": cluster,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-relay.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
@@ -627,6 +640,216 @@ async fn postgres_rows(
         "writes_ratio_to_anchor": ratio(pg_writes),
         "sled_writes_ratio_to_anchor": ratio(sled_writes),
     })
+}
+
+/// The cluster (DESIGN.md, "Cluster"): three relay nodes on one throwaway PostgreSQL
+/// cluster and one `nats-server`, each figure beside its counterpart in this run:
+/// - mirrored GET through node a, which holds the daemon's agent, and through node b, whose
+///   reads go to node a over NATS (p50 at c=1, requests/s at c=64);
+/// - wake: a daemon driven by hand keeps a poll waiting on node a; durable writes queued on
+///   node a and on node b, alternately: POST sent → the poll's answer received; beside it,
+///   one NATS request-reply round trip on the same server (the target: the cross-node wake
+///   p50 within one round trip of the same-node one);
+/// - durable writes at c=64: all to node a, then the same load spread over a, b and c.
+async fn cluster_rows(dir: &Path, target: std::net::SocketAddr) -> Value {
+    let Some(pg) = postgres::PgCluster::start("cluster rows") else {
+        return json!({ "skipped": "PostgreSQL not installed" });
+    };
+    let Some(nats) = nats::NatsCluster::start("cluster rows", 1).await else {
+        return json!({ "skipped": "nats-server not installed" });
+    };
+    let database = postgres::create_database(&pg).await;
+    let store = format!(
+        "[store]\nbackend = \"postgres\"\nurl = {:?}\npool_size = 32\n",
+        pg.url(&database)
+    );
+    let mut nodes = Vec::new();
+    let mut admin = String::new();
+    for node in ["a", "b", "c"] {
+        let data = dir.join(format!("cluster-{node}"));
+        std::fs::create_dir_all(&data).unwrap();
+        // The first node makes the admin key; the others find the keys in the database.
+        if !admin.is_empty() {
+            std::fs::write(data.join("admin.key"), &admin).unwrap();
+        }
+        let toml = format!(
+            "{store}[cluster]\nnode = \"{node}\"\nnats_urls = [\"{}\"]\n",
+            nats.url(0)
+        );
+        let (process, url, _) = spawn_relay_on(&data, Durability::Fdatasync, &toml);
+        if admin.is_empty() {
+            admin = std::fs::read_to_string(data.join("admin.key"))
+                .unwrap()
+                .trim()
+                .to_owned();
+        }
+        nodes.push((process, url));
+    }
+    let urls: Vec<String> = nodes.iter().map(|(_, url)| url.clone()).collect();
+    let http = reqwest::Client::new();
+    for url in &urls {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while metric(&http, url, "syncrelay_cluster_nats_connected").await < 1.0 {
+            assert!(Instant::now() < deadline, "{url} never reached NATS");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let daemon = json!({ "role": "daemon", "daemon": "d" });
+    let daemon_key = create_key(&http, &urls[0], &admin, daemon).await;
+    let client = json!({ "role": "client", "scope": ["*"] });
+    let client_key = create_key(&http, &urls[0], &admin, client).await;
+
+    println!("\ncluster: 3 nodes, one PostgreSQL, one nats-server, the agent on node a");
+    let agent = start_agent(
+        &urls[0],
+        &daemon_key,
+        &client_key,
+        target,
+        &dir.join("cluster-agent"),
+    )
+    .await;
+    let mut gets = Vec::new();
+    for (name, url) in [
+        ("GET via the daemon's node", &urls[0]),
+        ("GET via another node (NATS)", &urls[1]),
+    ] {
+        let path = format!("{url}/api/v1/daemons/d/sessions");
+        get_row(name, &path, Some(&client_key), &mut gets).await;
+    }
+    drop(agent);
+    let ratio = |key: &str| {
+        gets[1][key]
+            .as_f64()
+            .zip(gets[0][key].as_f64())
+            .map(|(cross, same)| cross / same)
+    };
+    println!(
+        "cross-node / same-node GET: p50 {:.2}×, req/s {:.2}×",
+        ratio("p50_us").unwrap_or(f64::NAN),
+        ratio("rps_c64").unwrap_or(f64::NAN)
+    );
+
+    let wake = cluster_wake(&urls, &admin, &client_key, &nats.url(0)).await;
+
+    let one = durable_writes(&urls[0], &admin, &client_key).await;
+    let load = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let (spread_urls, spread_key) = (urls.clone(), client_key.clone());
+    let spread = throughput(64, load_duration(), move || {
+        let node = next.fetch_add(1, Ordering::Relaxed) as usize % spread_urls.len();
+        load.post(format!("{}/api/v1/daemons/w/jobs", spread_urls[node]))
+            .bearer_auth(&spread_key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "title": "bench" }))
+    })
+    .await;
+    let one_rate = one["per_second_c64"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "durable writes c=64: one node {one_rate:.0}/s, spread over three {spread:.0}/s ({:.2}×)",
+        spread / one_rate
+    );
+    drop(nodes);
+    json!({
+        "mirrored_get": gets,
+        "get_cross_over_same": { "p50": ratio("p50_us"), "rps_c64": ratio("rps_c64") },
+        "wake": wake,
+        "durable_writes_one_node_c64": one,
+        "durable_writes_three_nodes_c64": spread,
+        "three_over_one": spread / one_rate,
+    })
+}
+
+/// The wake rows of [`cluster_rows`]: a daemon driven by hand keeps a poll waiting on
+/// `urls[0]`; writes are queued on it and on `urls[1]` in turn (so the machine's drift
+/// falls on both), and NATS request-reply round trips are timed on the same server.
+async fn cluster_wake(urls: &[String], admin: &str, client_key: &str, nats_url: &str) -> Value {
+    let n = if quick() { 50 } else { 300 };
+    let http = reqwest::Client::new();
+    let daemon = json!({ "role": "daemon", "daemon": "wake" });
+    let daemon_key = create_key(&http, &urls[0], admin, daemon).await;
+    let (poller, mut woke_rx) = common::waiting_daemon(&urls[0], &daemon_key, "wake").await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut wakes = [Vec::new(), Vec::new()];
+    for i in 0..2 * (n + n / 10) {
+        let node = i % 2;
+        // The poll answered last is waiting again before the next write.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent = Instant::now();
+        let response = client
+            .post(format!("{}/api/v1/daemons/wake/jobs", urls[node]))
+            .bearer_auth(client_key)
+            .header("prefer", "respond-async")
+            .json(&json!({ "i": i }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let id = response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (woke, arrived) = tokio::time::timeout(Duration::from_secs(10), woke_rx.recv())
+            .await
+            .expect("the waiting poll woke")
+            .unwrap();
+        assert_eq!(woke, id);
+        if i >= 2 * (n / 10) {
+            wakes[node].push(arrived.duration_since(sent));
+        }
+    }
+    poller.abort();
+
+    // One NATS round trip: a request to a responder on the same server.
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut echo = nats.subscribe("bench.echo").await.unwrap();
+    let responder = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            while let Some(message) = futures_util::StreamExt::next(&mut echo).await {
+                if let Some(reply) = message.reply {
+                    let _ = nats.publish(reply, message.payload).await;
+                }
+            }
+        })
+    };
+    let mut trips = Vec::new();
+    for i in 0..n + n / 10 {
+        let started = Instant::now();
+        nats.request("bench.echo", "x".into()).await.unwrap();
+        if i >= n / 10 {
+            trips.push(started.elapsed());
+        }
+    }
+    responder.abort();
+    let row = |name: &str, mut samples: Vec<Duration>| {
+        samples.sort();
+        let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+        println!(
+            "{name:<36} p50 {:>8.0} µs  p99 {:>8.0} µs",
+            micros(p50),
+            micros(p99)
+        );
+        json!({ "name": name, "p50_us": micros(p50), "p99_us": micros(p99) })
+    };
+    let [same, cross] = wakes;
+    let rows = [
+        row("wake, write on the poll's node", same),
+        row("wake, write on another node", cross),
+        row("NATS request-reply round trip", trips),
+    ];
+    let p50 = |i: usize| rows[i]["p50_us"].as_f64().unwrap();
+    let extra = p50(1) - p50(0);
+    println!(
+        "cross-node wake p50 − same-node: {extra:.0} µs = {:.2} NATS round trips (target ≤ 1)",
+        extra / p50(2)
+    );
+    json!({ "rows": rows, "extra_p50_us": extra, "extra_in_round_trips": extra / p50(2) })
 }
 
 /// The mirrored-GET rows (direct, relay, rathole) into `gets`; why rathole was skipped.

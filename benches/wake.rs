@@ -10,11 +10,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{create_key, micros, percentile, wait_poll};
+use common::{create_key, micros, percentile, waiting_daemon};
 use serde_json::{json, Value};
 use syncrelay::config::Config;
 use syncrelay::relay::{Process, Relay};
-use tokio::sync::mpsc;
 
 const ITERATIONS: usize = 500;
 const WARMUP: usize = 50;
@@ -73,51 +72,7 @@ async fn main() {
 
     // The daemon: one HTTP/2 connection, a poll always waiting; reports when each command
     // arrives, then answers it.
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let connect: Value = h2
-        .post(format!("{url}/sync/connect"))
-        .bearer_auth(&daemon_key)
-        .json(&json!({ "daemon_id": "d" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (woke_tx, mut woke_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let daemon = {
-        let (url, key, connection_id) = (
-            url.clone(),
-            daemon_key.clone(),
-            connect["connection_id"].clone(),
-        );
-        tokio::spawn(async move {
-            while let Some(body) = wait_poll(&h2, &url, &key, "d", &connection_id, 30).await {
-                let arrived = Instant::now();
-                let results: Vec<Value> = body["commands"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|c| {
-                        let _ = woke_tx.send((c["id"].as_str().unwrap().to_owned(), arrived));
-                        json!({ "command_id": c["id"], "result": { "status": 204 } })
-                    })
-                    .collect();
-                if !results.is_empty() {
-                    let _ = h2
-                        .post(format!("{url}/sync/results"))
-                        .bearer_auth(&key)
-                        .json(&json!({ "daemon_id": "d", "results": results }))
-                        .send()
-                        .await;
-                }
-            }
-        })
-    };
+    let (daemon, mut woke_rx) = waiting_daemon(&url, &daemon_key, "d").await;
 
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()

@@ -51,6 +51,58 @@ pub async fn wait_poll(
     response.json::<Value>().await.ok()
 }
 
+/// A daemon driven by hand over one HTTP/2 connection to `url`: connects as `daemon_id`,
+/// keeps a poll always waiting, reports each command's id with the moment its poll's
+/// answer arrived, and answers it (204). Ends when the relay goes or the task is aborted.
+pub async fn waiting_daemon(
+    url: &str,
+    key: &str,
+    daemon_id: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<(String, std::time::Instant)>,
+) {
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let connect: Value = h2
+        .post(format!("{url}/sync/connect"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({ "daemon_id": daemon_id }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (woke_tx, woke_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (url, key, daemon_id) = (url.to_owned(), key.to_owned(), daemon_id.to_owned());
+    let connection_id = connect["connection_id"].clone();
+    let task = tokio::spawn(async move {
+        while let Some(body) = wait_poll(&h2, &url, &key, &daemon_id, &connection_id, 30).await {
+            let arrived = std::time::Instant::now();
+            let commands = body["commands"].as_array().cloned().unwrap_or_default();
+            let results: Vec<Value> = commands
+                .iter()
+                .map(|c| {
+                    let _ = woke_tx.send((c["id"].as_str().unwrap().to_owned(), arrived));
+                    serde_json::json!({ "command_id": c["id"], "result": { "status": 204 } })
+                })
+                .collect();
+            if !results.is_empty() {
+                let _ = h2
+                    .post(format!("{url}/sync/results"))
+                    .bearer_auth(&key)
+                    .json(&serde_json::json!({ "daemon_id": daemon_id, "results": results }))
+                    .send()
+                    .await;
+            }
+        }
+    });
+    (task, woke_rx)
+}
+
 /// A TCP link with a fixed propagation delay each way, on loopback: every piece read
 /// is written out `delay` after it arrived, in order, without holding back the pieces
 /// behind it (a delay line, not a stop-and-wait pipe), so throughput is unchanged and

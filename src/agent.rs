@@ -32,7 +32,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures_util::StreamExt;
@@ -259,15 +259,16 @@ impl Shared {
         let mut backoff = Backoff::new();
         loop {
             let url = self.link.base().clone();
-            let started = tokio::time::Instant::now();
-            let err = self.clone().session(&mut backoff).await;
-            // A node that cannot be connected to, or whose session fails at once (its
-            // stream refused, its database away), is left for the next URL; the connect
-            // there releases the leases held through this one. A long session that ends
-            // comes back to the same node first.
+            let mut connected_at = None;
+            let err = self.clone().session(&mut backoff, &mut connected_at).await;
+            // A node that cannot be connected to (however long the attempt took), or whose
+            // session fails soon after its connect (its stream refused, its database
+            // away), is left for the next URL; the connect there releases the leases held
+            // through this one. A long session that ends comes back to the same node first.
+            let failed_soon = connected_at.is_none_or(|at: Instant| at.elapsed() < SHORT_SESSION);
             if !matches!(err, LinkError::Rejected(_) | LinkError::Superseded)
                 && self.link.has_alternatives()
-                && started.elapsed() < SHORT_SESSION
+                && failed_soon
             {
                 let next = self.link.rotate();
                 // Whether a node serves /sync/stream is its own: ask the next one afresh.
@@ -292,11 +293,17 @@ impl Shared {
         }
     }
 
-    async fn session(self: Arc<Self>, backoff: &mut Backoff) -> LinkError {
+    /// One connection's life; `connected_at` is set once its connect succeeded.
+    async fn session(
+        self: Arc<Self>,
+        backoff: &mut Backoff,
+        connected_at: &mut Option<Instant>,
+    ) -> LinkError {
         let hello = match self.link.connect().await {
             Ok(hello) => hello,
             Err(err) => return err,
         };
+        *connected_at = Some(Instant::now());
         backoff.reset();
         if let Err(err) = self.store.acknowledge(hello.last_update_seq) {
             return LinkError::Transient(format!("agent state: {err}"));

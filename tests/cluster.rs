@@ -15,6 +15,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::chaos;
 use common::daemon::TestDaemon;
 use common::nats::NatsCluster;
 use common::{create_key, eventually, metric_at, postgres, Client, Daemon, TestAgent, TestRelay};
@@ -509,10 +510,11 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     // names the node and counts the daemon it holds.
     on_a.await_online(daemon_id).await;
     on_b.await_online(daemon_id).await;
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
         .args(["status", "--url", &a.url, "--data-dir"])
         .arg(dirs[0].path())
         .output()
+        .await
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{status:?}");
@@ -521,6 +523,16 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         "{text}"
     );
     assert!(text.contains("home.d1"), "{text}");
+    // A context stream asked of node b: the agent uploads it through node a, and node b
+    // serves it whole, its pump woken by the chunks' hints.
+    let path = format!(
+        "/api/v1/daemons/{daemon_id}/approvals/a1/context/stream?events={}&size={}",
+        chaos::STREAM_EVENTS,
+        chaos::STREAM_SIZE
+    );
+    let context = on_b.get(&path).send().await.unwrap();
+    assert_eq!(context.status(), 200);
+    assert_eq!(context.text().await.unwrap(), chaos::expected_context());
 
     // A daemon speaking the protocol by hand leases a command through node a too.
     let other_key = a
@@ -574,7 +586,12 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         local.command_ids("/api/v1/slow"),
         std::slice::from_ref(&slow)
     );
-    on_b.await_online(daemon_id).await;
+    // The agent's stream is open on node b now (not just a's stored last-seen time).
+    let http_b = reqwest::Client::new();
+    eventually(Duration::from_secs(10), || async {
+        metric_at(&http_b, &b.url, "syncrelay_polls_waiting").await >= Some(1.0)
+    })
+    .await;
     // What is queued now runs through node b.
     let response = on_b
         .post(&format!("/api/v1/daemons/{daemon_id}/echo/after"))

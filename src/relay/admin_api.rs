@@ -288,7 +288,11 @@ pub async fn stats(app: &App) -> Result<Response, ApiError> {
         },
         daemons: DaemonCounts {
             total: daemons.len() as u64,
-            online: app.hub.daemons_online(app.config.sync.online_grace) as u64,
+            // As `GET /api/v1/daemons` says it: in a cluster, online on any node.
+            online: daemons
+                .iter()
+                .filter(|d| super::client::is_online(app, d))
+                .count() as u64,
         },
         commands: CommandCounts {
             unfinished: daemons.iter().map(|d| d.queued).sum(),

@@ -15,9 +15,8 @@ use crate::protocol::{rfc3339, DaemonList, DaemonView};
 use crate::store::{now_ms, CommandRecord, DaemonRecord};
 
 pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
-    let grace = app.config.sync.online_grace;
     DaemonView {
-        online: app.hub.online(&record.daemon_id, grace) || online_elsewhere(app, &record),
+        online: is_online(app, &record),
         last_seen: record
             .last_seen_ms
             .max(app.hub.last_seen_ms(&record.daemon_id))
@@ -34,11 +33,20 @@ pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
     }
 }
 
+/// A daemon's `online` as clients see it: heard from here within `online_grace` (or a poll
+/// or stream open here), or, in a cluster, [`online_elsewhere`].
+pub fn is_online(app: &App, record: &DaemonRecord) -> bool {
+    app.hub
+        .online(&record.daemon_id, app.config.sync.online_grace)
+        || online_elsewhere(app, record)
+}
+
 /// In a cluster, whether the daemon is online on another node: the node holding it stores
-/// its last-seen time at least every [`KEEPALIVE`] (a stream's keep-alive, or the holder's
-/// own tick while a poll waits), so a time within `online_grace` plus that is a daemon
-/// still held. A daemon gone from another node is seen offline here up to `KEEPALIVE`
-/// later than there.
+/// its last-seen time at least every [`KEEPALIVE`] while its poll or stream is open (the
+/// stream's keep-alive, or the holder's own tick while a poll waits), and with every
+/// request; a time within `online_grace` plus that is a daemon still held. So a daemon
+/// that left is seen offline on every node up to `KEEPALIVE` later than a single relay
+/// would say.
 fn online_elsewhere(app: &App, record: &DaemonRecord) -> bool {
     let limit = app.config.sync.online_grace + KEEPALIVE;
     app.cluster.is_some()

@@ -478,8 +478,15 @@ async fn serve_reads(
                     }
                 }
                 // Other nodes tell the daemon online by its stored last-seen time: keep
-                // it fresh while a long poll waits here without a word.
-                super::sync::touch(&app, &signals, &daemon).await;
+                // it fresh while a long poll waits here without a word (only while one
+                // is open: a daemon gone must not look seen). Off this loop, which
+                // answers reads that need no database.
+                if signals.attached() {
+                    let (app, signals, daemon) = (app.clone(), signals.clone(), daemon.clone());
+                    tokio::spawn(async move {
+                        super::sync::touch(&app, &signals, &daemon).await;
+                    });
+                }
             }
             _ = app.shutdown.cancelled() => break,
         }

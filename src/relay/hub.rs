@@ -249,6 +249,11 @@ impl DaemonSignals {
         PollGuard(self.clone())
     }
 
+    /// Whether a poll waits or a stream is open now.
+    pub fn attached(&self) -> bool {
+        self.polls_waiting.load(Ordering::Relaxed) > 0
+    }
+
     /// Online: a poll is waiting, or the daemon was heard from within `grace`.
     pub fn online(&self, grace: Duration) -> bool {
         if self.polls_waiting.load(Ordering::Relaxed) > 0 {

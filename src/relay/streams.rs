@@ -65,7 +65,14 @@ pub async fn serve(
             .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event number"))?,
     };
     let config = &app.config;
-    let (record, source) = if signals.online(config.sync.online_grace) {
+    // In a cluster the daemon may be online on another node: the command stored here wakes
+    // it there (a hint), and its chunks, committed there, wake this stream's pump.
+    let online = signals.online(config.sync.online_grace)
+        || match &app.cluster {
+            Some(cluster) => cluster.held_elsewhere(daemon_id).await,
+            None => false,
+        };
+    let (record, source) = if online {
         let opened = app
             .store
             .open_context(

@@ -42,18 +42,52 @@ impl Browser {
             );
             return None;
         };
+        // A port found free can be taken before chromedriver binds it, and then it exits:
+        // start again on another (up to 3 times), and say why from its log otherwise.
+        let profile = tempfile::tempdir().unwrap();
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            let dir = profile.path().join(format!("attempt-{attempt}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            match Self::session(&chromium, &driver, &dir).await {
+                Ok((client, driver)) => {
+                    return Some(Browser {
+                        client,
+                        driver,
+                        _profile: profile,
+                    })
+                }
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("{test}: no WebDriver session with chromedriver: {failures:#?}");
+    }
+
+    /// One try: chromedriver on a free port logging into `dir`, and a session of a
+    /// Chromium whose profile is in `dir`; why not, with the end of chromedriver's log.
+    async fn session(
+        chromium: &Path,
+        driver: &Path,
+        dir: &Path,
+    ) -> Result<(Client, Child), String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let driver = Command::new(driver)
+        let log = dir.join("chromedriver.log");
+        let mut driver = Command::new(driver)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
+            .arg(format!("--log-path={}", log.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn chromedriver");
-        let profile = tempfile::tempdir().unwrap();
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
         let mut options = Map::new();
         options.insert("binary".into(), json!(chromium));
         options.insert(
@@ -66,7 +100,7 @@ impl Browser {
                 "--no-first-run",
                 "--disable-extensions",
                 "--window-size=1280,900",
-                format!("--user-data-dir={}", profile.path().display()),
+                format!("--user-data-dir={}", dir.join("profile").display()),
             ]),
         );
         let mut capabilities = Map::new();
@@ -77,21 +111,29 @@ impl Browser {
         builder.capabilities(capabilities);
         // chromedriver takes a moment to listen.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let client = loop {
+        loop {
+            if let Ok(Some(status)) = driver.try_wait() {
+                return Err(format!(
+                    "chromedriver exited ({status}); its log:\n{}",
+                    log_tail()
+                ));
+            }
             match builder.connect(&url).await {
-                Ok(client) => break client,
+                Ok(client) => return Ok((client, driver)),
                 Err(err) if std::time::Instant::now() < deadline => {
                     let _ = err;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(err) => panic!("{test}: no WebDriver session with chromedriver: {err}"),
+                Err(err) => {
+                    let _ = driver.kill();
+                    let _ = driver.wait();
+                    return Err(format!(
+                        "{err} after 30 s; chromedriver's log:\n{}",
+                        log_tail()
+                    ));
+                }
             }
-        };
-        Some(Browser {
-            client,
-            driver,
-            _profile: profile,
-        })
+        }
     }
 
     /// Opens the console of the relay at `url`, at `view` (`#/keys`; empty: the page).

@@ -158,8 +158,13 @@ impl Nodes {
 
 /// Queues `POST /api/v1/daemons/{daemon}/sessions` asynchronously; the command id.
 async fn queue(client: &Client, daemon: &str) -> String {
+    queue_post(client, daemon, "/sessions").await
+}
+
+/// Queues `POST /api/v1/daemons/{daemon}{path}` asynchronously; the command id.
+async fn queue_post(client: &Client, daemon: &str, path: &str) -> String {
     let response = client
-        .post(&format!("/api/v1/daemons/{daemon}/sessions"))
+        .post(&format!("/api/v1/daemons/{daemon}{path}"))
         .header("prefer", "respond-async")
         .json(&json!({ "query": "hello" }))
         .send()
@@ -168,6 +173,26 @@ async fn queue(client: &Client, daemon: &str) -> String {
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     body["id"].as_str().unwrap().to_owned()
+}
+
+/// Queues a command on node a while node b holds a poll of `daemon` waiting, and awaits
+/// the poll's answer within [`WAKE`] (`how`: what brings it there); it must carry the
+/// command.
+async fn queued_on_a_reaches_the_poll_on_b(
+    nodes: &Nodes,
+    on_a: &Client,
+    daemon: &Daemon,
+    how: &str,
+) {
+    let poll = waiting_poll(daemon);
+    await_polls(nodes, 1, 1.0).await;
+    let command_id = queue(on_a, &daemon.daemon_id).await;
+    let (status, body) = timeout(WAKE, poll)
+        .await
+        .unwrap_or_else(|_| panic!("{how}: the poll on node b did not get the command"))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
 }
 
 /// A mirrored GET of `path` on `daemon`: status, `X-Syncrelay-Source` and body.
@@ -392,15 +417,7 @@ async fn without_nats_waiters_reread_the_database_and_hints_resume_when_it_retur
     nodes.await_nats(0.0).await;
     // The queued command is acknowledged (it is in PostgreSQL) and reaches the poll on
     // node b through its node's re-read of the database (every 500 ms here).
-    let poll = waiting_poll(&daemon);
-    await_polls(&nodes, 1, 1.0).await;
-    let command_id = queue(&on_a, "d2").await;
-    let (status, body) = timeout(WAKE, poll)
-        .await
-        .expect("without NATS, the poll on node b found the command by re-reading")
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
+    queued_on_a_reaches_the_poll_on_b(&nodes, &on_a, &daemon, "without NATS, re-reading").await;
     assert!(
         nodes
             .metric(0, "syncrelay_cluster_hints_dropped_total")
@@ -430,15 +447,7 @@ async fn without_nats_waiters_reread_the_database_and_hints_resume_when_it_retur
     let received = nodes
         .metric(1, "syncrelay_cluster_hints_received_total")
         .await;
-    let poll = waiting_poll(&daemon);
-    await_polls(&nodes, 1, 1.0).await;
-    let command_id = queue(&on_a, "d2").await;
-    let (status, body) = timeout(WAKE, poll)
-        .await
-        .expect("with NATS back, a hint woke the poll on node b")
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
+    queued_on_a_reaches_the_poll_on_b(&nodes, &on_a, &daemon, "with NATS back, a hint").await;
     assert!(
         nodes
             .metric(1, "syncrelay_cluster_hints_received_total")
@@ -544,15 +553,7 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     let commands = other.next_commands().await;
     assert_eq!(commands[0]["id"], leased.as_str());
     // A command the daemon takes 3 s over, queued through node b, runs through node a.
-    let response = on_b
-        .post(&format!("/api/v1/daemons/{daemon_id}/slow?ms=3000"))
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let slow: Value = response.json().await.unwrap();
-    let slow = slow["id"].as_str().unwrap().to_owned();
+    let slow = queue_post(&on_b, daemon_id, "/slow?ms=3000").await;
     eventually(Duration::from_secs(10), || async {
         local.hits("/api/v1/slow") == 1
     })
@@ -593,16 +594,8 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     })
     .await;
     // What is queued now runs through node b.
-    let response = on_b
-        .post(&format!("/api/v1/daemons/{daemon_id}/echo/after"))
-        .header("prefer", "respond-async")
-        .json(&json!({ "after": true }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let after: Value = response.json().await.unwrap();
-    let state = command_state(&on_b, after["id"].as_str().unwrap()).await;
+    let after = queue_post(&on_b, daemon_id, "/echo/after").await;
+    let state = command_state(&on_b, &after).await;
     assert_eq!(state["state"], "completed", "{state}");
     assert_eq!(state["result"]["body"]["path"], "/api/v1/echo/after");
     drop(b);

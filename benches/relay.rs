@@ -1236,16 +1236,7 @@ async fn append_changes(url: &str, key: &str, entries: u64) -> f64 {
 /// [`append_changes`], and the bytes of the updates' `data` JSON.
 async fn append_changes_sized(url: &str, key: &str, entries: u64) -> (f64, u64) {
     let http = reqwest::Client::new();
-    let connect: Value = http
-        .post(format!("{url}/sync/connect"))
-        .bearer_auth(key)
-        .json(&json!({ "daemon_id": "c" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let connect = common::sync_connect(&http, url, key, "c").await;
     let mut data_bytes = 0u64;
     let started = Instant::now();
     for batch in 0..entries / 1000 {

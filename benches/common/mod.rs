@@ -51,6 +51,19 @@ pub async fn wait_poll(
     response.json::<Value>().await.ok()
 }
 
+/// `POST /sync/connect` as `daemon_id`: the relay's answer (`connection_id`, …).
+pub async fn sync_connect(http: &reqwest::Client, url: &str, key: &str, daemon_id: &str) -> Value {
+    http.post(format!("{url}/sync/connect"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({ "daemon_id": daemon_id }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A daemon driven by hand over one HTTP/2 connection to `url`: connects as `daemon_id`,
 /// keeps a poll always waiting, reports each command's id with the moment its poll's
 /// answer arrived, and answers it (204). Ends when the relay goes or the task is aborted.
@@ -66,16 +79,7 @@ pub async fn waiting_daemon(
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    let connect: Value = h2
-        .post(format!("{url}/sync/connect"))
-        .bearer_auth(key)
-        .json(&serde_json::json!({ "daemon_id": daemon_id }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let connect = sync_connect(&h2, url, key, daemon_id).await;
     let (woke_tx, woke_rx) = tokio::sync::mpsc::unbounded_channel();
     let (url, key, daemon_id) = (url.to_owned(), key.to_owned(), daemon_id.to_owned());
     let connection_id = connect["connection_id"].clone();

@@ -957,6 +957,7 @@ fn store_backend(check: &mut Checker, raw: RawStore) -> StoreBackend {
                 pool_size,
                 statement_timeout,
                 allow_unsafe_durability: raw.allow_unsafe_durability.unwrap_or(false),
+                node: None,
             })
         }
         other => {
@@ -1036,7 +1037,12 @@ impl Config {
     pub fn store_settings(&self) -> crate::store::StoreSettings {
         match &self.store {
             StoreBackend::Sled => crate::store::StoreSettings::Sled(self.server.data_dir.clone()),
-            StoreBackend::Postgres(pg) => crate::store::StoreSettings::Postgres(pg.clone()),
+            StoreBackend::Postgres(pg) => {
+                crate::store::StoreSettings::Postgres(crate::store::postgres::PgSettings {
+                    node: self.cluster.as_ref().map(|cluster| cluster.node.clone()),
+                    ..pg.clone()
+                })
+            }
         }
     }
 }

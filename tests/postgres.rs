@@ -3,8 +3,9 @@
 //! demands (PostgreSQL 15 or newer, `fsync` and `synchronous_commit` on), it is reachable
 //! on loopback only, and a committed row survives an immediate stop (what a crash leaves)
 //! and a restart, while the server refuses connections in between. And the PostgreSQL
-//! backend's foundation on it: migrations, and the refusal of a server whose COMMIT does
-//! not wait for the disk.
+//! backend's foundation on it: migrations (a database of an older schema upgraded with its
+//! rows), the refusal of a server whose COMMIT does not wait for the disk, and the lock
+//! that keeps the retention sweep to one relay node at a time.
 
 mod common;
 
@@ -88,6 +89,7 @@ fn settings(url: String, allow_unsafe_durability: bool) -> PgSettings {
         pool_size: 4,
         statement_timeout: std::time::Duration::from_secs(10),
         allow_unsafe_durability,
+        node: None,
     }
 }
 
@@ -221,4 +223,137 @@ async fn unsafe_durability_is_refused_unless_allowed() {
         .expect_err("no such role");
     assert!(!err.to_string().contains("s3cret"), "{err}");
     assert!(err.to_string().contains("nobody:***@"), "{err}");
+}
+
+/// A store on `url` as relay node `node` would open it.
+async fn node_store(url: String, node: &str) -> syncrelay::store::Store {
+    let settings = PgSettings {
+        node: Some(node.to_owned()),
+        ..settings(url, false)
+    };
+    syncrelay::store::Store::open(&syncrelay::store::StoreSettings::Postgres(settings))
+        .await
+        .expect("PostgreSQL opens")
+}
+
+/// A database of schema 1 (before nodes were stored), with a daemon in it, is upgraded
+/// at start; the daemon is kept, held by no node until it connects, then by the node it
+/// connected to, which its last-seen times keep naming. Last-seen times only move forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_schema_is_upgraded_and_each_connect_names_its_node() {
+    let test = "an_older_schema_is_upgraded_and_each_connect_names_its_node";
+    let Some(cluster) = common::postgres::shared(test) else {
+        return;
+    };
+    let database = common::postgres::create_database(cluster).await;
+    let url = cluster.url(&database);
+    let client = connect(&url).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE syncrelay_schema (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now()); {} \
+             INSERT INTO syncrelay_schema (version) VALUES (1); \
+             INSERT INTO daemons (daemon_id, version, created_ms, last_seen_ms) \
+             VALUES ('old', '0.9', 5, 7);",
+            MIGRATIONS[0]
+        ))
+        .await
+        .unwrap();
+    let a = node_store(url.clone(), "a").await;
+    let version: i32 = client
+        .query_one("SELECT max(version) FROM syncrelay_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, MIGRATIONS.len() as i32);
+    let old = a.daemon("old").await.unwrap().expect("kept by the upgrade");
+    assert_eq!(
+        (old.version.as_deref(), old.last_seen_ms, old.node),
+        (Some("0.9"), Some(7), None)
+    );
+
+    a.connect_daemon("old", None, vec![], "c1", 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.daemon("old").await.unwrap().unwrap().node.as_deref(),
+        Some("a")
+    );
+    // It moves to node b; a late last-seen time from node a changes nothing.
+    let b = node_store(url.clone(), "b").await;
+    b.connect_daemon("old", None, vec![], "c2", 2_000)
+        .await
+        .unwrap();
+    b.touch_daemon("old", 3_000).await.unwrap();
+    a.touch_daemon("old", 2_500).await.unwrap();
+    let moved = a.daemon("old").await.unwrap().unwrap();
+    assert_eq!(
+        (moved.node.as_deref(), moved.last_seen_ms),
+        (Some("b"), Some(3_000))
+    );
+}
+
+/// While one node holds the maintenance lock, another node's sweep is skipped (nothing
+/// removed); once it is released, the sweep runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_at_a_time_runs_the_retention_sweep() {
+    let test = "one_node_at_a_time_runs_the_retention_sweep";
+    let Some(cluster) = common::postgres::shared(test) else {
+        return;
+    };
+    let database = common::postgres::create_database(cluster).await;
+    let url = cluster.url(&database);
+    let store = node_store(url.clone(), "a").await;
+    store.ensure_daemon("d", 0).await.unwrap();
+    let updates = (1..=10)
+        .map(|n| syncrelay::store::NewChange {
+            kind: "e".into(),
+            timestamp_ms: None,
+            data_json: "{}".into(),
+            daemon_seq: Some(n),
+        })
+        .collect();
+    store.append_changes("d", updates, 0).await.unwrap();
+    let work = || syncrelay::store::Maintenance {
+        retention: syncrelay::store::RetentionPolicy {
+            changes_max_entries: 4,
+            changes_max_age_ms: 1_000_000,
+            results_max_age_ms: 1_000_000,
+            responses_max_age_ms: 1_000_000,
+        },
+        context_ttl_ms: 1_000_000,
+        contexts_max_bytes: 1 << 30,
+        context_garbage_grace_ms: 1_000,
+        census_interval: std::time::Duration::from_secs(60),
+    };
+    // Node b sweeping: its session holds the lock.
+    let other = connect(&url).await.unwrap();
+    let held: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&postgres::MAINTENANCE_LOCK],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held);
+    assert!(
+        store.maintain(work(), 1_000).await.unwrap().is_none(),
+        "skipped while another node sweeps"
+    );
+    let kept = store.changes_page("d", 0, 100, usize::MAX).await.unwrap();
+    assert_eq!(kept.len(), 10, "nothing removed by the skipped sweep");
+    other
+        .query_one(
+            "SELECT pg_advisory_unlock($1)",
+            &[&postgres::MAINTENANCE_LOCK],
+        )
+        .await
+        .unwrap();
+    let (stats, _) = store
+        .maintain(work(), 1_000)
+        .await
+        .unwrap()
+        .expect("runs once the lock is free");
+    assert_eq!(stats.changes_removed, 6);
 }

@@ -38,6 +38,7 @@ where
         pool_size: 4,
         statement_timeout: Duration::from_secs(30),
         allow_unsafe_durability: false,
+        node: None,
     };
     let pg = Store::open(&StoreSettings::Postgres(settings))
         .await

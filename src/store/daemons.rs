@@ -27,6 +27,11 @@ pub struct DaemonRecord {
     /// Commands queued or delivered, not yet completed or expired (live when read through
     /// the store, as `next_queue_seq`).
     pub queued: u64,
+    /// In a cluster, the node that stored the last connect or last-seen time: the one
+    /// holding the connection while the daemon is online. Not in sled's encoding (a lone
+    /// relay holds every daemon itself), so records on disk keep their format.
+    #[serde(skip)]
+    pub node: Option<String>,
 }
 
 impl DaemonRecord {
@@ -42,6 +47,7 @@ impl DaemonRecord {
             last_change_seq: 0,
             next_queue_seq: 0,
             queued: 0,
+            node: None,
         }
     }
 }

@@ -26,12 +26,15 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 /// The migrations, in order: version `n` is `MIGRATIONS[n - 1]`.
-pub const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_schema.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("postgres/0001_schema.sql"),
+    include_str!("postgres/0002_holder.sql"),
+];
 
 /// The advisory lock migrations take (any fixed number; "syncrelay" in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x7379_6e63_7265_6c61;
 /// The advisory lock the retention sweep and census hold: one relay node at a time.
-pub(crate) const MAINTENANCE_LOCK: i64 = 0x7379_6e63_7377_6570;
+pub const MAINTENANCE_LOCK: i64 = 0x7379_6e63_7377_6570;
 
 /// Oldest server accepted, as `server_version_num`.
 const MIN_SERVER_VERSION: i32 = 150_000;
@@ -46,6 +49,9 @@ pub struct PgSettings {
     pub statement_timeout: Duration,
     /// Accept a server with `fsync` or `synchronous_commit` off.
     pub allow_unsafe_durability: bool,
+    /// In a cluster, this node's name: stored with each daemon's connect and last-seen
+    /// time, so every node can say which node holds a daemon.
+    pub node: Option<String>,
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -55,6 +61,7 @@ impl std::fmt::Debug for PgSettings {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout", &self.statement_timeout)
             .field("allow_unsafe_durability", &self.allow_unsafe_durability)
+            .field("node", &self.node)
             .finish()
     }
 }
@@ -373,6 +380,7 @@ mod tests {
             pool_size: 4,
             statement_timeout: Duration::from_secs(5),
             allow_unsafe_durability: false,
+            node: None,
         };
         assert!(!format!("{settings:?}").contains("s3cret"));
     }

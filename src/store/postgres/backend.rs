@@ -47,7 +47,7 @@ const CONTEXT_COLUMNS: &str = "context_id, daemon_id, cache_key, command_id, sta
 const DAEMON_COLUMNS: &str = "daemon_id, version, capabilities, created_ms, last_seen_ms, \
     connection_id, last_update_seq, last_change_seq, \
     (SELECT count(*) FROM commands c WHERE c.daemon_id = daemons.daemon_id \
-     AND c.state IN ('queued', 'delivered'))";
+     AND c.state IN ('queued', 'delivered')), node";
 
 const KEY_COLUMNS: &str = "key_id, role, daemon_id, scope, label, secret_sha256, created_ms";
 
@@ -96,6 +96,8 @@ pub struct PgStore {
     /// began or ended meanwhile, so a revoked key is never cached again.
     key_removals: AtomicU64,
     commits: Arc<Commits>,
+    /// In a cluster, this node's name, stored with each connect and last-seen time.
+    node: Option<String>,
     /// New commands, inserted in batches.
     inserter: Inserter,
     /// Each daemon's unfinished commands as last counted, plus those queued here since,
@@ -205,6 +207,7 @@ fn daemon_from(row: &Row) -> DaemonRecord {
         last_change_seq: u(row, 7),
         next_queue_seq: 0,
         queued: u(row, 8),
+        node: row.get(9),
     }
 }
 
@@ -247,6 +250,7 @@ impl PgStore {
             keys: RwLock::new(HashMap::new()),
             key_removals: AtomicU64::new(0),
             commits,
+            node: settings.node.clone(),
             queued: Mutex::new(HashMap::new()),
         })
     }
@@ -351,13 +355,14 @@ impl PgStore {
         .map_err(pg)?;
         tx.execute(
             "UPDATE daemons SET version = $2, capabilities = $3, last_seen_ms = $4, \
-             connection_id = $5 WHERE daemon_id = $1",
+             connection_id = $5, node = $6 WHERE daemon_id = $1",
             &[
                 &daemon_id,
                 &version,
                 &capabilities,
                 &i(now_ms),
                 &connection_id,
+                &self.node,
             ],
         )
         .await
@@ -377,7 +382,9 @@ impl PgStore {
         Ok(record)
     }
 
-    /// A hint: committed without waiting for the WAL flush.
+    /// A hint: committed without waiting for the WAL flush. The time only moves forward
+    /// (a late write from a node the daemon has left does not undo a newer one), and
+    /// names the node that heard the daemon.
     pub async fn touch_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
@@ -385,8 +392,9 @@ impl PgStore {
             .await
             .map_err(pg)?;
         tx.execute(
-            "UPDATE daemons SET last_seen_ms = $2 WHERE daemon_id = $1",
-            &[&daemon_id, &i(now_ms)],
+            "UPDATE daemons SET last_seen_ms = $2, node = $3 WHERE daemon_id = $1 \
+             AND (last_seen_ms IS NULL OR last_seen_ms <= $2)",
+            &[&daemon_id, &i(now_ms), &self.node],
         )
         .await
         .map_err(pg)?;

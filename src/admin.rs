@@ -260,21 +260,36 @@ fn seconds_text(seconds: f64) -> String {
     }
 }
 
-/// `syncrelay status` as a table.
+/// `syncrelay status` as a table; in a cluster, with the node holding each online daemon.
 pub fn format_daemons(daemons: &[serde_json::Value]) -> String {
+    let cluster = daemons.iter().any(|d| d.get("node").is_some());
+    let node = |text: &str| {
+        if cluster {
+            format!(" {text:<12}")
+        } else {
+            String::new()
+        }
+    };
     let mut out = format!(
-        "{:<24} {:<7} {:<26} {:<10} {:>7} {:>10}\n",
-        "DAEMON", "ONLINE", "LAST SEEN", "VERSION", "QUEUED", "LAST SEQ"
+        "{:<24} {:<7}{} {:<26} {:<10} {:>7} {:>10}\n",
+        "DAEMON",
+        "ONLINE",
+        node("NODE"),
+        "LAST SEEN",
+        "VERSION",
+        "QUEUED",
+        "LAST SEQ"
     );
     for d in daemons {
         out += &format!(
-            "{:<24} {:<7} {:<26} {:<10} {:>7} {:>10}\n",
+            "{:<24} {:<7}{} {:<26} {:<10} {:>7} {:>10}\n",
             d["daemon_id"].as_str().unwrap_or(""),
             if d["online"].as_bool().unwrap_or(false) {
                 "yes"
             } else {
                 "no"
             },
+            node(d["node"].as_str().unwrap_or("-")),
             d["last_seen"].as_str().unwrap_or("never"),
             d["version"].as_str().unwrap_or("-"),
             d["queued"].as_u64().unwrap_or(0),

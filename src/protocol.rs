@@ -294,6 +294,10 @@ pub struct DaemonView {
     pub capabilities: Vec<String>,
     pub queued: u64,
     pub last_seq: u64,
+    /// In a cluster, the relay node holding the daemon's connection while it is online.
+    /// Admin views only (`/admin/daemons`): clients need not know the relay's nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One change-log entry as clients see it: its `seq` and the event.

@@ -1,7 +1,8 @@
 //! Several relay nodes on one PostgreSQL database with a 3-server NATS cluster, all on
 //! loopback and started by the test helpers (DESIGN.md, "Cluster"). What one node commits
 //! wakes the waiters of another through a NATS hint: a queued command wakes a poll, a
-//! result wakes `commands/{id}?wait=`, an update wakes `changes?wait=`, a connect
+//! result wakes `commands/{id}?wait=`, an update wakes `changes?wait=` and the SSE
+//! `stream/events`, a connect
 //! supersedes a poll, a revocation cuts a poll. With NATS down the same wake-ups come from
 //! the fallback re-reads of the database, and hints resume when NATS returns.
 //!
@@ -328,6 +329,36 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"][0]["type"], "new_approval", "{body}");
 
+    // The SSE stream on node c, open from after that entry, gets the next update posted
+    // on node b (and nothing before it).
+    let mut events = on_c
+        .get("/api/v1/daemons/home.d1/stream/events")
+        .header("last-event-id", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let update = json!({
+        "type": "session_status_changed",
+        "data": { "session_id": "s1", "new_status": "running" },
+        "timestamp": "2026-01-01T00:00:01Z",
+        "seq": 2,
+    });
+    let (status, body) = daemon.poll_raw(json!([update]), false, 0.0).await;
+    assert_eq!(status, 200, "{body}");
+    let mut text = String::new();
+    while !text.contains("\n\n") || !text.contains("id: 2") {
+        let chunk = timeout(WAKE, events.chunk())
+            .await
+            .expect("the SSE stream on node c got the update posted on node b in time")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("session_status_changed"), "{text}");
+    assert!(!text.contains("id: 1\n"), "{text}");
+    drop(events);
+
     // A connect on node c supersedes the poll waiting on node b, and the new connection's
     // poll is served at once on node a (which may not have had the hint yet).
     let poll = waiting_poll(&daemon);
@@ -532,6 +563,21 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         "{text}"
     );
     assert!(text.contains("home.d1"), "{text}");
+    // Which node holds the daemon: node a, say both nodes to the admin (in `status` too);
+    // clients are not told.
+    assert!(text.contains("NODE"), "{text}");
+    assert_eq!(holder(&b.url, &a.admin_token(), daemon_id).await, "a");
+    assert_eq!(holder(&a.url, &a.admin_token(), daemon_id).await, "a");
+    let seen: Value = on_b
+        .get(&format!("/api/v1/daemons/{daemon_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["online"], true, "{seen}");
+    assert!(seen.get("node").is_none(), "{seen}");
     // A context stream asked of node b: the agent uploads it through node a, and node b
     // serves it whole, its pump woken by the chunks' hints.
     let path = format!(
@@ -593,12 +639,26 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
         metric_at(&http_b, &b.url, "syncrelay_polls_waiting").await >= Some(1.0)
     })
     .await;
+    assert_eq!(holder(&b.url, &b.admin_token(), daemon_id).await, "b");
     // What is queued now runs through node b.
     let after = queue_post(&on_b, daemon_id, "/echo/after").await;
     let state = command_state(&on_b, &after).await;
     assert_eq!(state["state"], "completed", "{state}");
     assert_eq!(state["result"]["body"]["path"], "/api/v1/echo/after");
     drop(b);
+}
+
+/// The node `GET /admin/daemons/{daemon}` on `url` says holds the daemon ("" if none).
+async fn holder(url: &str, admin: &str, daemon: &str) -> String {
+    let response = reqwest::Client::new()
+        .get(format!("{url}/admin/daemons/{daemon}"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let view: Value = response.json().await.unwrap();
+    view["node"].as_str().unwrap_or("").to_owned()
 }
 
 /// `GET /api/v1/commands/{id}`, waiting (in rounds of up to 20 s, 60 s in all) until the

@@ -5,7 +5,9 @@
 //! agent runs and offline once it stops, an event the daemon posts appearing on its page
 //! without a reload, a key created, used, revoked and then refused, a backup run to the
 //! end with its progress shown. Screenshots of each view, at 1280 and at 390 pixels wide,
-//! go to `target/console-screenshots/`.
+//! go to `target/console-screenshots/`. In a cluster (two nodes on PostgreSQL and NATS),
+//! the console of one node shows its name, its NATS link and hint latency, which node
+//! holds each daemon, and the live change log of a daemon held by the other node.
 
 mod common;
 
@@ -13,7 +15,8 @@ use std::time::Duration;
 
 use common::browser::Browser;
 use common::daemon::TestDaemon;
-use common::{create_key, eventually, AgentProcess, RelayProcess};
+use common::nats::NatsCluster;
+use common::{create_key, eventually, postgres, AgentProcess, RelayProcess};
 use serde_json::{json, Value};
 
 /// The routes the console reads, under the admin role only.
@@ -381,4 +384,96 @@ async fn the_console_in_a_real_browser() {
         .await;
     assert_eq!(stored, Value::Null);
     browser.screenshot("sign-in-390").await;
+}
+
+/// Signs in to the console at `url` with `key` (the key field has the focus).
+async fn sign_in(browser: &Browser, url: &str, key: &str) {
+    browser.goto(url, "").await;
+    browser.shown("#sign-in-form").await;
+    browser.fill("#key", key).await;
+    browser.click("#sign-in-form button[type=submit]").await;
+}
+
+/// Two relay nodes ("a", "b") on one database and one NATS server, the daemon's agent on
+/// node b and the console on node a: the overview names node a, its NATS link and hint
+/// latency; the daemons table says node b holds `d`; the daemon's page, on node a, tails
+/// the change log the agent fills through node b. With NATS gone, the overview says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_of_a_cluster_node_in_a_real_browser() {
+    let test = "the_console_of_a_cluster_node_in_a_real_browser";
+    let Some(pg) = postgres::shared(test) else {
+        return;
+    };
+    let Some(mut nats) = NatsCluster::start(test, 1).await else {
+        return;
+    };
+    let Some(browser) = Browser::start(test).await else {
+        return;
+    };
+    let database = postgres::create_database(pg).await;
+    let store = common::postgres_store(&pg.url(&database));
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let spawn = |index: usize| {
+        let extra = format!(
+            "{store}[cluster]\nnode = \"{}\"\nnats_urls = [\"{}\"]\n",
+            ["a", "b"][index],
+            nats.url(0)
+        );
+        let dir = dirs[index].path();
+        RelayProcess::spawn_with(dir, &dir.join("config.toml"), &extra)
+    };
+    let a = spawn(0);
+    // Node b finds the keys node a made in the database; its admin key is a's.
+    std::fs::write(dirs[1].path().join("admin.key"), a.admin_token()).unwrap();
+    let b = spawn(1);
+    let admin = a.admin_token();
+    let daemon_key = a
+        .create_key(json!({ "role": "daemon", "daemon": "d" }))
+        .await;
+    let daemon = TestDaemon::start().await;
+    let agent_state = dirs[1].path().join("agent");
+    let _agent = AgentProcess::spawn(&b.url, "d", &daemon_key, &daemon.target, &agent_state);
+
+    sign_in(&browser, &a.url, &admin).await;
+    browser
+        .text_where("#card-cluster .label", |t| t == "Node a")
+        .await;
+    browser
+        .text_where("#card-cluster .value", |t| t == "NATS connected")
+        .await;
+    browser
+        .text_where("#card-cluster .held", |t| t.starts_with("holds 0 "))
+        .await;
+    // Node b holds d: the table says so, as does d's page.
+    browser.goto(&a.url, "#/daemons").await;
+    browser
+        .text_where("#daemons tr[data-daemon=d] td.node", |t| t == "b")
+        .await;
+    browser.screenshot("cluster-daemons-desktop").await;
+    browser.click("#daemons tr[data-daemon=d] a").await;
+    browser
+        .text_where("main", |t| t.contains("on node b"))
+        .await;
+    // The agent posts an event through node b; node a's page shows it, woken by a hint.
+    daemon.emit(1);
+    browser
+        .text_where("#changes", |t| t.contains("tick") && t.contains("\"n\":1"))
+        .await;
+    // That hint, and any before it, in node a's hint latency.
+    browser.goto(&a.url, "#/overview").await;
+    browser
+        .text_where("#card-hints .value", |t| t.starts_with('≤'))
+        .await;
+    browser.screenshot("cluster-overview-desktop").await;
+    sign_in(&browser, &b.url, &admin).await;
+    browser
+        .text_where("#card-cluster .held", |t| t.starts_with("holds 1 "))
+        .await;
+
+    // NATS gone: node b's overview says so.
+    nats.kill(0);
+    browser
+        .text_where("#card-cluster .value", |t| t == "NATS unreachable")
+        .await;
+    browser.screenshot("cluster-nats-down-desktop").await;
 }

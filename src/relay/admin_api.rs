@@ -394,7 +394,7 @@ pub async fn daemon_contexts(
 /// answers, for the admin key (they answer an unknown daemon with 404 themselves).
 pub async fn daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
     valid_id(daemon_id)?;
-    super::client::get_daemon(app, daemon_id).await
+    super::client::get_daemon(app, daemon_id, true).await
 }
 
 pub async fn changes(

@@ -502,7 +502,7 @@ async fn get_command(
         Stored,
     ))]
 async fn get_daemon(State(app): AppState, scope: DaemonScope) -> Result<Response, ApiError> {
-    client::get_daemon(&app, scope.daemon_id()).await
+    client::get_daemon(&app, scope.daemon_id(), false).await
 }
 
 /// The daemon's change log after `since`, a page at a time; `wait` long-polls.

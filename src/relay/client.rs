@@ -14,8 +14,10 @@ use super::{App, Response};
 use crate::protocol::{rfc3339, DaemonList, DaemonView};
 use crate::store::{now_ms, CommandRecord, DaemonRecord};
 
-pub fn daemon_view(app: &App, record: DaemonRecord) -> DaemonView {
+/// A daemon as clients see it; `admin`: with the node holding it (see [`holder`]).
+pub fn daemon_view(app: &App, record: DaemonRecord, admin: bool) -> DaemonView {
     DaemonView {
+        node: if admin { holder(app, &record) } else { None },
         online: is_online(app, &record),
         last_seen: record
             .last_seen_ms
@@ -55,6 +57,24 @@ fn online_elsewhere(app: &App, record: &DaemonRecord) -> bool {
             .is_some_and(|seen| now_ms().saturating_sub(seen) <= limit.as_millis() as u64)
 }
 
+/// In a cluster, the node holding an online daemon: this one while it polls or streams
+/// here or was heard from within `online_grace`, else the node that stored its last
+/// connect or last-seen time, if that is recent ([`online_elsewhere`]). `None` on a lone
+/// relay and for a daemon offline everywhere.
+fn holder(app: &App, record: &DaemonRecord) -> Option<String> {
+    let cluster = app.cluster.as_ref()?;
+    if app
+        .hub
+        .online(&record.daemon_id, app.config.sync.online_grace)
+    {
+        Some(cluster.node.clone())
+    } else if online_elsewhere(app, record) {
+        record.node.clone()
+    } else {
+        None
+    }
+}
+
 /// `GET /api/v1/daemons` (client keys: their scope) and `GET /admin/daemons` (all).
 pub async fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiError> {
     let daemons: Vec<DaemonView> = app
@@ -63,19 +83,19 @@ pub async fn list_daemons(app: &App, principal: &Principal) -> Result<Response, 
         .await?
         .into_iter()
         .filter(|d| principal.role == crate::store::Role::Admin || principal.can_see(&d.daemon_id))
-        .map(|d| daemon_view(app, d))
+        .map(|d| daemon_view(app, d, principal.role == crate::store::Role::Admin))
         .collect();
     Ok(json(StatusCode::OK, &DaemonList { daemons }))
 }
 
-/// `GET /api/v1/daemons/{id}`.
-pub async fn get_daemon(app: &App, daemon_id: &str) -> Result<Response, ApiError> {
+/// `GET /api/v1/daemons/{id}`, and for `admin` `GET /admin/daemons/{id}`.
+pub async fn get_daemon(app: &App, daemon_id: &str, admin: bool) -> Result<Response, ApiError> {
     let record = app
         .store
         .daemon(daemon_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no daemon {daemon_id}")))?;
-    Ok(json(StatusCode::OK, &daemon_view(app, record)))
+    Ok(json(StatusCode::OK, &daemon_view(app, record, admin)))
 }
 
 /// `GET /api/v1/commands/{id}?wait=N`: waits up to N seconds for a final state.

@@ -322,7 +322,7 @@ impl Cluster {
         crate::protocol::ClusterStats {
             node: self.node.clone(),
             nats_connected: self.nats_connected(),
-            daemons_held: self.lock_held().len() as u64,
+            daemons_held: self.daemons_held(),
             hints_sent: m.hints_sent.load(Relaxed),
             hints_received: m.hints_received.load(Relaxed),
             hints_dropped: m.hints_dropped.load(Relaxed),
@@ -334,6 +334,11 @@ impl Cluster {
                 sum_seconds,
             },
         }
+    }
+
+    /// Daemons whose connection this node holds (it answers other nodes' reads of them).
+    pub fn daemons_held(&self) -> u64 {
+        self.lock_held().len() as u64
     }
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {

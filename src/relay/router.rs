@@ -441,7 +441,9 @@ fn rate_limited(app: &App, limited: Limited) -> ApiError {
     ApiError::rate_limited(limited.retry_after_secs())
 }
 
-/// The cluster's series: this node's name, NATS connectivity, hints and their latency.
+/// The cluster's series: this node's name, NATS connectivity, the daemons it holds, hints
+/// and their latency. Which node holds which daemon is in `/admin/daemons` (this page names
+/// no daemon).
 fn render_cluster(text: &mut String, cluster: &super::cluster::Cluster) {
     use std::fmt::Write;
     let m = &cluster.metrics;
@@ -455,6 +457,11 @@ fn render_cluster(text: &mut String, cluster: &super::cluster::Cluster) {
             "syncrelay_cluster_nats_connected",
             "gauge",
             cluster.nats_connected() as u64,
+        ),
+        (
+            "syncrelay_cluster_daemons_held",
+            "gauge",
+            cluster.daemons_held(),
         ),
         (
             "syncrelay_cluster_hints_sent_total",

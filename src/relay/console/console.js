@@ -274,6 +274,7 @@ function viewOverview(root) {
       card("Flush (durable write)", last.flushMs == null ? "idle" : `${last.flushMs.toFixed(2)} ms`, series.map((s) => s.flushMs), "card-flush"),
       card("Writes per flush", last.perFlush == null ? "idle" : last.perFlush.toFixed(1), series.map((s) => s.perFlush), "card-per-flush"),
       card("Disk", bytes(stats.store.disk_bytes), samples.map((s) => s.stats.store.disk_bytes), "card-disk"),
+      ...clusterCards(samples),
     );
     const byState = stats.commands.by_state;
     states.replaceChildren(
@@ -287,6 +288,29 @@ function viewOverview(root) {
   });
 }
 
+/**
+ * In a cluster: this node, its NATS link and the daemons it holds; and the latency of the
+ * hints it gets from other nodes (since it started; the line is each interval's p50).
+ */
+function clusterCards(samples) {
+  const cluster = samples[samples.length - 1].stats.cluster;
+  if (!cluster) return [];
+  const latency = cluster.hint_latency;
+  const p50 = quantile({ cumulative: [] }, latency, 0.5);
+  const p99 = quantile({ cumulative: [] }, latency, 0.99);
+  const history = samples.slice(1).map((s, i) =>
+    quantile(samples[i].stats.cluster?.hint_latency, s.stats.cluster?.hint_latency, 0.5));
+  return [
+    el("div", { class: "card", id: "card-cluster" },
+      el("div", { class: "label" }, `Node ${cluster.node}`),
+      el("div", { class: "value" }, cluster.nats_connected ? "NATS connected" : "NATS unreachable"),
+      el("div", { class: "label held" }, `holds ${number(cluster.daemons_held)} daemon connection(s)`)),
+    card("Hint latency p50 / p99 (bounds)",
+      p50 === null ? "no hints yet" : `≤ ${ms(p50).replace(" ms", "")} / ${ms(p99)}`,
+      history, "card-hints"),
+  ];
+}
+
 function viewDaemons(root) {
   document.title = "Daemons · syncrelay console";
   const wrap = el("div", { class: "table-wrap" });
@@ -297,14 +321,17 @@ function viewDaemons(root) {
       wrap.replaceChildren(el("p", { class: "muted" }, "No daemons yet: create a daemon key and start its agent."));
       return;
     }
+    // In a cluster, the node holding each online daemon.
+    const nodes = daemons.some((d) => d.node);
     wrap.replaceChildren(el("table", { id: "daemons" },
       el("thead", {}, el("tr", {},
-        el("th", {}, "Daemon"), el("th", {}, "State"), el("th", {}, "Last seen"),
+        el("th", {}, "Daemon"), el("th", {}, "State"), nodes ? el("th", {}, "Node") : null, el("th", {}, "Last seen"),
         el("th", { class: "wide" }, "Version"), el("th", { class: "wide" }, "Capabilities"),
         el("th", { class: "num" }, "Queued"), el("th", { class: "num" }, "Last seq"))),
       el("tbody", {}, daemons.map((d) => el("tr", { "data-daemon": d.daemon_id },
         el("td", {}, el("a", { href: `#/daemons/${encodeURIComponent(d.daemon_id)}` }, d.daemon_id)),
         el("td", {}, el("span", { class: `badge ${d.online ? "online" : "offline"}` }, d.online ? "online" : "offline")),
+        nodes ? el("td", { class: "node" }, d.node || "–") : null,
         el("td", { title: d.last_seen || "" }, ago(d.last_seen)),
         el("td", { class: "wide" }, d.version || "–"),
         el("td", { class: "wide" }, d.capabilities.join(", ") || "–"),
@@ -355,7 +382,7 @@ function viewDaemon(root, daemonId) {
       getJson(path), getJson(`${path}/commands?limit=20`), getJson(`${path}/contexts`)]);
     summary.replaceChildren(
       el("span", { class: `badge ${daemon.online ? "online" : "offline"}` }, daemon.online ? "online" : "offline"),
-      ` last seen ${ago(daemon.last_seen)} · version ${daemon.version || "–"} · ${number(daemon.queued)} queued · last seq ${number(daemon.last_seq)}`);
+      `${daemon.node ? ` on node ${daemon.node} ·` : ""} last seen ${ago(daemon.last_seen)} · version ${daemon.version || "–"} · ${number(daemon.queued)} queued · last seq ${number(daemon.last_seq)}`);
     commands.replaceChildren(recent.commands.length
       ? el("table", {},
           el("thead", {}, el("tr", {}, el("th", {}, "Command"), el("th", {}, "Method"), el("th", {}, "State"),

@@ -4,7 +4,8 @@
 //! result wakes `commands/{id}?wait=`, an update wakes `changes?wait=` and the SSE
 //! `stream/events`, a connect
 //! supersedes a poll, a revocation cuts a poll. With NATS down the same wake-ups come from
-//! the fallback re-reads of the database, and hints resume when NATS returns.
+//! the fallback re-reads of the database, and hints resume when NATS returns. With
+//! PostgreSQL down every node answers writes 503 and recovers by itself.
 //!
 //! Every wait-for-wake is bounded by [`WAKE`] (5 s) while the request itself waits far
 //! longer and the fallback re-read runs only every 30 s while NATS is up: only a hint
@@ -37,7 +38,11 @@ struct Nodes {
 
 impl Nodes {
     async fn start(test: &str) -> Option<Nodes> {
-        let pg = postgres::shared(test)?;
+        Nodes::start_on(test, postgres::shared(test)?).await
+    }
+
+    /// As [`Nodes::start`], on a new database of `pg`.
+    async fn start_on(test: &str, pg: &postgres::PgCluster) -> Option<Nodes> {
         let nats = NatsCluster::start(test, 3).await?;
         let database = postgres::create_database(pg).await;
         let store = common::postgres_store(&pg.url(&database));
@@ -485,6 +490,68 @@ async fn without_nats_waiters_reread_the_database_and_hints_resume_when_it_retur
             .await
             > received
     );
+}
+
+/// PostgreSQL stopped (`-m immediate`) under a cluster: writes through every node get 503
+/// `storage_unavailable`, storing nothing; once it is back the same node processes take
+/// writes again by themselves: the command written before the outage is still there, and
+/// one queued on node a reaches the poll waiting on node b through a hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_every_node_answers_503_and_all_recover_by_themselves() {
+    let test = "with_the_database_down_every_node_answers_503_and_all_recover";
+    let Some(pg) = postgres::PgCluster::start(test) else {
+        return;
+    };
+    let Some(nodes) = Nodes::start_on(test, &pg).await else {
+        return;
+    };
+    let (daemon_key, _) = nodes.key(json!({ "role": "daemon", "daemon": "d" })).await;
+    let mut daemon = Daemon::new(nodes.url(1), "d", &daemon_key);
+    daemon.connect().await;
+    let on_a = nodes.client(0, "d").await;
+    let on_b = nodes.client(1, "d").await;
+    let before = queue(&on_a, "d").await;
+
+    pg.stop_immediate();
+    for (node, client) in [("a", &on_a), ("b", &on_b)] {
+        let response = client
+            .post("/api/v1/daemons/d/sessions")
+            .header("prefer", "respond-async")
+            .header("idempotency-key", format!("during-{node}"))
+            .json(&json!({ "query": "during" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503, "node {node}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "storage_unavailable",
+            "node {node}: {body}"
+        );
+    }
+
+    pg.start_again();
+    eventually(Duration::from_secs(30), || async {
+        let response = on_a.get("/api/v1/daemons/d").send().await.unwrap();
+        response.status() == 200
+    })
+    .await;
+    // Nothing of the refused writes was stored: the queue holds only the one from before.
+    let view: Value = on_b
+        .get("/api/v1/daemons/d")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["queued"], 1, "{view}");
+    // The command from before the outage is leased first; then one queued now arrives
+    // at the waiting poll through its hint.
+    let (status, body) = daemon.poll_raw(json!([]), false, 0.0).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["commands"][0]["id"], before.as_str(), "{body}");
+    queued_on_a_reaches_the_poll_on_b(&nodes, &on_a, &daemon, "after the outage, a hint").await;
 }
 
 /// A node SIGKILLed under its daemons: the agent, given both nodes' URLs, connects to the

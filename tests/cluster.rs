@@ -218,7 +218,8 @@ async fn get(client: &Client, daemon: &str, path: &str) -> (u16, String, Value) 
     (status, source, response.json().await.unwrap_or(Value::Null))
 }
 
-/// A daemon on `node` that answers every mirrored call with its path, until aborted.
+/// A daemon on `node` that answers every mirrored call with its path (and for `/big`, 5 ×
+/// NATS's message limit of padding), until aborted.
 async fn serving_daemon(
     nodes: &Nodes,
     node: usize,
@@ -231,10 +232,16 @@ async fn serving_daemon(
     daemon.connect().await;
     let id = daemon_id.to_owned();
     common::serve_daemon(daemon, move |command| {
+        let path = command["params"]["path"].as_str().unwrap_or("");
+        let pad = if path.ends_with("/big") {
+            "x".repeat(5 * common::nats::MAX_PAYLOAD)
+        } else {
+            String::new()
+        };
         json!({
             "status": 200,
             "headers": { "content-type": "application/json" },
-            "body": { "daemon": id, "path": command["params"]["path"] },
+            "body": { "daemon": id, "path": path, "pad": pad },
         })
     })
 }
@@ -409,6 +416,12 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
     assert_eq!(source, "daemon");
     assert_eq!(body["daemon"], "home.d3", "{body}");
     assert_eq!(body["path"], "/api/v1/sessions", "{body}");
+    // An answer five times NATS's message limit comes whole, in pieces.
+    let (status, source, body) = get(&reader, "home.d3", "/big").await;
+    assert_eq!((status, source.as_str()), (200, "daemon"), "{body}");
+    let pad = body["pad"].as_str().expect("the whole answer");
+    assert_eq!(pad.len(), 5 * common::nats::MAX_PAYLOAD);
+    assert!(pad.bytes().all(|b| b == b'x'));
     server.abort();
 
     // Status: each node names itself and counts the hints it got from the others.

@@ -22,7 +22,11 @@
 //! | `sr.conn.<daemon>` | | re-reads the stored connection id: older polls end `superseded` |
 //! | `sr.keys` | key id | drops the key from this node's key cache; every open request looks its key up again |
 //!
-//! Each payload is `<node> <sent µs since the epoch> [<arg>]`: a node ignores its own
+//! A read's answer larger than one NATS message (`max_payload`) comes in pieces: the
+//! holder answers with where to fetch them (an inbox it subscribes to for the purpose) and
+//! the asking node requests them one by one, so no answer is too large to cross nodes.
+//!
+//! Each hint's payload is `<node> <sent µs since the epoch> [<arg>]`: a node ignores its own
 //! hints (it woke its waiters already) and measures the others' delivery latency (across
 //! machines this includes their clock difference).
 
@@ -135,9 +139,6 @@ struct ReadRequest {
     method: String,
     params_json: String,
     wait_ms: u64,
-    /// A GET's copy key: an answer too large for NATS is kept under it instead.
-    #[serde(default)]
-    cache_key: Option<String>,
     /// Only asks whether the daemon is online there.
     #[serde(default)]
     probe: bool,
@@ -156,9 +157,12 @@ struct ReadReply {
     /// The daemon's queue is full (its limit).
     #[serde(default)]
     queue_full: Option<u64>,
-    /// Too large for NATS: kept as the daemon's cached copy.
+    /// Too large for one NATS message: the reply (this struct, serialised) is fetched in
+    /// this many pieces, piece `i` by a request with payload `i` on `pieces_at`.
     #[serde(default)]
-    stored: bool,
+    pieces: Option<u32>,
+    #[serde(default)]
+    pieces_at: Option<String>,
 }
 
 /// What a read sent to another node came to.
@@ -166,8 +170,6 @@ pub enum Remote {
     Answered(ReadOutcome),
     TimedOut,
     QueueFull(u64),
-    /// The answer is in the database, as the cached copy.
-    Stored,
     /// No node holds the daemon (or NATS is unreachable).
     NoHolder,
 }
@@ -351,14 +353,12 @@ impl Cluster {
         daemon: &str,
         method: &str,
         params_json: &str,
-        cache_key: Option<&str>,
         wait: Duration,
     ) -> Remote {
         let request = ReadRequest {
             method: method.to_owned(),
             params_json: params_json.to_owned(),
             wait_ms: wait.as_millis() as u64,
-            cache_key: cache_key.map(str::to_owned),
             probe: false,
         };
         // The holder answers `timed_out` at `wait`; a little longer here covers the trip.
@@ -366,7 +366,6 @@ impl Cluster {
             .request(daemon, &request, wait + Duration::from_secs(2))
             .await
         {
-            Some(reply) if reply.stored => Remote::Stored,
             Some(ReadReply {
                 queue_full: Some(limit),
                 ..
@@ -386,7 +385,6 @@ impl Cluster {
             method: String::new(),
             params_json: String::new(),
             wait_ms: 0,
-            cache_key: None,
             probe: true,
         };
         self.request(daemon, &probe, Duration::from_secs(2))
@@ -414,7 +412,13 @@ impl Cluster {
             .send_request(format!("sr.read.{}", token(daemon)), request)
             .await
         {
-            Ok(message) => serde_json::from_slice(&message.payload).ok(),
+            Ok(message) => {
+                let reply: ReadReply = serde_json::from_slice(&message.payload).ok()?;
+                match (reply.pieces, &reply.pieces_at) {
+                    (Some(count), Some(at)) => self.pieces(daemon, at, count, limit).await,
+                    _ => Some(reply),
+                }
+            }
             // A holder that did not answer in time: as when the daemon does not.
             Err(err) if err.kind() == async_nats::client::RequestErrorKind::TimedOut => {
                 Some(ReadReply {
@@ -429,6 +433,40 @@ impl Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Fetches a reply sent in `count` pieces from `at`, one request each (each within
+    /// `limit`); `timed_out` when a piece does not come.
+    async fn pieces(
+        &self,
+        daemon: &str,
+        at: &str,
+        count: u32,
+        limit: Duration,
+    ) -> Option<ReadReply> {
+        let mut whole = Vec::new();
+        for index in 0..count {
+            let request = async_nats::client::Request::new()
+                .payload(index.to_string().into())
+                .timeout(Some(limit));
+            match self.client.send_request(at.to_owned(), request).await {
+                Ok(piece) => whole.extend_from_slice(&piece.payload),
+                Err(err) => {
+                    tracing::warn!(daemon, index, count, error = %err, "cluster: a piece of a \
+                        read's answer did not come");
+                    return Some(ReadReply {
+                        timed_out: true,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        serde_json::from_slice(&whole).ok()
+    }
+}
+
+/// How long a holder keeps a large answer for its pieces to be fetched.
+const PIECES_KEPT: Duration = Duration::from_secs(30);
 
 /// Answers `sr.read.<daemon>` for as long as the daemon stays online here.
 async fn serve_reads(
@@ -545,7 +583,7 @@ async fn answer_read(
         wait,
     )
     .await;
-    let mut reply = match outcome {
+    let reply = match outcome {
         Ok(Some(outcome)) => ReadReply {
             result_json: outcome.result_json,
             error_json: outcome.error_json,
@@ -560,34 +598,70 @@ async fn answer_read(
             ..Default::default()
         },
     };
-    let mut payload = serde_json::to_vec(&reply).expect("a read reply serialises");
+    let payload = serde_json::to_vec(&reply).expect("a read reply serialises");
     // Room for the headers NATS adds.
     let max = cluster
         .client
         .server_info()
         .max_payload
-        .saturating_sub(4096);
-    if payload.len() > max {
-        let kept = match (&request.cache_key, &reply.result_json) {
-            (Some(key), Some(result)) if reply.error_json.is_none() => {
-                super::mirror::keep_answer(&app, &daemon, key, result).await
-            }
-            _ => false,
-        };
-        reply = ReadReply {
-            stored: kept,
-            timed_out: !kept,
-            ..Default::default()
-        };
-        tracing::warn!(
-            daemon,
-            bytes = payload.len(),
-            kept,
-            "cluster: a read's answer is larger than NATS's max_payload"
-        );
-        payload = serde_json::to_vec(&reply).expect("a read reply serialises");
+        .saturating_sub(4096)
+        .max(4096);
+    if payload.len() <= max {
+        let _ = cluster.client.publish(reply_to, payload.into()).await;
+    } else {
+        send_in_pieces(&cluster, &daemon, reply_to, Bytes::from(payload), max).await;
     }
-    let _ = cluster.client.publish(reply_to, payload.into()).await;
+}
+
+/// Sends a reply larger than one NATS message in pieces: it says where to fetch them (a
+/// fresh inbox this node subscribes to first), then answers each piece's request, for up
+/// to [`PIECES_KEPT`] or until the last piece is sent.
+async fn send_in_pieces(
+    cluster: &Cluster,
+    daemon: &str,
+    reply_to: async_nats::Subject,
+    payload: Bytes,
+    max: usize,
+) {
+    let at = cluster.client.new_inbox();
+    let Ok(mut requests) = cluster.client.subscribe(at.clone()).await else {
+        return;
+    };
+    let count = payload.len().div_ceil(max);
+    let head = ReadReply {
+        pieces: Some(count as u32),
+        pieces_at: Some(at),
+        ..Default::default()
+    };
+    let head = serde_json::to_vec(&head).expect("a read reply serialises");
+    if cluster.client.publish(reply_to, head.into()).await.is_err() {
+        return;
+    }
+    tracing::debug!(
+        daemon,
+        bytes = payload.len(),
+        count,
+        "cluster: a read's answer in pieces"
+    );
+    let deadline = tokio::time::Instant::now() + PIECES_KEPT;
+    while let Ok(Some(request)) = tokio::time::timeout_at(deadline, requests.next()).await {
+        let Some(reply) = request.reply else {
+            continue;
+        };
+        let Some(index) = std::str::from_utf8(&request.payload)
+            .ok()
+            .and_then(|text| text.parse::<usize>().ok())
+            .filter(|&index| index < count)
+        else {
+            continue;
+        };
+        let piece = payload.slice(index * max..((index + 1) * max).min(payload.len()));
+        let _ = cluster.client.publish(reply, piece).await;
+        if index + 1 == count {
+            break;
+        }
+    }
+    let _ = requests.unsubscribe().await;
 }
 
 /// Sends queued hints in order.

@@ -207,10 +207,8 @@ async fn remote_read(
     wait: Duration,
 ) -> Result<Response, ApiError> {
     use super::cluster::Remote;
-    // A GET's answer too large for a NATS message travels through the database instead.
-    let cache_key = spec.cache_key.as_deref().filter(|_| !spec.head);
     let remote = cluster
-        .remote_read(daemon_id, &spec.method, &spec.params_json, cache_key, wait)
+        .remote_read(daemon_id, &spec.method, &spec.params_json, wait)
         .await;
     match remote {
         Remote::Answered(outcome) => render_read(app, daemon_id, &spec, Some(outcome), wait).await,
@@ -220,9 +218,7 @@ async fn remote_read(
             limit,
         }
         .into()),
-        // Too large for a NATS message, the answer went through the database as the
-        // daemon's cached copy.
-        Remote::Stored | Remote::NoHolder => offline_copy(app, daemon_id, &spec)
+        Remote::NoHolder => offline_copy(app, daemon_id, &spec)
             .await
             .ok_or_else(|| ApiError::daemon_offline(daemon_id)),
     }
@@ -269,19 +265,6 @@ pub(super) async fn answer_here(
         _ = tokio::time::sleep_until(until) => None,
         _ = app.shutdown.cancelled() => None,
     })
-}
-
-/// Keeps a GET's 2xx answer as the daemon's cached copy; whether it was kept.
-pub(super) async fn keep_answer(
-    app: &App,
-    daemon_id: &str,
-    cache_key: &str,
-    result_json: &str,
-) -> bool {
-    match http_rendered(result_json) {
-        Ok(rendered) => super::sync::keep_copy(app, daemon_id, cache_key, &rendered).await,
-        Err(_) => false,
-    }
 }
 
 /// The client's answer to a read: the daemon's, or (none in time) the cached copy or 504.

@@ -1,6 +1,7 @@
 //! A throwaway NATS cluster for the cluster tests: `nats-server` processes (Debian's
 //! package) on free loopback ports, joined by routes on 127.0.0.1, core NATS only (no
-//! JetStream). Each server can be killed (SIGKILL) and started again on its ports.
+//! JetStream), with a message limit ([`MAX_PAYLOAD`]) far below NATS's default so that
+//! the tests' larger answers cross nodes in pieces. Each server can be killed (SIGKILL) and started again on its ports.
 //! Readiness is awaited, not slept for: each server's monitoring endpoint (`/routez`)
 //! reports its routes to all the others (the cluster tests then await a probe hint from
 //! each relay node at every other one). Where `nats-server` is missing, [`NatsCluster::start`]
@@ -11,6 +12,9 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// `max_payload` of the test servers: 64 KiB (NATS's default is 1 MiB).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
 
 /// One server's ports and, while it runs, its process.
 struct Server {
@@ -106,7 +110,11 @@ impl NatsCluster {
             .map(|(_, s)| format!("nats://127.0.0.1:{}", s.route_port))
             .collect();
         let server = &self.servers[index];
+        let config = self.logs.path().join("nats.conf");
+        std::fs::write(&config, format!("max_payload: {MAX_PAYLOAD}\n")).unwrap();
         let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&config)
             .args([
                 "-a",
                 "127.0.0.1",

@@ -262,13 +262,15 @@ fn seconds_text(seconds: f64) -> String {
 
 /// `syncrelay status` as a table; in a cluster, with the node holding each online daemon.
 pub fn format_daemons(daemons: &[serde_json::Value]) -> String {
-    let cluster = daemons.iter().any(|d| d.get("node").is_some());
-    let node = |text: &str| {
-        if cluster {
-            format!(" {text:<12}")
-        } else {
-            String::new()
-        }
+    // The node column, as wide as its widest name (none on a lone relay).
+    let width = daemons
+        .iter()
+        .filter_map(|d| d["node"].as_str())
+        .map(|node| node.chars().count().max(4))
+        .max();
+    let node = |text: &str| match width {
+        Some(width) => format!(" {text:<width$}"),
+        None => String::new(),
     };
     let mut out = format!(
         "{:<24} {:<7}{} {:<26} {:<10} {:>7} {:>10}\n",

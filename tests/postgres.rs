@@ -238,7 +238,7 @@ async fn node_store(url: String, node: &str) -> syncrelay::store::Store {
 
 /// A database of schema 1 (before nodes were stored), with a daemon in it, is upgraded
 /// at start; the daemon is kept, held by no node until it connects, then by the node it
-/// connected to, which its last-seen times keep naming. Last-seen times only move forward.
+/// connected to last. Last-seen times only move forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_upgraded_and_each_connect_names_its_node() {
     let test = "an_older_schema_is_upgraded_and_each_connect_names_its_node";
@@ -290,6 +290,13 @@ async fn an_older_schema_is_upgraded_and_each_connect_names_its_node() {
     assert_eq!(
         (moved.node.as_deref(), moved.last_seen_ms),
         (Some("b"), Some(3_000))
+    );
+    // Nor does one from a node whose clock runs ahead: only a connect moves the daemon.
+    a.touch_daemon("old", 4_000).await.unwrap();
+    let still = a.daemon("old").await.unwrap().unwrap();
+    assert_eq!(
+        (still.node.as_deref(), still.last_seen_ms),
+        (Some("b"), Some(4_000))
     );
 }
 

@@ -461,7 +461,7 @@ async fn list_daemons(
     State(app): AppState,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
-    client::list_daemons(&app, &principal).await
+    client::list_daemons(&app, &principal, false).await
 }
 
 /// A command's state, and its result once there is one; `wait` long-polls for it.
@@ -748,7 +748,7 @@ async fn admin_list_daemons(
     State(app): AppState,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
-    client::list_daemons(&app, &principal).await
+    client::list_daemons(&app, &principal, true).await
 }
 
 /// The segment after `/admin/daemons/`, as sent.

@@ -75,15 +75,20 @@ fn holder(app: &App, record: &DaemonRecord) -> Option<String> {
     }
 }
 
-/// `GET /api/v1/daemons` (client keys: their scope) and `GET /admin/daemons` (all).
-pub async fn list_daemons(app: &App, principal: &Principal) -> Result<Response, ApiError> {
+/// `GET /api/v1/daemons` (client keys: their scope) and, `admin`, `GET /admin/daemons`
+/// (all, with the node holding each).
+pub async fn list_daemons(
+    app: &App,
+    principal: &Principal,
+    admin: bool,
+) -> Result<Response, ApiError> {
     let daemons: Vec<DaemonView> = app
         .store
         .daemons()
         .await?
         .into_iter()
         .filter(|d| principal.role == crate::store::Role::Admin || principal.can_see(&d.daemon_id))
-        .map(|d| daemon_view(app, d, principal.role == crate::store::Role::Admin))
+        .map(|d| daemon_view(app, d, admin))
         .collect();
     Ok(json(StatusCode::OK, &DaemonList { daemons }))
 }

@@ -129,6 +129,8 @@ pub struct Cluster {
     fallback_interval: Duration,
     /// The daemons this node answers `sr.read.<daemon>` for (it holds their connection).
     held: std::sync::Mutex<HashSet<String>>,
+    /// Bytes of large answers this node keeps for other nodes to fetch in pieces.
+    pieces_kept: AtomicU64,
     /// The app, for the tasks that answer other nodes' reads (set by [`Cluster::spawn`]).
     app: OnceLock<Weak<App>>,
 }
@@ -142,6 +144,10 @@ struct ReadRequest {
     /// Only asks whether the daemon is online there.
     #[serde(default)]
     probe: bool,
+    /// The asking node fetches an answer too large for one message in pieces (a node
+    /// that does not, during an upgrade, gets `timed_out` for such an answer instead).
+    #[serde(default)]
+    pieces: bool,
 }
 
 /// The holding node's answer.
@@ -157,8 +163,8 @@ struct ReadReply {
     /// The daemon's queue is full (its limit).
     #[serde(default)]
     queue_full: Option<u64>,
-    /// Too large for one NATS message: the reply (this struct, serialised) is fetched in
-    /// this many pieces, piece `i` by a request with payload `i` on `pieces_at`.
+    /// Too large for one NATS message: `result_json` is fetched in this many pieces, piece
+    /// `i` by a request with payload `i` on `pieces_at`.
     #[serde(default)]
     pieces: Option<u32>,
     #[serde(default)]
@@ -247,6 +253,7 @@ impl Cluster {
             publisher: std::sync::Mutex::new(Some(publisher)),
             fallback_interval: config.fallback_interval,
             held: Default::default(),
+            pieces_kept: AtomicU64::new(0),
             app: OnceLock::new(),
         })
     }
@@ -360,6 +367,7 @@ impl Cluster {
             params_json: params_json.to_owned(),
             wait_ms: wait.as_millis() as u64,
             probe: false,
+            pieces: true,
         };
         // The holder answers `timed_out` at `wait`; a little longer here covers the trip.
         match self
@@ -386,6 +394,7 @@ impl Cluster {
             params_json: String::new(),
             wait_ms: 0,
             probe: true,
+            pieces: false,
         };
         self.request(daemon, &probe, Duration::from_secs(2))
             .await
@@ -414,8 +423,8 @@ impl Cluster {
         {
             Ok(message) => {
                 let reply: ReadReply = serde_json::from_slice(&message.payload).ok()?;
-                match (reply.pieces, &reply.pieces_at) {
-                    (Some(count), Some(at)) => self.pieces(daemon, at, count, limit).await,
+                match (reply.pieces, reply.pieces_at.as_deref()) {
+                    (Some(count), Some(at)) => Some(self.pieces(daemon, at, count).await),
                     _ => Some(reply),
                 }
             }
@@ -435,38 +444,57 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Fetches a reply sent in `count` pieces from `at`, one request each (each within
-    /// `limit`); `timed_out` when a piece does not come.
-    async fn pieces(
-        &self,
-        daemon: &str,
-        at: &str,
-        count: u32,
-        limit: Duration,
-    ) -> Option<ReadReply> {
+    /// Fetches a `result_json` sent in `count` pieces from `at`, each within
+    /// [`PIECE_WAIT`]; `timed_out` when one does not come (as when the daemon does not
+    /// answer in time).
+    async fn pieces(&self, daemon: &str, at: &str, count: u32) -> ReadReply {
         let mut whole = Vec::new();
         for index in 0..count {
             let request = async_nats::client::Request::new()
                 .payload(index.to_string().into())
-                .timeout(Some(limit));
+                .timeout(Some(PIECE_WAIT));
             match self.client.send_request(at.to_owned(), request).await {
                 Ok(piece) => whole.extend_from_slice(&piece.payload),
                 Err(err) => {
                     tracing::warn!(daemon, index, count, error = %err, "cluster: a piece of a \
                         read's answer did not come");
-                    return Some(ReadReply {
+                    return ReadReply {
                         timed_out: true,
                         ..Default::default()
-                    });
+                    };
                 }
             }
         }
-        serde_json::from_slice(&whole).ok()
+        match String::from_utf8(whole) {
+            Ok(result_json) => ReadReply {
+                result_json: Some(result_json),
+                ..Default::default()
+            },
+            Err(_) => {
+                tracing::warn!(
+                    daemon,
+                    count,
+                    "cluster: a read's answer in pieces is not UTF-8"
+                );
+                ReadReply {
+                    timed_out: true,
+                    ..Default::default()
+                }
+            }
+        }
     }
 }
 
-/// How long a holder keeps a large answer for its pieces to be fetched.
-const PIECES_KEPT: Duration = Duration::from_secs(30);
+/// How long an asking node waits for each piece of a large answer.
+const PIECE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a holder keeps a large answer while no piece of it is asked for: gone once it
+/// has been fetched, or its asker left.
+const PIECES_IDLE: Duration = Duration::from_secs(10);
+
+/// The most a node keeps of large answers waiting to be fetched in pieces; past it, a
+/// large answer is `timed_out` (the asker serves the cached copy or 504).
+const PIECES_BUDGET: usize = 128 << 20;
 
 /// Answers `sr.read.<daemon>` for as long as the daemon stays online here.
 async fn serve_reads(
@@ -608,43 +636,92 @@ async fn answer_read(
         .max(4096);
     if payload.len() <= max {
         let _ = cluster.client.publish(reply_to, payload.into()).await;
-    } else {
-        send_in_pieces(&cluster, &daemon, reply_to, Bytes::from(payload), max).await;
+        return;
     }
+    let large = match reply.result_json {
+        Some(result) if request.pieces && reply.error_json.is_none() => Bytes::from(result),
+        _ => {
+            tracing::warn!(
+                daemon,
+                bytes = payload.len(),
+                "cluster: a read's answer is larger \
+                than NATS's max_payload and its asker cannot take pieces"
+            );
+            let timed_out = ReadReply {
+                timed_out: true,
+                ..Default::default()
+            };
+            let timed_out = serde_json::to_vec(&timed_out).expect("a read reply serialises");
+            let _ = cluster.client.publish(reply_to, timed_out.into()).await;
+            return;
+        }
+    };
+    send_in_pieces(&app, &cluster, &daemon, reply_to, large, max).await;
 }
 
-/// Sends a reply larger than one NATS message in pieces: it says where to fetch them (a
-/// fresh inbox this node subscribes to first), then answers each piece's request, for up
-/// to [`PIECES_KEPT`] or until the last piece is sent.
+/// Sends a `result_json` larger than one NATS message in pieces: the reply says where to
+/// fetch them (a fresh inbox this node subscribes to first), then each piece's request is
+/// answered, until the last piece is sent or none is asked for within [`PIECES_IDLE`].
+/// Past [`PIECES_BUDGET`] of such answers kept at once, the reply is `timed_out`.
 async fn send_in_pieces(
+    app: &App,
     cluster: &Cluster,
     daemon: &str,
     reply_to: async_nats::Subject,
-    payload: Bytes,
+    result: Bytes,
     max: usize,
 ) {
+    /// Gives the answer's bytes back to the budget however this ends.
+    struct Kept<'a>(&'a AtomicU64, u64);
+    impl Drop for Kept<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(self.1, Relaxed);
+        }
+    }
+    let size = result.len() as u64;
+    let kept = Kept(&cluster.pieces_kept, size);
+    let count = result.len().div_ceil(max);
     let at = cluster.client.new_inbox();
-    let Ok(mut requests) = cluster.client.subscribe(at.clone()).await else {
+    let head = if cluster.pieces_kept.fetch_add(size, Relaxed) + size > PIECES_BUDGET as u64 {
+        tracing::warn!(
+            daemon,
+            bytes = size,
+            "cluster: too many large answers waiting to \
+            be fetched; this one is not sent"
+        );
+        ReadReply {
+            timed_out: true,
+            ..Default::default()
+        }
+    } else {
+        ReadReply {
+            pieces: Some(count as u32),
+            pieces_at: Some(at.clone()),
+            ..Default::default()
+        }
+    };
+    let Ok(mut requests) = cluster.client.subscribe(at).await else {
         return;
     };
-    let count = payload.len().div_ceil(max);
-    let head = ReadReply {
-        pieces: Some(count as u32),
-        pieces_at: Some(at),
-        ..Default::default()
-    };
+    let sending = head.pieces.is_some();
     let head = serde_json::to_vec(&head).expect("a read reply serialises");
-    if cluster.client.publish(reply_to, head.into()).await.is_err() {
+    if cluster.client.publish(reply_to, head.into()).await.is_err() || !sending {
         return;
     }
     tracing::debug!(
         daemon,
-        bytes = payload.len(),
+        bytes = size,
         count,
         "cluster: a read's answer in pieces"
     );
-    let deadline = tokio::time::Instant::now() + PIECES_KEPT;
-    while let Ok(Some(request)) = tokio::time::timeout_at(deadline, requests.next()).await {
+    loop {
+        let request = tokio::select! {
+            request = tokio::time::timeout(PIECES_IDLE, requests.next()) => request,
+            _ = app.shutdown.cancelled() => break,
+        };
+        let Ok(Some(request)) = request else {
+            break;
+        };
         let Some(reply) = request.reply else {
             continue;
         };
@@ -655,12 +732,13 @@ async fn send_in_pieces(
         else {
             continue;
         };
-        let piece = payload.slice(index * max..((index + 1) * max).min(payload.len()));
+        let piece = result.slice(index * max..((index + 1) * max).min(result.len()));
         let _ = cluster.client.publish(reply, piece).await;
         if index + 1 == count {
             break;
         }
     }
+    drop(kept);
     let _ = requests.unsubscribe().await;
 }
 

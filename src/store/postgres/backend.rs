@@ -383,8 +383,8 @@ impl PgStore {
     }
 
     /// A hint: committed without waiting for the WAL flush. The time only moves forward
-    /// (a late write from a node the daemon has left does not undo a newer one), and
-    /// names the node that heard the daemon.
+    /// (a late write from a node the daemon has left does not undo a newer one). The node
+    /// is the connect's to set (a daemon that moves connects again); this only fills it in.
     pub async fn touch_daemon(&self, daemon_id: &str, now_ms: u64) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
@@ -392,7 +392,7 @@ impl PgStore {
             .await
             .map_err(pg)?;
         tx.execute(
-            "UPDATE daemons SET last_seen_ms = $2, node = $3 WHERE daemon_id = $1 \
+            "UPDATE daemons SET last_seen_ms = $2, node = coalesce(node, $3) WHERE daemon_id = $1 \
              AND (last_seen_ms IS NULL OR last_seen_ms <= $2)",
             &[&daemon_id, &i(now_ms), &self.node],
         )

@@ -645,7 +645,9 @@ async fn postgres_rows(
 /// The cluster (DESIGN.md, "Cluster"): three relay nodes on one throwaway PostgreSQL
 /// cluster and one `nats-server`, each figure beside its counterpart in this run:
 /// - mirrored GET through node a, which holds the daemon's agent, and through node b, whose
-///   reads go to node a over NATS (p50 at c=1, requests/s at c=64);
+///   reads go to node a over NATS (p50 at c=1, requests/s at c=64); beside them one NATS
+///   round trip to node a (a probe on `sr.read.<daemon>`, as nodes send; the target: the
+///   cross-node GET p50 within one such round trip of the same-node one);
 /// - wake: a daemon driven by hand keeps a poll waiting on node a; durable writes queued on
 ///   node a and on node b, alternately: POST sent → the poll's answer received; beside it,
 ///   one NATS request-reply round trip on the same server (the target: the cross-node wake
@@ -716,6 +718,7 @@ async fn cluster_rows(dir: &Path, target: std::net::SocketAddr) -> Value {
         let path = format!("{url}/api/v1/daemons/d/sessions");
         get_row(name, &path, Some(&client_key), &mut gets).await;
     }
+    let holder_trip = holder_round_trip(&nats.url(0), "d").await;
     drop(agent);
     let ratio = |key: &str| {
         gets[1][key]
@@ -727,6 +730,13 @@ async fn cluster_rows(dir: &Path, target: std::net::SocketAddr) -> Value {
         "cross-node / same-node GET: p50 {:.2}×, req/s {:.2}×",
         ratio("p50_us").unwrap_or(f64::NAN),
         ratio("rps_c64").unwrap_or(f64::NAN)
+    );
+    let p50 = |row: &Value| row["p50_us"].as_f64().unwrap_or(f64::NAN);
+    let read_extra = p50(&gets[1]) - p50(&gets[0]);
+    println!(
+        "cross-node GET p50 − same-node: {read_extra:.0} µs = {:.2} round trips to the holding \
+         node (target ≤ 1)",
+        read_extra / holder_trip
     );
 
     let wake = cluster_wake(&urls, &admin, &client_key, &nats.url(0)).await;
@@ -755,11 +765,44 @@ async fn cluster_rows(dir: &Path, target: std::net::SocketAddr) -> Value {
     json!({
         "mirrored_get": gets,
         "get_cross_over_same": { "p50": ratio("p50_us"), "rps_c64": ratio("rps_c64") },
+        "holder_round_trip_p50_us": holder_trip,
+        "get_extra_p50_us": read_extra,
+        "get_extra_in_holder_round_trips": read_extra / holder_trip,
         "wake": wake,
         "durable_writes_one_node_c64": one,
         "durable_writes_three_nodes_c64": spread,
         "three_over_one": spread / one_rate,
     })
+}
+
+/// One NATS request-reply round trip to the relay node holding `daemon`, as nodes ask
+/// each other: a probe on `sr.read.<daemon>` (DESIGN.md, "Cluster"), which the holder
+/// answers at once. p50 in µs, printed as a row.
+async fn holder_round_trip(nats_url: &str, daemon: &str) -> f64 {
+    let n = if quick() { 50 } else { 1000 };
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let probe = r#"{"method":"","params_json":"","wait_ms":0,"probe":true}"#;
+    let mut trips = Vec::new();
+    for i in 0..n + n / 10 {
+        let started = Instant::now();
+        let reply = nats
+            .request(format!("sr.read.{daemon}"), probe.into())
+            .await
+            .expect("the holding node answers its probe");
+        assert_eq!(&reply.payload[..], b"{}");
+        if i >= n / 10 {
+            trips.push(started.elapsed());
+        }
+    }
+    trips.sort();
+    let (p50, p99) = (percentile(&trips, 0.5), percentile(&trips, 0.99));
+    println!(
+        "{:<28} {:>10.0} {:>10.0}",
+        "NATS round trip to node a",
+        micros(p50),
+        micros(p99)
+    );
+    micros(p50)
 }
 
 /// The wake rows of [`cluster_rows`]: a daemon driven by hand keeps a poll waiting on

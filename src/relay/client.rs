@@ -58,9 +58,10 @@ fn online_elsewhere(app: &App, record: &DaemonRecord) -> bool {
 }
 
 /// In a cluster, the node holding an online daemon: this one while it polls or streams
-/// here or was heard from within `online_grace`, else the node that stored its last
-/// connect or last-seen time, if that is recent ([`online_elsewhere`]). `None` on a lone
-/// relay and for a daemon offline everywhere.
+/// here or was heard from within `online_grace`, else the node it last connected through
+/// while it is online elsewhere ([`online_elsewhere`]; an agent polls or streams on the
+/// node it connected to, over its one HTTP/2 connection). `None` on a lone relay and for
+/// a daemon offline everywhere.
 fn holder(app: &App, record: &DaemonRecord) -> Option<String> {
     let cluster = app.cluster.as_ref()?;
     if app

@@ -27,8 +27,8 @@ pub struct DaemonRecord {
     /// Commands queued or delivered, not yet completed or expired (live when read through
     /// the store, as `next_queue_seq`).
     pub queued: u64,
-    /// In a cluster, the node that stored the last connect or last-seen time: the one
-    /// holding the connection while the daemon is online. Not in sled's encoding (a lone
+    /// In a cluster, the node the daemon last connected through: the one holding its
+    /// connection while it is online. Not in sled's encoding (a lone
     /// relay holds every daemon itself), so records on disk keep their format.
     #[serde(skip)]
     pub node: Option<String>,

@@ -201,6 +201,19 @@ async fn queued_on_a_reaches_the_poll_on_b(
     assert_eq!(body["commands"][0]["id"], command_id.as_str(), "{body}");
 }
 
+/// The daemon posts one update (daemon-side `seq`, event type, data) with a poll that
+/// does not wait.
+async fn post_update(daemon: &Daemon, seq: u64, kind: &str, data: Value) {
+    let update = json!({
+        "type": kind,
+        "data": data,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "seq": seq,
+    });
+    let (status, body) = daemon.poll_raw(json!([update]), false, 0.0).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A mirrored GET of `path` on `daemon`: status, `X-Syncrelay-Source` and body.
 async fn get(client: &Client, daemon: &str, path: &str) -> (u16, String, Value) {
     let response = client
@@ -326,14 +339,13 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
         "/api/v1/daemons/home.d1/changes?since=0&wait=25".into(),
     );
     await_requests(&nodes, 0, "/api/v1/daemons/{daemon_id}/changes").await;
-    let update = json!({
-        "type": "new_approval",
-        "data": { "session_id": "s1", "run_id": "r1" },
-        "timestamp": "2026-01-01T00:00:00Z",
-        "seq": 1,
-    });
-    let (status, body) = daemon.poll_raw(json!([update]), false, 0.0).await;
-    assert_eq!(status, 200, "{body}");
+    post_update(
+        &daemon,
+        1,
+        "new_approval",
+        json!({ "session_id": "s1", "run_id": "r1" }),
+    )
+    .await;
     let (status, body) = timeout(WAKE, changes)
         .await
         .expect("changes?wait on node a woke for an update posted on node b")
@@ -350,14 +362,8 @@ async fn what_one_node_commits_wakes_the_waiters_of_another() {
         .await
         .unwrap();
     assert_eq!(events.status(), 200);
-    let update = json!({
-        "type": "session_status_changed",
-        "data": { "session_id": "s1", "new_status": "running" },
-        "timestamp": "2026-01-01T00:00:01Z",
-        "seq": 2,
-    });
-    let (status, body) = daemon.poll_raw(json!([update]), false, 0.0).await;
-    assert_eq!(status, 200, "{body}");
+    let data = json!({ "session_id": "s1", "new_status": "running" });
+    post_update(&daemon, 2, "session_status_changed", data).await;
     let mut text = String::new();
     while !text.contains("\n\n") || !text.contains("id: 2") {
         let chunk = timeout(WAKE, events.chunk())
@@ -550,14 +556,7 @@ async fn with_the_database_down_every_node_answers_503_and_all_recover_by_themse
     })
     .await;
     // Nothing of the refused writes was stored: the queue holds only the one from before.
-    let view: Value = on_b
-        .get("/api/v1/daemons/d")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = on_b.daemon("d").await;
     assert_eq!(view["queued"], 1, "{view}");
     // The command from before the outage is leased first; then one queued now arrives
     // at the waiting poll through its hint.
@@ -648,14 +647,7 @@ async fn when_a_node_dies_its_daemons_move_to_another_and_their_leases_are_hande
     assert!(text.contains("NODE"), "{text}");
     assert_eq!(holder(&b.url, &a.admin_token(), daemon_id).await, "a");
     assert_eq!(holder(&a.url, &a.admin_token(), daemon_id).await, "a");
-    let seen: Value = on_b
-        .get(&format!("/api/v1/daemons/{daemon_id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let seen = on_b.daemon(daemon_id).await;
     assert_eq!(seen["online"], true, "{seen}");
     assert!(seen.get("node").is_none(), "{seen}");
     // A context stream asked of node b: the agent uploads it through node a, and node b

@@ -255,23 +255,21 @@ impl Client {
         self.request(reqwest::Method::POST, path)
     }
 
+    /// `GET /api/v1/daemons/{daemon_id}`: the daemon as this client sees it.
+    pub async fn daemon(&self, daemon_id: &str) -> Value {
+        let response = self
+            .get(&format!("/api/v1/daemons/{daemon_id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET of daemon {daemon_id}");
+        response.json().await.unwrap()
+    }
+
     /// Awaits the relay reporting the daemon online (bounded by 10 s).
     pub async fn await_online(&self, daemon_id: &str) {
-        let client = self.clone();
-        let path = format!("/api/v1/daemons/{daemon_id}");
-        eventually(Duration::from_secs(10), || {
-            let (client, path) = (client.clone(), path.clone());
-            async move {
-                let body: Value = client
-                    .get(&path)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                body["online"] == true
-            }
+        eventually(Duration::from_secs(10), || async move {
+            self.daemon(daemon_id).await["online"] == true
         })
         .await;
     }

@@ -441,9 +441,7 @@ impl Cluster {
             }
         }
     }
-}
 
-impl Cluster {
     /// Fetches a `result_json` sent in `count` pieces from `at`, each within
     /// [`PIECE_WAIT`]; `timed_out` when one does not come (as when the daemon does not
     /// answer in time).
